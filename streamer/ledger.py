@@ -1,0 +1,547 @@
+"""The bookkeeping database: what is on disk, what is wanted, what is pinned, what can go.
+
+One SQLite file (WAL, foreign keys on), opened through sqlite-utils. Numbered
+migrations run at open. Every state change is one ``BEGIN IMMEDIATE``
+transaction. One writer: the service process holds an exclusive lock on
+``<ledger>.lock`` (a POSIX record lock, which child processes do not inherit
+and which dies with the process); ``status`` opens the database read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import sqlite_utils
+
+from .errors import LedgerLockedError, StreamerError
+
+FILE_STATES: Final = ("wanted", "reserved", "downloading", "on_disk", "deleting", "deleted", "missing", "corrupt")
+JOB_STATES: Final = ("waiting", "ready", "running", "done", "failed", "parked", "blocked")
+FILE_KINDS: Final = ("raw", "sciimg", "sciimg_header", "mskimg", "masters", "detrended", "apcat")
+
+#: Allowed file state transitions (the ARCHITECTURE's state machine, plus restarts).
+FILE_TRANSITIONS: Final[dict[str, frozenset[str]]] = {
+    "wanted": frozenset({"reserved", "on_disk", "missing", "deleted"}),
+    "reserved": frozenset({"downloading", "wanted", "on_disk", "missing"}),
+    "downloading": frozenset({"on_disk", "reserved", "wanted", "missing", "corrupt"}),
+    "on_disk": frozenset({"deleting", "corrupt", "wanted", "on_disk"}),
+    "deleting": frozenset({"deleted"}),
+    "deleted": frozenset({"wanted", "on_disk"}),
+    "missing": frozenset({"wanted", "reserved", "on_disk", "deleted"}),
+    "corrupt": frozenset({"wanted", "reserved", "deleted"}),
+}
+JOB_TRANSITIONS: Final[dict[str, frozenset[str]]] = {
+    "waiting": frozenset({"ready", "blocked", "waiting"}),
+    "ready": frozenset({"running", "waiting", "blocked"}),
+    "running": frozenset({"done", "failed", "ready", "parked", "blocked"}),
+    "failed": frozenset({"ready", "running", "parked", "waiting"}),
+    "parked": frozenset({"ready", "waiting"}),
+    "blocked": frozenset({"waiting", "ready"}),
+    "done": frozenset({"waiting"}),
+}
+
+
+def _check_list(values: Sequence[str]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: the first schema
+    f"""
+    CREATE TABLE exposures (
+        id INTEGER PRIMARY KEY,
+        filefracday TEXT NOT NULL,
+        ccdid INTEGER NOT NULL,
+        imgtypecode TEXT NOT NULL,
+        imgtype TEXT NOT NULL,
+        night TEXT NOT NULL,
+        field INTEGER NOT NULL,
+        filtercode TEXT NOT NULL,
+        expid INTEGER,
+        obsjd REAL,
+        exptime REAL,
+        led INTEGER,
+        UNIQUE (filefracday, ccdid, imgtypecode)
+    );
+    CREATE INDEX exposures_night ON exposures (night, ccdid, imgtype);
+
+    CREATE TABLE files (
+        id INTEGER PRIMARY KEY,
+        relpath TEXT NOT NULL UNIQUE,
+        url TEXT NOT NULL DEFAULT '',
+        kind TEXT NOT NULL CHECK (kind IN ({_check_list(FILE_KINDS)})),
+        exposure_id INTEGER REFERENCES exposures (id),
+        qid INTEGER,
+        night TEXT,
+        field INTEGER,
+        state TEXT NOT NULL DEFAULT 'wanted' CHECK (state IN ({_check_list(FILE_STATES)})),
+        expected_size INTEGER,
+        actual_size INTEGER,
+        disk_bytes INTEGER NOT NULL DEFAULT 0,
+        reserved_bytes INTEGER NOT NULL DEFAULT 0,
+        kept INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        http_status INTEGER,
+        retry_at REAL,
+        updated REAL NOT NULL,
+        last_used REAL
+    );
+    CREATE INDEX files_state ON files (state, kind);
+    CREATE INDEX files_exposure ON files (exposure_id);
+
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL DEFAULT 'waiting' CHECK (state IN ({_check_list(JOB_STATES)})),
+        night TEXT,
+        ccdid INTEGER,
+        filtercode TEXT,
+        exposure_id INTEGER REFERENCES exposures (id),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        not_before REAL,
+        created REAL NOT NULL,
+        started REAL,
+        finished REAL,
+        result TEXT
+    );
+    CREATE INDEX jobs_state ON jobs (state, kind);
+
+    CREATE TABLE job_deps (
+        job_id INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        needs INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        PRIMARY KEY (job_id, needs)
+    ) WITHOUT ROWID;
+    CREATE INDEX job_deps_needs ON job_deps (needs);
+
+    CREATE TABLE pins (
+        file_id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+        job_id INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        PRIMARY KEY (file_id, job_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX pins_job ON pins (job_id);
+
+    CREATE TABLE products (
+        id INTEGER PRIMARY KEY,
+        file_id INTEGER NOT NULL UNIQUE REFERENCES files (id) ON DELETE CASCADE,
+        job_id INTEGER REFERENCES jobs (id),
+        kind TEXT NOT NULL,
+        night TEXT,
+        ccdid INTEGER,
+        filtercode TEXT,
+        provenance TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        t REAL NOT NULL,
+        level TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        file_id INTEGER,
+        job_id INTEGER
+    );
+    CREATE INDEX events_t ON events (t);
+
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+
+
+class TransitionError(StreamerError):
+    """A state change that the state machine does not allow."""
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: int
+    relpath: str
+    url: str
+    kind: str
+    state: str
+    expected_size: int | None
+    disk_bytes: int
+    reserved_bytes: int
+    attempts: int
+
+
+class Ledger:
+    """The service's SQLite ledger. Construct with :meth:`open`."""
+
+    def __init__(self, db: sqlite_utils.Database, path: Path | None, lock_fd: int | None, readonly: bool) -> None:
+        self.db = db
+        self.path = path
+        self._lock_fd = lock_fd
+        self.readonly = readonly
+
+    # --- opening and closing -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path | str, *, readonly: bool = False, lock: bool = True) -> Ledger:
+        """Open (and migrate) the ledger; as a writer, take the single-writer lock first."""
+        path = Path(path)
+        lock_fd = None
+        if readonly:
+            if not path.exists():
+                raise StreamerError(f"{path}: no ledger yet (the service has not run with this configuration)")
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
+        else:
+            if lock:
+                lock_fd = _acquire_lock(path)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        try:
+            ledger = cls(sqlite_utils.Database(conn), path, lock_fd, readonly)
+            if not readonly:
+                ledger._migrate()
+            else:
+                ledger._check_version()
+        except sqlite3.DatabaseError as err:
+            conn.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise StreamerError(f"{path}: not a usable ledger database ({err})") from None
+        return ledger
+
+    @classmethod
+    def memory(cls) -> Ledger:
+        """An in-memory ledger for unit tests."""
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        conn.execute("PRAGMA foreign_keys=ON")
+        ledger = cls(sqlite_utils.Database(conn), None, None, False)
+        ledger._migrate()
+        return ledger
+
+    def close(self) -> None:
+        self.db.conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            if self.path is not None:
+                _HELD_LOCKS.discard(str(self.path.resolve()))
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        version = self.db.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StreamerError(f"{self.path}: ledger schema {version} is newer than this program ({len(MIGRATIONS)})")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.transaction() as conn:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+
+    def _check_version(self) -> None:
+        version = self.db.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != len(MIGRATIONS):
+            raise StreamerError(f"{self.path}: ledger schema {version}, this program reads {len(MIGRATIONS)}")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any error."""
+        if self.readonly:
+            raise StreamerError("the ledger is open read-only")
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def scalar(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        row = self.db.conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    def rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        cursor = self.db.conn.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    # --- events ----------------------------------------------------------------------------
+
+    def event(
+        self,
+        kind: str,
+        message: str,
+        *,
+        level: str = "info",
+        file_id: int | None = None,
+        job_id: int | None = None,
+        conn: sqlite3.Connection | None = None,
+    ) -> None:
+        """Append to the event log (inside the caller's transaction when ``conn`` is given)."""
+        sql = "INSERT INTO events (t, level, kind, message, file_id, job_id) VALUES (?, ?, ?, ?, ?, ?)"
+        params = (time.time(), level, kind, message, file_id, job_id)
+        if conn is not None:
+            conn.execute(sql, params)
+        else:
+            with self.transaction() as own:
+                own.execute(sql, params)
+
+    def prune_events(self, *, older_than_s: float, keep_at_most: int = 100_000) -> int:
+        """Drop events older than the retention, and all but the newest ``keep_at_most``."""
+        with self.transaction() as conn:
+            removed = conn.execute("DELETE FROM events WHERE t < ?", (time.time() - older_than_s,)).rowcount
+            removed += conn.execute(
+                "DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (keep_at_most,),
+            ).rowcount
+        return int(removed)
+
+    # --- exposures and files ---------------------------------------------------------------
+
+    def upsert_exposure(self, conn: sqlite3.Connection, **row: Any) -> int:
+        """Insert an exposure once (keyed by filefracday, ccdid, imgtypecode); fill in what was unknown."""
+        columns = ", ".join(row)
+        placeholders = ", ".join(f":{c}" for c in row)
+        updates = ", ".join(
+            f"{c} = COALESCE(excluded.{c}, {c})" for c in row if c not in ("filefracday", "ccdid", "imgtypecode")
+        )
+        conn.execute(
+            f"INSERT INTO exposures ({columns}) VALUES ({placeholders}) "
+            f"ON CONFLICT (filefracday, ccdid, imgtypecode) DO UPDATE SET {updates}",
+            row,
+        )
+        found = conn.execute(
+            "SELECT id FROM exposures WHERE filefracday = ? AND ccdid = ? AND imgtypecode = ?",
+            (row["filefracday"], row["ccdid"], row["imgtypecode"]),
+        ).fetchone()
+        return int(found[0])
+
+    def want_file(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        relpath: str,
+        kind: str,
+        url: str = "",
+        exposure_id: int | None = None,
+        qid: int | None = None,
+        night: str | None = None,
+        field: int | None = None,
+        expected_size: int | None = None,
+        kept: bool = False,
+    ) -> int:
+        """Record a file as wanted, once; a file already known keeps its state. Returns its id."""
+        if kind not in FILE_KINDS:
+            raise ValueError(f"file kind {kind!r}: expected one of {', '.join(FILE_KINDS)}")
+        conn.execute(
+            "INSERT INTO files (relpath, url, kind, exposure_id, qid, night, field, expected_size, kept, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (relpath) DO UPDATE SET "
+            "expected_size = COALESCE(excluded.expected_size, expected_size), "
+            "kept = MAX(kept, excluded.kept), "
+            "state = CASE WHEN state = 'deleted' AND excluded.kept = 1 THEN 'wanted' ELSE state END",
+            (relpath, url, kind, exposure_id, qid, night, field, expected_size, int(kept), time.time()),
+        )
+        return int(conn.execute("SELECT id FROM files WHERE relpath = ?", (relpath,)).fetchone()[0])
+
+    def file(self, file_id: int) -> dict[str, Any]:
+        found = self.rows("SELECT * FROM files WHERE id = ?", (file_id,))
+        if not found:
+            raise KeyError(file_id)
+        return found[0]
+
+    def file_by_relpath(self, relpath: str) -> dict[str, Any] | None:
+        found = self.rows("SELECT * FROM files WHERE relpath = ?", (relpath,))
+        return found[0] if found else None
+
+    def set_file_state(
+        self, conn: sqlite3.Connection, file_id: int, state: str, *, expect: Sequence[str] | None = None, **fields: Any
+    ) -> None:
+        """Move one file to ``state`` (checked against the state machine), updating ``fields`` too."""
+        current = conn.execute("SELECT state FROM files WHERE id = ?", (file_id,)).fetchone()
+        if current is None:
+            raise TransitionError(f"file {file_id}: no such file")
+        old = current[0]
+        if expect is not None and old not in expect:
+            raise TransitionError(f"file {file_id}: is {old}, expected one of {', '.join(expect)}")
+        if state != old and state not in FILE_TRANSITIONS[old]:
+            raise TransitionError(f"file {file_id}: {old} -> {state} is not allowed")
+        fields = {**fields, "state": state, "updated": time.time()}
+        assignments = ", ".join(f"{name} = :{name}" for name in fields)
+        conn.execute(f"UPDATE files SET {assignments} WHERE id = :file_id", {**fields, "file_id": file_id})
+
+    # --- the disk budget -------------------------------------------------------------------
+
+    def committed_bytes(self) -> int:
+        """Bytes on disk by the ledger's account plus outstanding reservations."""
+        return int(self.scalar("SELECT COALESCE(SUM(disk_bytes + reserved_bytes), 0) FROM files") or 0)
+
+    def reserve(self, file_id: int, n_bytes: int, *, budget: int, overhead: int = 0) -> bool:
+        """Reserve ``n_bytes`` for a download if it fits the budget; the file becomes ``reserved``."""
+        with self.transaction() as conn:
+            used = conn.execute("SELECT COALESCE(SUM(disk_bytes + reserved_bytes), 0) FROM files").fetchone()[0]
+            if used + overhead + n_bytes > budget:
+                return False
+            self.set_file_state(conn, file_id, "reserved", expect=("wanted", "missing", "corrupt", "reserved"), reserved_bytes=n_bytes)
+        return True
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def add_job(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        kind: str,
+        key: str,
+        needs: Sequence[int] = (),
+        pins: Sequence[int] = (),
+        **fields: Any,
+    ) -> int:
+        """Create a job once (by key) with its dependencies and pinned input files; return its id."""
+        existing = conn.execute("SELECT id FROM jobs WHERE key = ?", (key,)).fetchone()
+        if existing is not None:
+            job_id = int(existing[0])
+        else:
+            columns = ["kind", "key", "created", *fields]
+            values = [kind, key, time.time(), *fields.values()]
+            cursor = conn.execute(
+                f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", values
+            )
+            job_id = int(cursor.lastrowid or 0)
+        state = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+        conn.executemany("INSERT OR IGNORE INTO job_deps (job_id, needs) VALUES (?, ?)", [(job_id, n) for n in needs])
+        if state != "done":
+            conn.executemany("INSERT OR IGNORE INTO pins (file_id, job_id) VALUES (?, ?)", [(f, job_id) for f in pins])
+        return job_id
+
+    def set_job_state(
+        self, conn: sqlite3.Connection, job_id: int, state: str, *, expect: Sequence[str] | None = None, **fields: Any
+    ) -> None:
+        """Move one job to ``state``; a job that ends (done, parked, blocked) releases its pins."""
+        current = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if current is None:
+            raise TransitionError(f"job {job_id}: no such job")
+        old = current[0]
+        if expect is not None and old not in expect:
+            raise TransitionError(f"job {job_id}: is {old}, expected one of {', '.join(expect)}")
+        if state != old and state not in JOB_TRANSITIONS[old]:
+            raise TransitionError(f"job {job_id}: {old} -> {state} is not allowed")
+        if "result" in fields and not isinstance(fields["result"], str | None):
+            fields["result"] = json.dumps(fields["result"], sort_keys=True)
+        fields = {**fields, "state": state}
+        assignments = ", ".join(f"{name} = :{name}" for name in fields)
+        conn.execute(f"UPDATE jobs SET {assignments} WHERE id = :job_id", {**fields, "job_id": job_id})
+        if state == "done":
+            conn.execute("DELETE FROM pins WHERE job_id = ?", (job_id,))
+
+    # --- recovery --------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """After an unclean stop: downloads go back to reserved, running jobs back to ready."""
+        with self.transaction() as conn:
+            downloads = conn.execute(
+                "UPDATE files SET state = 'reserved', updated = ? WHERE state = 'downloading'", (time.time(),)
+            ).rowcount
+            running = conn.execute("UPDATE jobs SET state = 'ready' WHERE state = 'running'").rowcount
+            if downloads or running:
+                self.event(
+                    "recover",
+                    f"restart: {downloads} downloads back to reserved, {running} running jobs back to ready",
+                    conn=conn,
+                )
+        return {"downloads": downloads, "jobs": running}
+
+    # --- queries for status, planning and eviction -----------------------------------------
+
+    def needed_but_missing(self) -> list[dict[str, Any]]:
+        """Files that something needs (pinned by an unfinished job, or kept) and that are not on disk."""
+        return self.rows(
+            "SELECT f.* FROM files f WHERE f.state NOT IN ('on_disk', 'deleting') "
+            "AND (f.kept = 1 OR EXISTS (SELECT 1 FROM pins p WHERE p.file_id = f.id)) ORDER BY f.id"
+        )
+
+    def erasable(self, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Files on disk that no consumer keeps and no unfinished job pins, least useful first.
+
+        Order: raws and other downloaded inputs before calibration inputs before masters, then
+        least recently used.
+        """
+        sql = (
+            "SELECT f.*, CASE "
+            "  WHEN f.kind = 'masters' THEN 3 "
+            "  WHEN e.imgtype IN ('bias', 'flat') THEN 2 "
+            "  ELSE 1 END AS eviction_class "
+            "FROM files f LEFT JOIN exposures e ON e.id = f.exposure_id "
+            "WHERE f.state = 'on_disk' AND f.kept = 0 AND f.kind != 'apcat' "
+            "AND NOT EXISTS (SELECT 1 FROM pins p WHERE p.file_id = f.id) "
+            "ORDER BY eviction_class, COALESCE(f.last_used, f.updated), f.id"
+        )
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return self.rows(sql)
+
+    def bytes_by_kind_and_state(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Per (kind, state): file count, bytes on disk, bytes reserved, bytes expected."""
+        out: dict[tuple[str, str], dict[str, int]] = {}
+        for row in self.rows(
+            "SELECT kind, state, COUNT(*) AS files, COALESCE(SUM(disk_bytes), 0) AS disk_bytes, "
+            "COALESCE(SUM(reserved_bytes), 0) AS reserved_bytes, COALESCE(SUM(expected_size), 0) AS expected_bytes "
+            "FROM files GROUP BY kind, state ORDER BY kind, state"
+        ):
+            out[(row.pop("kind"), row.pop("state"))] = row
+        return out
+
+    def jobs_by_kind_and_state(self) -> dict[tuple[str, str], int]:
+        return {
+            (r["kind"], r["state"]): r["n"]
+            for r in self.rows("SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state")
+        }
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        value = self.scalar("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if value is None else str(value)
+
+
+# POSIX record locks never conflict within one process, so this process's own locks are kept here.
+_HELD_LOCKS: set[str] = set()
+
+
+def _acquire_lock(ledger_path: Path) -> int:
+    """Take the single-writer lock beside the ledger, or raise LedgerLockedError naming the holder."""
+    lock_path = ledger_path.with_name(ledger_path.name + ".lock")
+    key = str(ledger_path.resolve())
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if key in _HELD_LOCKS:
+            raise BlockingIOError
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LedgerLockedError(
+            f"{ledger_path}: in use by a running service (pid {holder}); "
+            "only one run or backfill may write a ledger (status works alongside)"
+        ) from None
+    _HELD_LOCKS.add(key)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
