@@ -157,7 +157,70 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: which job produces a file; when it arrived; running totals for status and the budget.
+    # (The triggers avoid INSERT OR IGNORE: an outer upsert would override its conflict policy.)
+    """
+    ALTER TABLE files ADD COLUMN producer_job INTEGER REFERENCES jobs (id);
+    ALTER TABLE files ADD COLUMN fetched_at REAL;
+    CREATE INDEX files_producer ON files (producer_job);
+    CREATE INDEX jobs_finished ON jobs (finished);
+    CREATE TABLE file_totals (
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        files INTEGER NOT NULL DEFAULT 0,
+        disk_bytes INTEGER NOT NULL DEFAULT 0,
+        reserved_bytes INTEGER NOT NULL DEFAULT 0,
+        expected_bytes INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (kind, state)
+    );
+    INSERT INTO file_totals
+        SELECT kind, state, COUNT(*), SUM(disk_bytes), SUM(reserved_bytes), SUM(COALESCE(expected_size, 0))
+        FROM files GROUP BY kind, state;
+    CREATE TRIGGER files_totals_insert AFTER INSERT ON files BEGIN
+        INSERT INTO file_totals (kind, state) SELECT new.kind, new.state
+            WHERE NOT EXISTS (SELECT 1 FROM file_totals WHERE kind = new.kind AND state = new.state);
+        UPDATE file_totals SET files = files + 1, disk_bytes = disk_bytes + new.disk_bytes,
+            reserved_bytes = reserved_bytes + new.reserved_bytes,
+            expected_bytes = expected_bytes + COALESCE(new.expected_size, 0)
+        WHERE kind = new.kind AND state = new.state;
+    END;
+    CREATE TRIGGER files_totals_delete AFTER DELETE ON files BEGIN
+        UPDATE file_totals SET files = files - 1, disk_bytes = disk_bytes - old.disk_bytes,
+            reserved_bytes = reserved_bytes - old.reserved_bytes,
+            expected_bytes = expected_bytes - COALESCE(old.expected_size, 0)
+        WHERE kind = old.kind AND state = old.state;
+    END;
+    CREATE TRIGGER files_totals_update AFTER UPDATE OF kind, state, disk_bytes, reserved_bytes, expected_size ON files
+    BEGIN
+        UPDATE file_totals SET files = files - 1, disk_bytes = disk_bytes - old.disk_bytes,
+            reserved_bytes = reserved_bytes - old.reserved_bytes,
+            expected_bytes = expected_bytes - COALESCE(old.expected_size, 0)
+        WHERE kind = old.kind AND state = old.state;
+        INSERT INTO file_totals (kind, state) SELECT new.kind, new.state
+            WHERE NOT EXISTS (SELECT 1 FROM file_totals WHERE kind = new.kind AND state = new.state);
+        UPDATE file_totals SET files = files + 1, disk_bytes = disk_bytes + new.disk_bytes,
+            reserved_bytes = reserved_bytes + new.reserved_bytes,
+            expected_bytes = expected_bytes + COALESCE(new.expected_size, 0)
+        WHERE kind = new.kind AND state = new.state;
+    END;
+    """,
 )
+
+
+_COMMITTED_SQL: Final = "SELECT COALESCE(SUM(disk_bytes + reserved_bytes), 0) FROM file_totals"
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration script into complete SQL statements (trigger bodies hold semicolons)."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                yield buffer
+            buffer = ""
+    if buffer.strip():
+        raise ValueError(f"incomplete SQL statement in a migration: {buffer.strip()[:60]!r}")
 
 
 class TransitionError(StreamerError):
@@ -247,9 +310,8 @@ class Ledger:
             raise StreamerError(f"{self.path}: ledger schema {version} is newer than this program ({len(MIGRATIONS)})")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             with self.transaction() as conn:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in _statements(script):
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number}")
 
     def _check_version(self) -> None:
@@ -389,12 +451,12 @@ class Ledger:
 
     def committed_bytes(self) -> int:
         """Bytes on disk by the ledger's account plus outstanding reservations."""
-        return int(self.scalar("SELECT COALESCE(SUM(disk_bytes + reserved_bytes), 0) FROM files") or 0)
+        return int(self.scalar(_COMMITTED_SQL) or 0)
 
     def reserve(self, file_id: int, n_bytes: int, *, budget: int, overhead: int = 0) -> bool:
         """Reserve ``n_bytes`` for a download if it fits the budget; the file becomes ``reserved``."""
         with self.transaction() as conn:
-            used = conn.execute("SELECT COALESCE(SUM(disk_bytes + reserved_bytes), 0) FROM files").fetchone()[0]
+            used = conn.execute(_COMMITTED_SQL).fetchone()[0]
             if used + overhead + n_bytes > budget:
                 return False
             self.set_file_state(conn, file_id, "reserved", expect=("wanted", "missing", "corrupt", "reserved"), reserved_bytes=n_bytes)
@@ -499,9 +561,8 @@ class Ledger:
         """Per (kind, state): file count, bytes on disk, bytes reserved, bytes expected."""
         out: dict[tuple[str, str], dict[str, int]] = {}
         for row in self.rows(
-            "SELECT kind, state, COUNT(*) AS files, COALESCE(SUM(disk_bytes), 0) AS disk_bytes, "
-            "COALESCE(SUM(reserved_bytes), 0) AS reserved_bytes, COALESCE(SUM(expected_size), 0) AS expected_bytes "
-            "FROM files GROUP BY kind, state ORDER BY kind, state"
+            "SELECT kind, state, files, disk_bytes, reserved_bytes, expected_bytes "
+            "FROM file_totals WHERE files > 0 ORDER BY kind, state"
         ):
             out[(row.pop("kind"), row.pop("state"))] = row
         return out

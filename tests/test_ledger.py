@@ -159,3 +159,24 @@ def test_ledger_survives_sigkill_mid_transaction(tmp_path: Path, delay: float) -
         pins = ledger.scalar("SELECT COUNT(*) FROM pins")
         assert files > 0
         assert files == 2 * jobs == 2 * events == 2 * pins
+
+
+def test_running_totals_match_a_full_count() -> None:
+    ledger = Ledger.memory()
+    with ledger.transaction() as conn:
+        ids = [ledger.want_file(conn, relpath=f"raw/{i}", kind="raw", expected_size=10 + i) for i in range(20)]
+        for fid in ids[:8]:
+            ledger.set_file_state(conn, fid, "reserved", reserved_bytes=50)
+        for fid in ids[:5]:
+            ledger.set_file_state(conn, fid, "downloading")
+            ledger.set_file_state(conn, fid, "on_disk", reserved_bytes=0, disk_bytes=4096)
+        conn.execute("DELETE FROM files WHERE id = ?", (ids[19],))
+    slow = {
+        (r["kind"], r["state"]): {k: r[k] for k in ("files", "disk_bytes", "reserved_bytes", "expected_bytes")}
+        for r in ledger.rows(
+            "SELECT kind, state, COUNT(*) AS files, SUM(disk_bytes) AS disk_bytes, SUM(reserved_bytes) AS reserved_bytes, "
+            "SUM(COALESCE(expected_size, 0)) AS expected_bytes FROM files GROUP BY kind, state"
+        )
+    }
+    assert ledger.bytes_by_kind_and_state() == slow
+    assert ledger.committed_bytes() == 5 * 4096 + 3 * 50
