@@ -163,6 +163,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE files ADD COLUMN producer_job INTEGER REFERENCES jobs (id);
     ALTER TABLE files ADD COLUMN fetched_at REAL;
     CREATE INDEX files_producer ON files (producer_job);
+    CREATE INDEX files_fetched ON files (fetched_at) WHERE fetched_at IS NOT NULL;
+    CREATE INDEX files_kept ON files (kind, state) WHERE kept = 1;
     CREATE INDEX jobs_finished ON jobs (finished);
     CREATE TABLE file_totals (
         kind TEXT NOT NULL,
@@ -407,13 +409,20 @@ class Ledger:
         expected_size: int | None = None,
         kept: bool = False,
     ) -> int:
-        """Record a file as wanted, once; a file already known keeps its state. Returns its id."""
+        """Record a file as wanted, once; a file already known keeps its state. Returns its id.
+
+        A file registered without metadata (by ``reconcile``) gets it filled in here.
+        """
         if kind not in FILE_KINDS:
             raise ValueError(f"file kind {kind!r}: expected one of {', '.join(FILE_KINDS)}")
         conn.execute(
             "INSERT INTO files (relpath, url, kind, exposure_id, qid, night, field, expected_size, kept, updated) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (relpath) DO UPDATE SET "
+            "url = CASE WHEN url = '' THEN excluded.url ELSE url END, "
+            "exposure_id = COALESCE(exposure_id, excluded.exposure_id), "
+            "qid = COALESCE(qid, excluded.qid), night = COALESCE(night, excluded.night), "
+            "field = COALESCE(field, excluded.field), "
             "expected_size = COALESCE(excluded.expected_size, expected_size), "
             "kept = MAX(kept, excluded.kept), "
             "state = CASE WHEN state = 'deleted' AND excluded.kept = 1 THEN 'wanted' ELSE state END",

@@ -1,0 +1,213 @@
+"""``streamer reconcile``: compare what is under the storage root with what the ledger says.
+
+Without ``--fix`` it only reads (it works beside a running daemon) and exits 1 when it
+finds a difference. With ``--fix`` it takes the writer's lock and:
+
+- registers files present but unknown (named like archive products, catalogues or
+  masters) as ``on_disk``, so that the service adopts them instead of downloading again;
+- marks ledger rows whose file is gone (``deleted``, so that a job that needs them fetches
+  them again);
+- removes orphan ``.part`` files (no download of theirs can resume) and nothing else.
+
+Read-only trees (``storage.readonly_trees``) are never written: ``--erasable-list FILE``
+writes the files there that no consumer keeps (the archive-named ones), one path a line.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .archive.naming import NamingError, RawName, SciName, data_url, parse_relpath
+from .config import Config, ConsumerConfig
+from .evict import unlink_below
+from .ledger import Ledger
+
+LEDGER_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock")
+
+
+@dataclass
+class Findings:
+    unknown: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
+    orphan_parts: list[str] = field(default_factory=list)
+    size_mismatch: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.unknown or self.gone or self.orphan_parts or self.size_mismatch)
+
+
+def walk_regular_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(relpath, lstat) of every regular file below ``root``; symlinks are not followed."""
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                stack.append(Path(entry.path))
+            elif stat.S_ISREG(info.st_mode):
+                yield Path(entry.path).relative_to(root).as_posix(), info
+
+
+def kind_of(relpath: str) -> str | None:
+    """The ledger kind of a file under the root, from its path; None for what is not ours."""
+    top = relpath.split("/", 1)[0]
+    if top == "apcat" and relpath.endswith("_apcat.parquet"):
+        return "apcat"
+    if top == "masters" and (relpath.endswith(".fits") or relpath.endswith(".json")):
+        return "masters"
+    if relpath.endswith("_sciimg.header.fits"):
+        try:
+            parse_relpath(relpath.replace("_sciimg.header.fits", "_sciimg.fits"))
+        except NamingError:
+            return None
+        return "sciimg_header"
+    candidate = relpath.removesuffix(".fz") if relpath.endswith("_mskimg.fits.fz") else relpath
+    try:
+        name = parse_relpath(candidate)
+    except NamingError:
+        return None
+    if isinstance(name, RawName):
+        return "raw"
+    if isinstance(name, SciName) and name.suffix in ("sciimg.fits", "mskimg.fits"):
+        return "sciimg" if name.suffix == "sciimg.fits" else "mskimg"
+    return None
+
+
+def _ledger_names(config: Config) -> set[str]:
+    ledger_path = config.storage.ledger_path
+    if not ledger_path.is_relative_to(config.storage.root):
+        return set()
+    base = ledger_path.relative_to(config.storage.root).as_posix()
+    return {base + suffix for suffix in LEDGER_SUFFIXES}
+
+
+def compare(config: Config, ledger: Ledger) -> Findings:
+    """What differs between the storage root and the ledger."""
+    root = config.storage.root
+    findings = Findings()
+    skip = _ledger_names(config)
+    resumable = {
+        r["relpath"] + ".part" for r in ledger.rows("SELECT relpath FROM files WHERE state IN ('reserved', 'downloading')")
+    }
+    seen: set[str] = set()
+    for relpath, info in walk_regular_files(root):
+        if relpath in skip:
+            continue
+        if relpath.endswith(".part") or ".tmp" in relpath.rsplit("/", 1)[-1]:
+            if relpath not in resumable:
+                findings.orphan_parts.append(relpath)
+            continue
+        seen.add(relpath)
+        row = ledger.file_by_relpath(relpath)
+        if row is None or row["state"] not in ("on_disk", "deleting"):
+            if kind_of(relpath) is not None:
+                findings.unknown.append(relpath)
+        elif row["actual_size"] is not None and row["actual_size"] != info.st_size:
+            findings.size_mismatch.append(relpath)
+    for row in ledger.rows("SELECT relpath FROM files WHERE state = 'on_disk'"):
+        if row["relpath"] not in seen:
+            findings.gone.append(row["relpath"])
+    return findings
+
+
+def apply_fixes(config: Config, ledger: Ledger, findings: Findings) -> None:
+    """Apply the fixes that are safe (see the module docstring)."""
+    root = config.storage.root
+    for relpath in findings.orphan_parts:
+        unlink_below(root, relpath)
+    with ledger.transaction() as conn:
+        for relpath in findings.unknown:
+            kind = kind_of(relpath)
+            assert kind is not None
+            info = os.lstat(root / relpath)
+            url = data_url(config.archive.base_url, relpath) if kind in ("raw", "sciimg", "mskimg") else ""
+            file_id = ledger.want_file(conn, relpath=relpath, kind=kind, url=url)
+            state = conn.execute("SELECT state FROM files WHERE id = ?", (file_id,)).fetchone()[0]
+            if state in ("reserved", "downloading"):
+                conn.execute("UPDATE files SET reserved_bytes = 0 WHERE id = ?", (file_id,))
+            conn.execute(
+                "UPDATE files SET state = 'on_disk', disk_bytes = ?, actual_size = ?, reserved_bytes = 0, "
+                "fetched_at = COALESCE(fetched_at, ?), updated = ? WHERE id = ?",
+                (info.st_blocks * 512, info.st_size, time.time(), time.time(), file_id),
+            )
+        for relpath in findings.gone:
+            conn.execute(
+                "UPDATE files SET state = 'deleted', disk_bytes = 0, actual_size = NULL, updated = ?, "
+                "last_error = 'gone from disk (found by reconcile)' WHERE relpath = ?",
+                (time.time(), relpath),
+            )
+        ledger.event(
+            "reconcile",
+            f"registered {len(findings.unknown)} files, {len(findings.gone)} gone, "
+            f"{len(findings.orphan_parts)} orphan .part removed",
+            conn=conn,
+        )
+
+
+def _kept_by_someone(consumers: tuple[ConsumerConfig, ...], relpath: str) -> bool:
+    kind = kind_of(relpath)
+    if kind is None:
+        return True  # not ours to judge
+    for consumer in consumers:
+        if kind not in consumer.keep:
+            continue
+        name = parse_relpath(relpath.removesuffix(".fz") if relpath.endswith(".fits.fz") and kind == "mskimg" else relpath)
+        if consumer.fields is not None and getattr(name, "field", None) not in consumer.fields:
+            continue
+        return True
+    return False
+
+
+def erasable_in_readonly_trees(config: Config) -> Iterator[Path]:
+    """Archive-named files in the read-only trees that no consumer keeps (by kind and field)."""
+    for tree in config.storage.readonly_trees:
+        for relpath, _info in walk_regular_files(tree):
+            if kind_of(relpath) is not None and not _kept_by_someone(config.consumers, relpath):
+                yield tree / relpath
+
+
+def run(config: Config, *, fix: bool, erasable_list: str | None) -> int:
+    """Exit 0 when disk and ledger agree (or were fixed), 1 when something differs."""
+    opener = Ledger.open(config.storage.ledger_path) if fix else _open_readonly(config)
+    with opener as ledger:
+        findings = compare(config, ledger)
+        for label, items in (
+            ("unknown to the ledger", findings.unknown),
+            ("in the ledger but gone from disk", findings.gone),
+            ("orphan .part", findings.orphan_parts),
+            ("size differs from the ledger", findings.size_mismatch),
+        ):
+            if items:
+                print(f"{len(items)} {label}: " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else ""))
+        if fix and not findings.clean:
+            apply_fixes(config, ledger, findings)
+            print("fixed: registered unknown files, marked gone files, removed orphan .part files")
+    if erasable_list:
+        count = 0
+        with open(erasable_list, "w", encoding="utf-8") as out:
+            for path in erasable_in_readonly_trees(config):
+                out.write(f"{path}\n")
+                count += 1
+        print(f"{count} files in read-only trees that no consumer keeps: listed in {erasable_list}", file=sys.stderr)
+    if findings.clean:
+        print("disk and ledger agree")
+        return 0
+    return 0 if fix else 1
+
+
+def _open_readonly(config: Config) -> Ledger:
+    if not config.storage.ledger_path.exists():
+        return Ledger.memory()
+    return Ledger.open(config.storage.ledger_path, readonly=True)

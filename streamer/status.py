@@ -1,0 +1,217 @@
+"""``streamer status``: the queue, the disk budget, rates and recent errors, from the ledger only.
+
+It opens the ledger read-only, so it works while the daemon runs. ``--json`` prints one
+object; its fields (stable; new fields may be added, none removed or renamed):
+
+- ``version``, ``generated_at`` (ISO 8601 UTC), ``ledger`` (path);
+- ``service``: ``running`` (bool), ``pid``, ``started``, ``mode`` ("daemon" or "backfill"),
+  ``executor`` (kind, workers, load);
+- ``budget``: ``budget_bytes``, ``high_watermark_bytes``, ``low_watermark_bytes``,
+  ``used_bytes`` (files on disk by the ledger's account), ``reserved_bytes``, ``free_bytes``;
+- ``minimum_budget_bytes``: the smallest workable budget, as last computed by the service;
+- ``files``: ``{kind: {state: {"files", "disk_bytes", "reserved_bytes", "expected_bytes"}}}``;
+- ``jobs``: ``{kind: {state: count}}``;
+- ``rates``: ``downloads_last_hour``, ``downloaded_bytes_last_hour``, ``jobs_done_last_hour``;
+- ``eta_seconds``: unfinished jobs over the last hour's rate (null without a rate);
+- ``erasable``: ``files``, ``bytes`` on disk that no consumer keeps and no job pins;
+- ``consumers``: per consumer ``name``, ``keep``, ``missing_files``, ``missing_bytes`` (kept
+  files of its kinds that are not on disk);
+- ``calibration_fallbacks``: frames that used another night's masters (``job``, ``message``);
+- ``last_errors``: the latest warnings and errors (``time``, ``kind``, ``message``);
+- ``stuck``: why the service cannot move (null when it can); ``outage``: the archive
+  outage indicator recorded by the downloader (null when none).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections import defaultdict
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .config import Config, format_size
+from .ledger import Ledger
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
+
+
+def _service_running(info: dict[str, Any]) -> bool:
+    pid = info.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read()  # noqa: SIM115
+    except OSError:
+        return False
+    return b"streamer" in cmdline
+
+
+def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
+    """Everything status shows, as plain JSON-ready values."""
+    now = time.time()
+    service_info = json.loads(ledger.get_meta("service") or "{}")
+    files: dict[str, dict[str, Any]] = defaultdict(dict)
+    used = reserved = 0
+    for (kind, state), figures in ledger.bytes_by_kind_and_state().items():
+        files[kind][state] = figures
+        used += figures["disk_bytes"]
+        reserved += figures["reserved_bytes"]
+    jobs: dict[str, dict[str, int]] = defaultdict(dict)
+    for (kind, state), n in ledger.jobs_by_kind_and_state().items():
+        jobs[kind][state] = n
+    hour_ago = now - 3600
+    downloads = ledger.rows(
+        "SELECT COUNT(*) AS n, COALESCE(SUM(actual_size), 0) AS bytes FROM files "
+        "WHERE fetched_at >= ? AND url != ''",
+        (hour_ago,),
+    )[0]
+    jobs_done_hour = int(ledger.scalar("SELECT COUNT(*) FROM jobs WHERE finished >= ? AND state = 'done'", (hour_ago,)))
+    unfinished = int(ledger.scalar("SELECT COUNT(*) FROM jobs WHERE state IN ('waiting', 'ready', 'running', 'failed')"))
+    erasable = ledger.rows(
+        "SELECT COUNT(*) AS files, COALESCE(SUM(disk_bytes), 0) AS bytes FROM files f "
+        "WHERE f.state = 'on_disk' AND f.kept = 0 AND f.kind != 'apcat' "
+        "AND NOT EXISTS (SELECT 1 FROM pins p WHERE p.file_id = f.id)"
+    )[0]
+    consumers = []
+    for consumer in config.consumers:
+        marks = ",".join("?" * len(consumer.keep))
+        missing = ledger.rows(
+            f"SELECT COUNT(*) AS files, COALESCE(SUM(expected_size), 0) AS bytes FROM files "
+            f"WHERE kept = 1 AND kind IN ({marks}) AND state NOT IN ('on_disk')",
+            consumer.keep,
+        )[0]
+        consumers.append(
+            {"name": consumer.name, "keep": list(consumer.keep), "missing_files": missing["files"], "missing_bytes": missing["bytes"]}
+        )
+    fallbacks = [
+        {"job": r["job_id"], "time": _iso(r["t"]), "message": r["message"]}
+        for r in ledger.rows("SELECT job_id, t, message FROM events WHERE kind = 'calibration' ORDER BY id DESC LIMIT 50")
+    ]
+    errors = [
+        {"time": _iso(r["t"]), "level": r["level"], "kind": r["kind"], "message": r["message"]}
+        for r in ledger.rows(
+            "SELECT t, level, kind, message FROM events WHERE level IN ('warning', 'error') ORDER BY id DESC LIMIT 10"
+        )
+    ]
+    stuck_row = ledger.rows("SELECT kind, message, t FROM events WHERE kind IN ('stuck', 'unstuck') ORDER BY id DESC LIMIT 1")
+    outage = ledger.get_meta("outage")
+    minimum = ledger.get_meta("minimum_budget_bytes")
+    budget = config.storage.budget
+    return {
+        "version": __version__,
+        "generated_at": _iso(now),
+        "ledger": str(ledger.path),
+        "service": {
+            "running": _service_running(service_info),
+            "pid": service_info.get("pid"),
+            "started": _iso(service_info.get("started")),
+            "mode": "backfill" if service_info.get("burst") else "daemon",
+            "executor": service_info.get("executor", {"kind": config.compute.executor}),
+        },
+        "budget": {
+            "budget_bytes": budget,
+            "high_watermark_bytes": int(budget * config.storage.high_watermark),
+            "low_watermark_bytes": int(budget * config.storage.low_watermark),
+            "used_bytes": used,
+            "reserved_bytes": reserved,
+            "free_bytes": budget - used - reserved,
+        },
+        "minimum_budget_bytes": int(minimum) if minimum is not None else None,
+        "files": files,
+        "jobs": jobs,
+        "rates": {
+            "downloads_last_hour": downloads["n"],
+            "downloaded_bytes_last_hour": downloads["bytes"],
+            "jobs_done_last_hour": jobs_done_hour,
+        },
+        "eta_seconds": (unfinished / jobs_done_hour * 3600) if jobs_done_hour and unfinished else (0 if not unfinished else None),
+        "erasable": erasable,
+        "consumers": consumers,
+        "calibration_fallbacks": fallbacks,
+        "last_errors": errors,
+        "stuck": stuck_row[0]["message"] if stuck_row and stuck_row[0]["kind"] == "stuck" else None,
+        "outage": json.loads(outage) if outage else None,
+    }
+
+
+def show(config: Config, *, as_json: bool) -> int:
+    """Print the status; exit code 0."""
+    with Ledger.open(config.storage.ledger_path, readonly=True) as ledger:
+        report = collect(config, ledger)
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+        return 0
+    _print_report(report)
+    return 0
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    console = Console(highlight=False, soft_wrap=True)
+    service = report["service"]
+    state = f"running (pid {service['pid']}, {service['mode']})" if service["running"] else "not running"
+    console.print(f"[bold]ztf-streamer {report['version']}[/bold]  service {state}  ledger {report['ledger']}")
+    budget = report["budget"]
+    minimum = report["minimum_budget_bytes"]
+    console.print(
+        f"disk: {format_size(budget['used_bytes'])} used + {format_size(budget['reserved_bytes'])} reserved "
+        f"of {format_size(budget['budget_bytes'])} (high {format_size(budget['high_watermark_bytes'])}, "
+        f"low {format_size(budget['low_watermark_bytes'])}); minimum workable "
+        f"{format_size(minimum) if minimum is not None else 'not yet computed'}"
+    )
+    jobs = Table(title="tasks by stage and state")
+    states = ("waiting", "ready", "running", "done", "failed", "parked", "blocked")
+    jobs.add_column("stage")
+    for s in states:
+        jobs.add_column(s, justify="right")
+    for kind, by_state in sorted(report["jobs"].items()):
+        jobs.add_row(kind, *(str(by_state.get(s, 0)) for s in states))
+    console.print(jobs)
+    files = Table(title="files by kind")
+    files.add_column("kind")
+    for s in ("on_disk", "wanted", "reserved", "downloading", "missing", "deleted"):
+        files.add_column(s, justify="right")
+    for kind, by_state in sorted(report["files"].items()):
+        def cell(s: str) -> str:
+            figures = by_state.get(s)
+            if not figures:
+                return "0"
+            size = figures["disk_bytes"] if s == "on_disk" else figures["expected_bytes"]
+            return f"{figures['files']} ({format_size(size)})"
+
+        files.add_row(kind, *(cell(s) for s in ("on_disk", "wanted", "reserved", "downloading", "missing", "deleted")))
+    console.print(files)
+    rates = report["rates"]
+    eta = report["eta_seconds"]
+    console.print(
+        f"last hour: {rates['downloads_last_hour']} downloads ({format_size(rates['downloaded_bytes_last_hour'])}), "
+        f"{rates['jobs_done_last_hour']} tasks done; ETA "
+        + ("done" if eta == 0 else f"{eta / 60:.0f} min" if eta else "unknown")
+    )
+    console.print(f"erasable now: {report['erasable']['files']} files, {format_size(report['erasable']['bytes'])}")
+    for consumer in report["consumers"]:
+        console.print(
+            f"consumer {consumer['name']} (keeps {', '.join(consumer['keep'])}): "
+            f"{consumer['missing_files']} kept files not on disk ({format_size(consumer['missing_bytes'])})"
+        )
+    if report["calibration_fallbacks"]:
+        console.print("calibrations from another night:")
+        for fallback in report["calibration_fallbacks"][:10]:
+            console.print(f"  {fallback['message']}")
+    if report["stuck"]:
+        console.print(f"[bold red]stuck:[/bold red] {report['stuck']}")
+    if report["outage"]:
+        console.print(f"[bold yellow]archive outage:[/bold yellow] {report['outage']}")
+    if report["last_errors"]:
+        console.print("last errors:")
+        for error in report["last_errors"]:
+            console.print(f"  {error['time']} {error['level']} {error['kind']}: {error['message']}")
+
+
+__all__ = ["collect", "show"]
