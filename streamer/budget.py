@@ -10,7 +10,8 @@ plus what never leaves:
 - the ledger.
 
 Sizes come from the ledger (expected sizes from planning, actual sizes of products
-already made); before anything is known, typical ZTF sizes stand in.
+already made); a master not yet made is estimated from the raw flats it comes from
+(``MASTER_TO_RAW_FLAT``); before anything is planned, typical ZTF sizes stand in.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ TYPICAL_BYTES: Final = {
 }
 TYPICAL_FLATS_PER_LED: Final = 7
 TYPICAL_LEDS_PER_FILTER: Final = 4
-LEDGER_ALLOWANCE: Final = 64 * 10**6
+MASTER_TO_RAW_FLAT: Final = 4.0
+LEDGER_ALLOWANCE: Final = 16 * 10**6
 
 
 def _max_actual(ledger: Ledger, kind: str, relpath_like: str = "%") -> int | None:
@@ -51,7 +53,10 @@ def minimum_budget(config: Config, ledger: Ledger) -> int:
         )
         or 0
     )
-    master = _max_actual(ledger, "masters", "%flat.fits") or TYPICAL_BYTES["master"]
+    raw_flat = _max_actual(ledger, "raw", "%_f.fits.fz")
+    master = _max_actual(ledger, "masters", "%flat.fits") or (
+        int(raw_flat * MASTER_TO_RAW_FLAT) if raw_flat else TYPICAL_BYTES["master"]
+    )
     masters_per_ccd = 1 + TYPICAL_LEDS_PER_FILTER + 3
     largest_job_inputs = int(
         ledger.scalar(
@@ -62,7 +67,7 @@ def minimum_budget(config: Config, ledger: Ledger) -> int:
     )
     if largest_job_inputs == 0:
         largest_job_inputs = TYPICAL_FLATS_PER_LED * TYPICAL_BYTES["raw_flat"]
-    apcat = _max_actual(ledger, "apcat") or TYPICAL_BYTES["apcat"]
+    apcat = _max_actual(ledger, "apcat") or (TYPICAL_BYTES["apcat"] if raw_flat is None else raw_flat // 20)
     return permanent + masters_per_ccd * master + largest_job_inputs + apcat + LEDGER_ALLOWANCE
 
 

@@ -37,6 +37,7 @@ from .config import Config, format_size
 from .errors import StreamerError
 from .evict import Watermarks, bytes_to_free, choose_victims, delete_files, recover_deletions
 from .executor import BrokenProcessPool, Executor, make_executor
+from .budget import check_budget
 from .graph import build_night_graph
 from .ledger import Ledger
 from .systemd import Notifier
@@ -102,6 +103,8 @@ class Service:
                     group.create_task(self._until_finished())
             except* _Finished:
                 pass
+            except* StreamerError as group:
+                raise group.exceptions[0] from None
         await self._drain()
         if self.burst and self.stuck_reason is None:
             self._evict(force=True)
@@ -158,6 +161,7 @@ class Service:
                     )  # fmt: skip
                     self.ledger.set_meta(key, json.dumps(counts))
                     self.ledger.event("plan", f"night {night}: jobs {counts}")
+                    check_budget(self.config, self.ledger)
                 planned.add(night)
                 self.poke()
             if self.burst or not self.config.follow.enabled:
@@ -595,12 +599,11 @@ def setup_logging(config: Config) -> None:
 
 
 def _execute(config: Config, nights: Iterable[dt.date], ccds: Sequence[int], *, burst: bool) -> RunSummary:
-    from .budget import check_budget
-
     setup_logging(config)
     ledger = Ledger.open(config.storage.ledger_path)
     try:
-        check_budget(config, ledger)
+        if ledger.scalar("SELECT COUNT(*) FROM jobs"):
+            check_budget(config, ledger)
         executor = make_executor(config.compute)
         try:
             service = Service(config, ledger, executor, burst=burst)

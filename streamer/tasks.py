@@ -1,0 +1,169 @@
+"""From a job row to a worker call, and from a worker's failure to the service's decision.
+
+The service calls :func:`build_call` to get a picklable function and keyword arguments
+(paths and configuration sections, nothing else), and :func:`classify_failure` when a
+worker raises. The functions themselves live in ``work.py`` and ``work_masters.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .ledger import Ledger
+
+
+@dataclass(frozen=True)
+class Call:
+    """A worker call: the function, its keyword arguments, and the files (relpaths) it writes."""
+
+    function: Callable[..., Any]
+    kwargs: dict[str, Any]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with a failed job: ``blocked`` for good, ``refetch`` an input, or ``retry``."""
+
+    kind: str
+    reason: str
+    relpath: str | None = None
+
+
+def provenance(config: Config, job: dict[str, Any], inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a product records of how it was made (never in a catalogue's rows)."""
+    versions = {}
+    for package in ("numpy", "astropy", "sep"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return {
+        "job": job["key"],
+        "config_hash": config.config_hash(),
+        "ztf_streamer": __version__,
+        "versions": versions,
+        "inputs": sorted(r["relpath"] for r in inputs if r["state"] == "on_disk"),
+    }
+
+
+def _inputs(ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
+    return ledger.rows(
+        "SELECT f.*, j.kind AS producer_kind, j.night AS producer_night, j.filtercode AS producer_filter "
+        "FROM pins p JOIN files f ON f.id = p.file_id LEFT JOIN jobs j ON j.id = f.producer_job "
+        "WHERE p.job_id = ? ORDER BY f.id",
+        (job_id,),
+    )
+
+
+def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
+    """The worker call for a ready job."""
+    from . import work, work_masters
+
+    root = config.storage.root
+    inputs = _inputs(ledger, job["id"])
+    outputs = tuple(
+        r["relpath"] for r in ledger.rows("SELECT relpath FROM files WHERE producer_job = ? ORDER BY id", (job["id"],))
+    )
+    on_disk = [r for r in inputs if r["state"] == "on_disk"]
+
+    def path(row: dict[str, Any]) -> str:
+        return str(root / row["relpath"])
+
+    def produced(kind: str) -> dict[str, Any] | None:
+        return next((r for r in on_disk if r["producer_kind"] == kind), None)
+
+    common = {"provenance": provenance(config, job, inputs)}
+    out_path = str(root / outputs[0]) if outputs else ""
+    kind = job["kind"]
+    if kind == "master_bias":
+        return Call(
+            work_masters.build_master_bias,
+            {**common, "bias_paths": [path(r) for r in on_disk if r["kind"] == "raw"], "out_path": out_path,
+             "night": job["night"], "ccdid": job["ccdid"], "detrend": config.detrend},
+            outputs,
+        )  # fmt: skip
+    if kind == "led_flat":
+        bias = produced("master_bias")
+        return Call(
+            work_masters.build_led_flat,
+            {**common, "flat_paths": [path(r) for r in on_disk if r["kind"] == "raw"],
+             "master_bias_path": path(bias) if bias else None, "out_path": out_path,
+             "led": int(job["key"].rsplit(":", 1)[1]), "night": job["night"], "ccdid": job["ccdid"],
+             "filtercode": job["filtercode"], "detrend": config.detrend},
+            outputs,
+        )  # fmt: skip
+    if kind == "master_flat":
+        led_flats = {int(r["relpath"].rsplit("_led", 1)[1][:2]): path(r) for r in on_disk if r["producer_kind"] == "led_flat"}
+        return Call(
+            work_masters.combine_master_flat,
+            {**common, "led_flat_paths": led_flats, "out_path": out_path, "night": job["night"],
+             "ccdid": job["ccdid"], "filtercode": job["filtercode"], "detrend": config.detrend},
+            outputs,
+        )  # fmt: skip
+    if kind == "focalplane":
+        flats = {int(r["relpath"].split("_c", 1)[1][:2]): path(r) for r in on_disk if r["producer_kind"] == "master_flat"}
+        return Call(
+            work_masters.write_focalplane_factors,
+            {**common, "master_flat_paths": flats, "out_path": out_path},
+            outputs,
+        )  # fmt: skip
+    if kind == "exposure":
+        raw = next(r for r in on_disk if r["kind"] == "raw")
+        bias, flat, focal = produced("master_bias"), produced("master_flat"), produced("focalplane")
+        headers = {q: None for q in (1, 2, 3, 4)} | {r["qid"]: path(r) for r in on_disk if r["kind"] == "sciimg_header"}
+        masks = {q: None for q in (1, 2, 3, 4)} | {r["qid"]: path(r) for r in on_disk if r["kind"] == "mskimg"}
+        calibration = {
+            "master_bias": bias["relpath"] if bias else None,
+            "master_bias_night": bias["producer_night"] if bias else None,
+            "master_flat": flat["relpath"] if flat else None,
+            "master_flat_night": flat["producer_night"] if flat else None,
+        }
+        return Call(
+            work.process_exposure,
+            {"raw_path": path(raw), "master_bias_path": path(bias) if bias else None,
+             "master_flat_path": path(flat) if flat else None, "focalplane_path": path(focal) if focal else None,
+             "sciimg_header_paths": headers, "mask_paths": masks, "catalog_dir": str(config.photometry.catalog_dir),
+             "out_path": out_path, "detrend": config.detrend, "photometry": config.photometry,
+             "provenance": {**common["provenance"], "calibration": calibration}},
+            outputs,
+        )  # fmt: skip
+    raise ValueError(f"job {job['key']}: unknown kind {kind!r}")
+
+
+def result_record(result: Any) -> dict[str, Any]:
+    """A worker's result as JSON-ready values for the ledger."""
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(result).items()}
+    if isinstance(result, dict):
+        return {str(k): _plain(v) for k, v in result.items()}
+    return {"result": _plain(result)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def classify_failure(error: BaseException) -> Verdict:
+    """Blocked for good (missing calibration, no WCS), re-download a corrupt input, or retry."""
+    from . import work, work_masters
+
+    if isinstance(error, work_masters.IncompleteCalibration | work.NoUsableWcs):
+        return Verdict("blocked", str(error))
+    corrupt = getattr(work, "CorruptInput", None)
+    if corrupt is not None and isinstance(error, corrupt):
+        return Verdict("refetch", str(error), getattr(error, "relpath", None))
+    return Verdict("retry", f"{type(error).__name__}: {error}")
