@@ -17,6 +17,7 @@ import os
 import signal
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = ["BrokenProcessPool", "Executor", "LocalExecutor", "WorkerLost", "make_executor"]
@@ -103,10 +104,16 @@ class LocalExecutor:
         self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
-def make_executor(compute: Any) -> Executor:
-    """The executor that ``[compute]`` asks for."""
+def make_executor(compute: Any, storage_root: Path) -> Executor:
+    """The executor that ``[compute]`` asks for; a dask cluster must see the storage root."""
     if compute.executor == "dask":
         from .dask_executor import DaskExecutor
 
-        return DaskExecutor.from_config(compute)
+        executor = DaskExecutor.from_config(compute)
+        try:
+            executor.check_storage(storage_root)
+        except Exception:
+            executor.shutdown(cancel=True)
+            raise
+        return executor
     return LocalExecutor(compute.n_workers)

@@ -36,7 +36,7 @@ from . import __version__, tasks
 from .config import Config, format_size
 from .errors import StreamerError
 from .evict import Watermarks, bytes_to_free, choose_victims, delete_files, recover_deletions
-from .executor import BrokenProcessPool, Executor, make_executor
+from .executor import BrokenProcessPool, Executor, WorkerLost, make_executor
 from .budget import check_budget
 from .graph import build_night_graph
 from .ledger import Ledger
@@ -456,8 +456,9 @@ class Service:
         log.info("%s done", job["key"])
 
     def _record_failure(self, job: dict[str, Any], error: BaseException) -> None:
-        if isinstance(error, BrokenProcessPool):
-            self._replace_pool()
+        if isinstance(error, BrokenProcessPool | WorkerLost):
+            if isinstance(error, BrokenProcessPool):
+                self._replace_pool()
             with self.ledger.transaction() as conn:
                 self.ledger.set_job_state(conn, job["id"], "ready", error="worker process died; retried")
                 self.ledger.event("worker", f"{job['key']}: worker died, task requeued", level="warning", job_id=job["id"], conn=conn)
@@ -604,7 +605,7 @@ def _execute(config: Config, nights: Iterable[dt.date], ccds: Sequence[int], *, 
     try:
         if ledger.scalar("SELECT COUNT(*) FROM jobs"):
             check_budget(config, ledger)
-        executor = make_executor(config.compute)
+        executor = make_executor(config.compute, config.storage.root)
         try:
             service = Service(config, ledger, executor, burst=burst)
             return asyncio.run(service.run(list(nights), ccds))

@@ -1,0 +1,133 @@
+"""The executor on a dask.distributed cluster: an existing scheduler, or Slurm through dask-jobqueue.
+
+Only the pure work functions travel; downloads, the ledger and eviction stay in the
+service. Tasks are submitted with ``pure=False`` and no dask-side retries (the service
+has its own policy): a task whose worker died comes back as :class:`WorkerLost`, and the
+service puts it back to ready. Files are passed by path, so the storage root must be on
+a filesystem that the workers share; :meth:`DaskExecutor.check_storage` says so at start.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dask
+from distributed import Client
+from distributed.client import FuturesCancelledError
+from distributed.scheduler import KilledWorker
+
+from .errors import StreamerError, UsageError
+from .executor import WorkerLost
+
+LOST_WORKER_ERRORS = (KilledWorker, FuturesCancelledError, cf.CancelledError)
+
+
+class DaskExecutor:
+    """Runs worker functions on a dask cluster through its ``concurrent.futures`` interface."""
+
+    def __init__(self, client: Client, *, memory_per_task: int | None = None, cluster: Any = None) -> None:
+        self.client = client
+        self._cluster = cluster
+        self._resources = {"memory": memory_per_task} if memory_per_task else None
+        self._executor = client.get_executor(pure=False, retries=0, resources=self._resources)
+
+    @classmethod
+    def from_config(cls, compute: Any, *, connect_timeout_s: float = 10.0) -> DaskExecutor:
+        """Connect to ``compute.scheduler`` or start a Slurm cluster; wait (bounded) for a first worker."""
+        dask.config.set({"distributed.scheduler.allowed-failures": 0})
+        cluster = None
+        if compute.slurm is not None:
+            cluster = _slurm_cluster(compute)
+            address: Any = cluster
+        else:
+            address = compute.scheduler
+        try:
+            client = Client(address, timeout=f"{connect_timeout_s}s", set_as_default=False)
+        except (OSError, TimeoutError) as err:
+            raise UsageError(
+                f"compute.scheduler = {compute.scheduler!r}: no dask scheduler answered within "
+                f"{connect_timeout_s:.0f} s ({type(err).__name__}); expected a running scheduler at that address"
+            ) from None
+        executor = cls(client, memory_per_task=compute.memory_per_task, cluster=cluster)
+        executor.wait_for_workers(compute.worker_wait_s)
+        return executor
+
+    def wait_for_workers(self, timeout_s: float) -> None:
+        try:
+            self.client.wait_for_workers(1, timeout=timeout_s)
+        except TimeoutError:
+            self.shutdown()
+            raise StreamerError(
+                f"the dask scheduler has no worker after {timeout_s:.0f} s (compute.worker_wait_s); "
+                "start workers with `dask worker <scheduler address>`"
+            ) from None
+
+    def check_storage(self, root: Path) -> None:
+        """Every worker must see the storage root (a shared filesystem)."""
+        seen = self.client.run(os.path.isdir, str(root))
+        blind = sorted(worker for worker, ok in seen.items() if not ok)
+        if blind:
+            raise StreamerError(
+                f"storage.root {root} is not visible from dask worker(s) {', '.join(blind)}: "
+                "the storage root must be on a filesystem that the workers share"
+            )
+
+    @property
+    def slots(self) -> int:
+        return max(1, sum(self.client.nthreads().values()))
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        inner = self._executor.submit(fn, *args, **kwargs)
+        outer: cf.Future[Any] = cf.Future()
+
+        def relay(done: cf.Future[Any]) -> None:
+            if done.cancelled():
+                outer.set_exception(WorkerLost("the task was cancelled by the cluster (scheduler restart?)"))
+                return
+            error = done.exception()
+            if isinstance(error, LOST_WORKER_ERRORS):
+                outer.set_exception(WorkerLost(f"{type(error).__name__}: {error}"))
+            elif error is not None:
+                outer.set_exception(error)
+            else:
+                outer.set_result(done.result())
+
+        inner.add_done_callback(relay)
+        return outer
+
+    def describe(self) -> dict[str, Any]:
+        info = self.client.scheduler_info()
+        workers = info.get("workers", {})
+        return {
+            "kind": "dask",
+            "scheduler": info.get("address"),
+            "workers": len(workers),
+            "threads": sum(w.get("nthreads", 0) for w in workers.values()),
+            "load": {addr: w.get("metrics", {}).get("task_counts", {}) for addr, w in workers.items()},
+        }
+
+    def shutdown(self, *, cancel: bool = False) -> None:
+        self._executor.shutdown(wait=not cancel)
+        self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+def _slurm_cluster(compute: Any) -> Any:
+    from dask_jobqueue import SLURMCluster
+
+    slurm = compute.slurm
+    cluster = SLURMCluster(
+        queue=slurm.queue,
+        account=slurm.account,
+        cores=slurm.cores,
+        processes=slurm.processes,
+        memory=f"{slurm.memory}B",
+        walltime=slurm.walltime,
+    )
+    cluster.scale(jobs=slurm.jobs)
+    return cluster

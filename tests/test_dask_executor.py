@@ -1,0 +1,93 @@
+"""The dask executor on a real LocalCluster: results, a killed worker, and clear errors at start."""
+
+from __future__ import annotations
+
+import operator
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from distributed import LocalCluster
+
+from streamer.config import ComputeConfig
+from streamer.dask_executor import DaskExecutor
+from streamer.errors import StreamerError, UsageError
+from streamer.executor import WorkerLost
+
+
+def _pid_then_sleep(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    ) as local:
+        yield local
+
+
+def _executor(address: str, *, worker_wait_s: float = 30.0) -> DaskExecutor:
+    return DaskExecutor.from_config(ComputeConfig(executor="dask", scheduler=address, worker_wait_s=worker_wait_s))
+
+
+def test_submit_returns_results_and_describes_workers(cluster: LocalCluster, tmp_path: Path) -> None:
+    executor = _executor(cluster.scheduler_address)
+    try:
+        futures = [executor.submit(operator.mul, i, 3) for i in range(10)]
+        assert [f.result(timeout=60) for f in futures] == [3 * i for i in range(10)]
+        assert executor.slots == 2
+        info = executor.describe()
+        assert info["kind"] == "dask" and info["workers"] == 2
+        executor.check_storage(tmp_path)
+        with pytest.raises(StreamerError, match="not visible from dask worker"):
+            executor.check_storage(tmp_path / "nowhere")
+    finally:
+        executor.shutdown()
+
+
+def test_killed_worker_gives_worker_lost_and_the_cluster_goes_on(tmp_path: Path) -> None:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    ) as local:
+        executor = _executor(local.scheduler_address)
+        try:
+            pids = executor.client.run(os.getpid)
+            slow = executor.submit(_pid_then_sleep, 60.0)
+            deadline = time.monotonic() + 30
+            running_on: list[str] = []
+            while not running_on and time.monotonic() < deadline:
+                running_on = [addr for addr, keys in executor.client.processing().items() if keys]
+                time.sleep(0.2)
+            assert running_on, "the slow task never started"
+            os.kill(pids[running_on[0]], signal.SIGKILL)
+            with pytest.raises(WorkerLost):
+                slow.result(timeout=90)
+            assert executor.submit(operator.add, 2, 2).result(timeout=120) == 4
+        finally:
+            executor.shutdown()
+
+
+def test_unanswering_scheduler_is_a_clear_usage_error() -> None:
+    started = time.monotonic()
+    with pytest.raises(UsageError, match="no dask scheduler answered"):
+        DaskExecutor.from_config(
+            ComputeConfig(executor="dask", scheduler="tcp://127.0.0.1:9", worker_wait_s=1), connect_timeout_s=2
+        )
+    assert time.monotonic() - started < 30
+
+
+def test_scheduler_without_workers_is_waited_for_a_bounded_time() -> None:
+    with LocalCluster(n_workers=0, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0") as empty:
+        started = time.monotonic()
+        with pytest.raises(StreamerError, match="no worker after"):
+            _executor(empty.scheduler_address, worker_wait_s=2)
+        assert time.monotonic() - started < 30
