@@ -80,19 +80,27 @@ class Service:
         self.planning_done = asyncio.Event()
         self.running_jobs: dict[int, asyncio.Future[Any]] = {}
         self.downloading: set[int] = set()
-        self.waiting_for_space = 0
         self.stuck_reason: str | None = None
         self.fetcher: Any = None
+        self.client: Any = None
+        self.space: Any = None
 
     # --- entry -------------------------------------------------------------------------
 
     async def run(self, nights: Sequence[dt.date], ccds: Sequence[int]) -> RunSummary:
         self._recover()
         self._install_signal_handlers()
-        from .archive.fetch import Fetcher
+        from .archive.auth import load_credentials
+        from .archive.client import ArchiveClient
+        from .archive.fetch import Fetcher, SpaceSignal
 
-        async with Fetcher(self.config, self.ledger) as fetcher:
-            self.fetcher = fetcher
+        auth = self.config.archive.auth
+        credentials = load_credentials(auth) if auth is not None else None
+        async with ArchiveClient(self.config.archive, credentials=credentials, ledger=self.ledger) as client:
+            self.client = client
+            self.space = SpaceSignal(poll_s=2.0)
+            self.fetcher = Fetcher(client, self.ledger, self.config.storage, space=self.space, overhead=self._overhead)
+            self.fetcher.remove_orphan_parts()
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._planner(nights, ccds))
@@ -153,7 +161,7 @@ class Service:
                 key = f"planned:{night.isoformat()}:{','.join(map(str, ccds))}"
                 if self.ledger.get_meta(key) is None:
                     log.info("planning %s for CCDs %s", night, ",".join(map(str, ccds)))
-                    await plan_night(self.fetcher, self.ledger, self.config, night, ccds)
+                    await plan_night(self.client, self.ledger, self.config, night, ccds)
                     counts = build_night_graph(
                         self.ledger, night.isoformat(), ccds,
                         bias_skip_first=self.config.detrend.bias_skip_first,
@@ -212,17 +220,15 @@ class Service:
             await asyncio.gather(*tasks_running, return_exceptions=True)
 
     async def _download_loop(self, tasks_running: set[asyncio.Task[None]]) -> None:
+        # At most max_connections downloads are started at a time, in job order, and a download
+        # waiting for budget keeps its place: later jobs' inputs cannot overtake earlier ones.
         slots = asyncio.Semaphore(self.config.archive.max_connections)
         while not self.stopping.is_set():
-            candidates = self._download_candidates(self.config.archive.max_connections * 4)
+            candidates = self._download_candidates(self.config.archive.max_connections)
             if not candidates:
                 await self._wait_change(5.0)
                 continue
             for row in candidates:
-                if self.stopping.is_set():
-                    break
-                if row["state"] != "reserved" and not await self._reserve(row):
-                    break
                 await slots.acquire()
                 if self.stopping.is_set():
                     slots.release()
@@ -232,29 +238,6 @@ class Service:
                 tasks_running.add(task)
                 task.add_done_callback(tasks_running.discard)
             await self._wait_change(0.5)
-
-    async def _reserve(self, row: dict[str, Any]) -> bool:
-        """Reserve a file's bytes, evicting or waiting as needed; False when stopping or stuck."""
-        need = self.fetcher.reservation_bytes(row)
-        self.waiting_for_space += 1
-        try:
-            while not self.stopping.is_set():
-                if self.ledger.reserve(row["id"], need, budget=self.config.storage.budget, overhead=self._overhead()):
-                    if self.stuck_reason is not None:
-                        self.ledger.event("unstuck", "downloads resumed: space was freed")
-                        self.stuck_reason = None
-                    return True
-                freed = self._evict(need=need)
-                if freed:
-                    continue
-                if not self.running_jobs and not self.downloading:
-                    self._report_stuck(need)
-                    if self.burst:
-                        raise _Finished
-                await self._wait_change(2.0)
-            return False
-        finally:
-            self.waiting_for_space -= 1
 
     def _report_stuck(self, need: int) -> None:
         used = self.ledger.committed_bytes() + self._overhead()
@@ -271,9 +254,9 @@ class Service:
 
     async def _download_one(self, file_id: int, slots: asyncio.Semaphore) -> None:
         try:
-            await self.fetcher.download(file_id)
-        except asyncio.CancelledError:
-            raise
+            outcome = await self.fetcher.fetch(file_id)
+            if outcome.state != "on_disk":
+                log.warning("%s: %s (%s)", outcome.relpath, outcome.state, getattr(outcome, "error", None))
         except StreamerError as err:
             log.error("download of file %d failed: %s", file_id, err)
         finally:
@@ -490,8 +473,23 @@ class Service:
 
     async def _evictor(self) -> None:
         while not self.stopping.is_set():
-            self._evict()
-            await self._wait_change(10.0)
+            need = self.space.bytes_wanted if self.space.space_wanted.is_set() else 0
+            freed = self._evict(need=need)
+            if freed:
+                self.space.space_freed()
+            elif need and self._nothing_moves():
+                self._report_stuck(need)
+                if self.burst:
+                    raise _Finished
+            elif self.stuck_reason is not None and not need:
+                self.ledger.event("unstuck", "downloads resumed: space was freed")
+                self.stuck_reason = None
+            await self._wait_change(1.0 if need else 10.0)
+
+    def _nothing_moves(self) -> bool:
+        """Every download waits for budget, no task runs, and none could start."""
+        waiting = len(self.space._waiting) if hasattr(self.space, "_waiting") else 0
+        return not self.running_jobs and waiting >= len(self.downloading) and not self._ready_jobs(1)
 
     def _evict(self, *, need: int = 0, force: bool = False) -> int:
         """Free erasable files as the watermarks (or a pending reservation) ask; return bytes freed."""
@@ -543,7 +541,7 @@ class Service:
                 pending = self.ledger.scalar("SELECT COUNT(*) FROM jobs WHERE state IN ('waiting', 'ready', 'failed')")
                 if pending == 0:
                     raise _Finished
-                if not self._ready_jobs(1) and not self._download_candidates(1) and not self.waiting_for_space:
+                if not self._ready_jobs(1) and not self._download_candidates(1):
                     wait_s = self.ledger.scalar("SELECT MIN(not_before) FROM jobs WHERE state = 'failed'")
                     if wait_s is None:
                         self._block_unreachable()

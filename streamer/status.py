@@ -37,6 +37,8 @@ from . import __version__
 from .config import Config, format_size
 from .ledger import Ledger
 
+OUTAGE_META_KEY = "archive.outage"  # written by archive/client.py's outage gate
+
 
 def _iso(t: float | None) -> str | None:
     return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
@@ -101,7 +103,8 @@ def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
         )
     ]
     stuck_row = ledger.rows("SELECT kind, message, t FROM events WHERE kind IN ('stuck', 'unstuck') ORDER BY id DESC LIMIT 1")
-    outage = ledger.get_meta("outage")
+    outage_state = json.loads(ledger.get_meta(OUTAGE_META_KEY) or "{}")
+    outage = outage_state if outage_state.get("outage") else None
     minimum = ledger.get_meta("minimum_budget_bytes")
     budget = config.storage.budget
     return {
@@ -137,7 +140,7 @@ def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
         "calibration_fallbacks": fallbacks,
         "last_errors": errors,
         "stuck": stuck_row[0]["message"] if stuck_row and stuck_row[0]["kind"] == "stuck" else None,
-        "outage": json.loads(outage) if outage else None,
+        "outage": outage,
     }
 
 
