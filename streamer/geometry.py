@@ -9,8 +9,11 @@ bottom (FITS convention), they sit as::
     q3 | q4
 
 with ``QUADRANT_GAP_X`` columns between left and right and ``QUADRANT_GAP_Y`` rows between
-bottom and top. A pixel ``(x, y)`` of quadrant ``q`` (x = column, y = row, 0-based) is at
-``(x + dx, y + dy)`` on the CCD, with ``(dx, dy) = quadrant_offset(q)``.
+bottom and top (none: the quadrants are the four amplifier regions of one CCD). A pixel
+``(x, y)`` of quadrant ``q`` (x = column, y = row, 0-based) is at ``(x + dx, y + dy)`` on the
+CCD, with ``(dx, dy) = quadrant_offset(q, shape)``; ``shape`` = (rows, columns) of a quadrant,
+3080 x 3072 for ZTF (smaller for simulated test frames). The simulator (``streamer.sim``) lays
+out its quadrants the same way.
 """
 
 from __future__ import annotations
@@ -26,17 +29,21 @@ _COLUMN: Final = {1: 1, 2: 0, 3: 0, 4: 1}
 _ROW: Final = {1: 1, 2: 1, 3: 0, 4: 0}
 
 
-def quadrant_offset(qid: int) -> tuple[int, int]:
+QUADRANT_SHAPE: Final = (QUADRANT_NY, QUADRANT_NX)
+
+
+def quadrant_offset(qid: int, shape: tuple[int, int] = QUADRANT_SHAPE) -> tuple[int, int]:
     """(dx, dy) in pixels from quadrant ``qid``'s grid to the CCD grid."""
     if qid not in _COLUMN:
         raise ValueError(f"qid {qid}: expected 1..4")
-    return (_COLUMN[qid] * (QUADRANT_NX + QUADRANT_GAP_X), _ROW[qid] * (QUADRANT_NY + QUADRANT_GAP_Y))
+    rows, columns = shape
+    return (_COLUMN[qid] * (columns + QUADRANT_GAP_X), _ROW[qid] * (rows + QUADRANT_GAP_Y))
 
 
-def shift_between(from_qid: int, to_qid: int) -> tuple[int, int]:
+def shift_between(from_qid: int, to_qid: int, shape: tuple[int, int] = QUADRANT_SHAPE) -> tuple[int, int]:
     """(dx, dy) to add to a pixel of ``to_qid`` to get the same CCD point on ``from_qid``'s grid."""
-    fx, fy = quadrant_offset(from_qid)
-    tx, ty = quadrant_offset(to_qid)
+    fx, fy = quadrant_offset(from_qid, shape)
+    tx, ty = quadrant_offset(to_qid, shape)
     return (tx - fx, ty - fy)
 
 

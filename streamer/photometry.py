@@ -80,23 +80,28 @@ def wcs_from_header(header: fits.Header) -> WCS:
     return wcs
 
 
-def shifted_header(header: fits.Header, from_qid: int, to_qid: int) -> fits.Header:
+def shifted_header(
+    header: fits.Header, from_qid: int, to_qid: int, shape: tuple[int, int] = geometry.QUADRANT_SHAPE
+) -> fits.Header:
     """A copy of quadrant ``from_qid``'s header whose WCS applies to quadrant ``to_qid``'s grid.
 
     The quadrants differ by a translation (see :mod:`streamer.geometry`), so only CRPIX moves;
     the distortion polynomial of a TPV WCS acts after CRPIX and extends across the CCD.
     """
-    dx, dy = geometry.shift_between(from_qid, to_qid)
+    dx, dy = geometry.shift_between(from_qid, to_qid, shape)
     shifted = header.copy()
     shifted["CRPIX1"] = float(header["CRPIX1"]) - dx
     shifted["CRPIX2"] = float(header["CRPIX2"]) - dy
     return shifted
 
 
-def quadrant_wcs(headers: Mapping[int, fits.Header | None]) -> dict[int, QuadrantWcs]:
+def quadrant_wcs(
+    headers: Mapping[int, fits.Header | None], shape: tuple[int, int] = geometry.QUADRANT_SHAPE
+) -> dict[int, QuadrantWcs]:
     """The WCS of quadrants 1-4 of one CCD, from their own headers or the nearest sibling's.
 
-    ``headers`` maps qid to its IPAC sciimg header, or None when missing. A header whose WCS
+    ``headers`` maps qid to its IPAC sciimg header, or None when missing; ``shape`` is a
+    quadrant's (rows, columns). A header whose WCS
     cannot be built counts as missing. Raises :class:`NoCcdWcsError` when no quadrant has one.
     """
     own: dict[int, tuple[fits.Header, WCS]] = {}
@@ -118,7 +123,7 @@ def quadrant_wcs(headers: Mapping[int, fits.Header | None]) -> dict[int, Quadran
             result[qid] = QuadrantWcs(own[qid][1], qid)
             continue
         sibling = next(q for q in geometry.siblings_by_distance(qid) if q in own)
-        result[qid] = QuadrantWcs(wcs_from_header(shifted_header(own[sibling][0], sibling, qid)), sibling)
+        result[qid] = QuadrantWcs(wcs_from_header(shifted_header(own[sibling][0], sibling, qid, shape)), sibling)
     return result
 
 
