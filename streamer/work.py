@@ -35,8 +35,8 @@ def read_sciimg_header(path: Path | str) -> fits.Header:
     path = Path(path)
     with open(path, "rb") as handle:
         start = handle.read(2880)
-    if not start.startswith(b"SIMPLE  ="):
-        raise InputFileError(f"{path}: not a FITS header (does not start with 'SIMPLE  =')")
+    if not start.startswith((b"SIMPLE  =", b"XTENSION=")):
+        raise InputFileError(f"{path}: not a FITS header (does not start with 'SIMPLE  =' or 'XTENSION=')")
     if b"\n" in start[:81]:
         text = path.read_text(encoding="ascii", errors="strict")
         try:
