@@ -1,0 +1,259 @@
+"""The detrending chain of one quadrant: overscan -> nonlinearity -> row corrections -> bias -> flat.
+
+Every function takes arrays on the stored (raw HDU = IPAC sciimg) grid and returns new arrays
+on that grid; orientation is handled by :mod:`.readout` only. Units are stated at each step.
+
+    1. overscan model (ADU) from the overscan columns [start, end) in readout order; with
+       ``nonlinearity = "before_overscan"`` the overscan is linearised first
+    2. data - model, per row (ADU above the bias pedestal)
+    3. nonlinearity ``x / (A x^2 + B x + 1)`` (linear ADU), before step 2 if so configured,
+       skipped if "off"
+    4. row corrections (none by default): callables on whole rows in readout order, data columns
+       then the 30 overscan columns, both overscan-subtracted and linearised; the place of the
+       pocket effect and of brighter-fatter
+    5. minus master bias (ADU)
+    6. divided by master flat x flat factor (ADU, flat-fielded)
+    7. variance (ADU^2): read noise, Poisson with the gain, the master bias' and flat's variance
+    8. mask: saturation, NaN, the masters' bad pixels (bits in :mod:`.masks`)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from ..config import DetrendConfig
+from . import masks as maskbits
+from .overscan import OverscanModel, model_overscan
+from .readout import from_readout, to_readout
+
+RowCorrection = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+"""A correction on whole rows in readout order: (rows, data columns + 30 overscan columns) float32
+ADU, overscan-subtracted and linearised, in; a new array of the same shape out. Rows are
+independent (a caller may pass any subset of rows, in any order)."""
+
+NONLINEARITY_ORDERS = ("after_overscan", "before_overscan", "off")
+
+
+class MasterQuadrant(NamedTuple):
+    """One quadrant of a master, on the stored grid: data (bias ADU, or flat dimensionless),
+    variance of the data (its units squared) and our mask bits (uint16)."""
+
+    data: npt.NDArray[np.float32]
+    variance: npt.NDArray[np.float32]
+    mask: npt.NDArray[np.uint16]
+
+
+@dataclass(frozen=True)
+class CorrectedQuadrant:
+    """A raw quadrant after steps 1-4: linear ADU above the bias pedestal, stored grid."""
+
+    image: npt.NDArray[np.float32]
+    overscan: OverscanModel
+
+
+@dataclass(frozen=True)
+class DetrendedQuadrant:
+    """A science quadrant after the whole chain, on the stored (IPAC sciimg) grid."""
+
+    image: npt.NDArray[np.float32]  # ADU, bias-subtracted and flat-fielded
+    variance: npt.NDArray[np.float32]  # ADU^2
+    mask: npt.NDArray[np.uint16]  # our bits (streamer.detrend.masks)
+    overscan: OverscanModel
+
+
+def linearise(measured: npt.NDArray[np.floating], a: float, b: float) -> npt.NDArray[np.float32]:
+    """IPAC's nonlinearity correction in float32 (a new array): ``x / (A x^2 + B x + 1)``, ADU.
+
+    Same formula as :func:`streamer.detrend.nonlinearity.correct` (float64 reference); relative
+    difference below 1e-6.
+    """
+    out = np.array(measured, dtype=np.float32, copy=True)
+    _linearise_in_place(out, a, b)
+    return out
+
+
+def _linearise_in_place(values: npt.NDArray[np.float32], a: float, b: float) -> None:
+    denominator = values * np.float32(a)
+    denominator += np.float32(b)
+    denominator *= values
+    denominator += np.float32(1.0)
+    values /= denominator
+
+
+def _check_nonlinearity(order: str, coefficients: tuple[float, float] | None) -> None:
+    if order not in NONLINEARITY_ORDERS:
+        raise ValueError(f"nonlinearity = {order!r}: expected one of {', '.join(NONLINEARITY_ORDERS)}")
+    if order != "off" and coefficients is None:
+        raise ValueError(f"nonlinearity = {order!r} needs coefficients (A, B)")
+
+
+def fit_overscan(
+    overscan: npt.NDArray[np.number],
+    qid: int,
+    *,
+    config: DetrendConfig,
+    nonlinearity_coefficients: tuple[float, float] | None,
+) -> OverscanModel:
+    """Step 1: the overscan model (ADU per stored row) of a stored overscan array (rows, 30)."""
+    _check_nonlinearity(config.nonlinearity, nonlinearity_coefficients)
+    if config.nonlinearity == "before_overscan":
+        assert nonlinearity_coefficients is not None
+        overscan = linearise(overscan, *nonlinearity_coefficients)
+    return model_overscan(
+        overscan,
+        qid,
+        columns=config.overscan_columns,
+        degree=config.overscan_degree,
+        outlier_nmad=config.overscan_outlier_nmad,
+    )
+
+
+def correct_rows(
+    data_rows: npt.NDArray[np.number],
+    overscan_rows: npt.NDArray[np.number],
+    level_rows: npt.NDArray[np.floating],
+    qid: int,
+    *,
+    nonlinearity: str,
+    nonlinearity_coefficients: tuple[float, float] | None,
+    row_corrections: Sequence[RowCorrection] = (),
+) -> npt.NDArray[np.float32]:
+    """Steps 2-4 on a band of stored rows: a new float32 array of linear ADU above the pedestal.
+
+    ``data_rows`` (rows, columns) and ``overscan_rows`` (rows, 30) are the same stored rows of the
+    raw quadrant and its overscan; ``level_rows`` the overscan model of those rows (ADU).
+    ``overscan_rows`` is only used when there are row corrections.
+    """
+    _check_nonlinearity(nonlinearity, nonlinearity_coefficients)
+    rows = data_rows.shape[0]
+    if data_rows.ndim != 2 or level_rows.shape != (rows,) or overscan_rows.shape[0] != rows:
+        raise ValueError(
+            f"data {data_rows.shape}, overscan {overscan_rows.shape}, levels {level_rows.shape}: expected the same rows"
+        )
+    image = np.array(data_rows, dtype=np.float32, copy=True)
+    level = level_rows.astype(np.float32)[:, np.newaxis]
+    overscan_image = np.array(overscan_rows, dtype=np.float32, copy=True) if row_corrections else None
+    if nonlinearity == "before_overscan":
+        assert nonlinearity_coefficients is not None
+        _linearise_in_place(image, *nonlinearity_coefficients)
+        if overscan_image is not None:
+            _linearise_in_place(overscan_image, *nonlinearity_coefficients)
+    image -= level
+    if overscan_image is not None:
+        overscan_image -= level
+    if nonlinearity == "after_overscan":
+        assert nonlinearity_coefficients is not None
+        _linearise_in_place(image, *nonlinearity_coefficients)
+        if overscan_image is not None:
+            _linearise_in_place(overscan_image, *nonlinearity_coefficients)
+    if overscan_image is not None:
+        image = apply_row_corrections(image, overscan_image, qid, row_corrections)
+    return image
+
+
+def apply_row_corrections(
+    image: npt.NDArray[np.float32],
+    overscan_image: npt.NDArray[np.float32],
+    qid: int,
+    row_corrections: Sequence[RowCorrection],
+) -> npt.NDArray[np.float32]:
+    """Step 4: run each correction on whole rows in readout order (data then overscan columns),
+    and return the data columns on the stored grid (a new array)."""
+    columns = image.shape[1]
+    rows_readout = np.concatenate([to_readout(image, qid), to_readout(overscan_image, qid)], axis=1)
+    for correction in row_corrections:
+        corrected = correction(rows_readout)
+        if corrected is rows_readout or corrected.shape != rows_readout.shape:
+            raise ValueError(f"row correction {correction!r}: expected a new array of shape {rows_readout.shape}")
+        rows_readout = np.asarray(corrected, dtype=np.float32)
+    return np.ascontiguousarray(from_readout(rows_readout[:, :columns], qid))
+
+
+def correct_raw(
+    data: npt.NDArray[np.number],
+    overscan: npt.NDArray[np.number],
+    qid: int,
+    *,
+    config: DetrendConfig,
+    nonlinearity_coefficients: tuple[float, float] | None,
+    row_corrections: Sequence[RowCorrection] = (),
+) -> CorrectedQuadrant:
+    """Steps 1-4 on a whole raw quadrant (stored grid, any numeric dtype; not modified)."""
+    if data.ndim != 2 or overscan.ndim != 2 or data.shape[0] != overscan.shape[0]:
+        raise ValueError(f"data {data.shape} and overscan {overscan.shape}: expected 2-D arrays with the same rows")
+    model = fit_overscan(overscan, qid, config=config, nonlinearity_coefficients=nonlinearity_coefficients)
+    image = correct_rows(
+        data,
+        overscan,
+        model.level_stored,
+        qid,
+        nonlinearity=config.nonlinearity,
+        nonlinearity_coefficients=nonlinearity_coefficients,
+        row_corrections=row_corrections,
+    )
+    return CorrectedQuadrant(image=image, overscan=model)
+
+
+def detrend_science(
+    data: npt.NDArray[np.number],
+    overscan: npt.NDArray[np.number],
+    qid: int,
+    *,
+    config: DetrendConfig,
+    nonlinearity_coefficients: tuple[float, float] | None,
+    master_bias: MasterQuadrant,
+    master_flat: MasterQuadrant,
+    gain: float,
+    read_noise: float,
+    saturate: float | None = None,
+    flat_factor: float = 1.0,
+    raw_ceiling: float | None = 65535.0,
+    row_corrections: Sequence[RowCorrection] = (),
+) -> DetrendedQuadrant:
+    """The whole chain on one raw science quadrant.
+
+    ``gain`` in e-/ADU and ``read_noise`` in e- (the raw extension header's GAIN and READNOI);
+    ``saturate`` in detrended ADU (the sciimg header's SATURATE) or None; ``raw_ceiling`` the raw
+    ADU at and above which a pixel is saturated (the ADC's ceiling) or None; ``flat_factor`` the
+    focal-plane factor (1 for ``flat_normalisation = "ccd"``): the image is divided by
+    ``master_flat.data * flat_factor``. Pixels whose flat is not positive become NaN.
+    """
+    if not gain > 0 or not read_noise >= 0 or not flat_factor > 0:
+        raise ValueError(f"gain {gain}, read_noise {read_noise}, flat_factor {flat_factor}: expected > 0, >= 0, > 0")
+    for name, master in (("master_bias", master_bias), ("master_flat", master_flat)):
+        for part in master:
+            if part.shape != data.shape:
+                raise ValueError(f"{name} of shape {part.shape}: expected the quadrant's {data.shape}")
+    corrected = correct_raw(
+        data, overscan, qid, config=config, nonlinearity_coefficients=nonlinearity_coefficients, row_corrections=row_corrections
+    )
+    image = corrected.image  # linear ADU above the pedestal (our own buffer)
+    image -= master_bias.data  # ADU of signal
+
+    variance = np.maximum(image, np.float32(0.0))  # Poisson: signal / gain, ADU^2
+    variance *= np.float32(1.0 / gain)
+    variance += np.float32((read_noise / gain) ** 2)
+    variance += master_bias.variance
+
+    flat = master_flat.data
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inverse_flat = np.divide(np.float32(1.0 / flat_factor), flat, dtype=np.float32)
+        inverse_flat[~(flat > 0)] = np.nan
+    image *= inverse_flat  # flat-fielded ADU
+    inverse_flat *= inverse_flat
+    variance *= inverse_flat  # (var_raw) / (flat f)^2
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        flat_term = np.square(image)
+        flat_term *= master_flat.variance
+        flat_term /= np.square(flat, dtype=np.float32)
+        variance += flat_term  # + image^2 var_flat / flat^2
+
+    mask = maskbits.flag_science_pixels(data, image, saturate=saturate, raw_ceiling=raw_ceiling)
+    mask |= master_bias.mask
+    mask |= master_flat.mask
+    return DetrendedQuadrant(image=image, variance=variance, mask=mask, overscan=corrected.overscan)

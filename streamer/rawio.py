@@ -1,0 +1,184 @@
+"""Reading raw ZTF CCD files (``.fits.fz``): one quadrant and its overscan at a time.
+
+Layout: HDU 0 a header only; HDU q (1..4) quadrant q's pixels; HDU q + 4 its overscan (same rows,
+30 columns). Tile-compressed integers or floats are both accepted. Arrays are returned exactly as
+stored (dtype and grid) and read-only, so that nobody computes in place on them: the detrending
+copies into float32 itself. A missing, truncated or undecodable quadrant HDU raises
+:class:`QuadrantReadError` for that quadrant only; a file that cannot be opened at all raises
+:class:`RawFileError`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+
+from .detrend.readout import OVERSCAN_COLUMNS
+from .errors import StreamerError
+
+# What astropy raises on truncated or malformed compressed data, besides its warnings.
+_READ_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, EOFError, AstropyWarning)
+
+
+class RawFileError(StreamerError):
+    """A raw file that cannot be opened or whose primary header is unreadable."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class QuadrantReadError(StreamerError):
+    """One quadrant (or its overscan) of a raw file is missing or unreadable; the others may be fine."""
+
+    def __init__(self, path: str, qid: int, reason: str) -> None:
+        self.path = path
+        self.qid = qid
+        self.reason = reason
+        super().__init__(f"{path}: quadrant {qid}: {reason}")
+
+
+@dataclass(frozen=True)
+class RawQuadrant:
+    """One quadrant as stored: data (rows, columns) and overscan (rows, 30), read-only, in raw ADU."""
+
+    qid: int
+    data: npt.NDArray[np.number]
+    overscan: npt.NDArray[np.number]
+    gain: float | None  # e-/ADU, extension header GAIN
+    read_noise: float | None  # e-, extension header READNOI
+
+
+def _header_float(header: fits.Header, key: str) -> float | None:
+    value = header.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _read_only(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    array.flags.writeable = False
+    return array
+
+
+class RawFile:
+    """An open raw CCD file. Use :func:`open_raw`; read quadrants, overscans or row bands."""
+
+    def __init__(self, path: str, hdul: fits.HDUList) -> None:
+        self.path = path
+        self._hdul = hdul
+
+    @property
+    def primary_header(self) -> fits.Header:
+        """HDU 0's header (IMGTYPE, OBSJD, CCD_ID, ILUM_LED, ...)."""
+        return self._hdul[0].header
+
+    def _hdu(self, qid: int, index: int, what: str) -> Any:
+        if qid not in (1, 2, 3, 4):
+            raise ValueError(f"qid {qid}: expected 1..4")
+        if index >= len(self._hdul):
+            raise QuadrantReadError(self.path, qid, f"no HDU {index} ({what}): the file has {len(self._hdul)} HDUs")
+        hdu = self._hdul[index]
+        amp_id = hdu.header.get("AMP_ID")
+        if isinstance(amp_id, int) and not isinstance(amp_id, bool) and amp_id != qid - 1:
+            raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) has AMP_ID {amp_id}, expected {qid - 1}")
+        return hdu
+
+    def _read(self, qid: int, index: int, what: str, rows: slice | None) -> npt.NDArray[np.number]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", AstropyWarning)
+                hdu = self._hdu(qid, index, what)
+                array = hdu.data if rows is None else hdu.section[rows, :]
+        except QuadrantReadError:
+            raise
+        except _READ_ERRORS as err:
+            raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) unreadable: {err}") from err
+        if array is None or np.ndim(array) != 2:
+            raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) holds no 2-D image")
+        if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+            raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) has data type {array.dtype}")
+        return _read_only(np.asarray(array))
+
+    def data(self, qid: int) -> npt.NDArray[np.number]:
+        """Quadrant ``qid``'s pixels (HDU qid), as stored."""
+        return self._read(qid, qid, "data", None)
+
+    def data_rows(self, qid: int, start: int, stop: int) -> npt.NDArray[np.number]:
+        """Stored rows [start, stop) of quadrant ``qid``; only their compressed tiles are decoded."""
+        return self._read(qid, qid, "data", slice(start, stop))
+
+    def overscan(self, qid: int) -> npt.NDArray[np.number]:
+        """Quadrant ``qid``'s overscan (HDU qid + 4), as stored: (rows, 30)."""
+        overscan = self._read(qid, qid + 4, "overscan", None)
+        if overscan.shape[1] != OVERSCAN_COLUMNS:
+            raise QuadrantReadError(self.path, qid, f"overscan of shape {overscan.shape}: expected {OVERSCAN_COLUMNS} columns")
+        return overscan
+
+    def data_shape(self, qid: int) -> tuple[int, int]:
+        """(rows, columns) of quadrant ``qid`` from its header, without decoding pixels."""
+        try:
+            header = self._hdu(qid, qid, "data").header
+            return (int(header["NAXIS2"]), int(header["NAXIS1"]))
+        except QuadrantReadError:
+            raise
+        except _READ_ERRORS as err:
+            raise QuadrantReadError(self.path, qid, f"HDU {qid} (data) header unreadable: {err}") from err
+
+    def amplifier(self, qid: int) -> tuple[float | None, float | None]:
+        """(GAIN e-/ADU, READNOI e-) of quadrant ``qid`` from its extension header, None if absent."""
+        try:
+            header = self._hdu(qid, qid, "data").header
+        except _READ_ERRORS as err:
+            raise QuadrantReadError(self.path, qid, f"HDU {qid} (data) header unreadable: {err}") from err
+        return _header_float(header, "GAIN"), _header_float(header, "READNOI")
+
+    def quadrant(self, qid: int) -> RawQuadrant:
+        """Quadrant ``qid``: data, overscan and amplifier values, checked for matching rows."""
+        data = self.data(qid)
+        overscan = self.overscan(qid)
+        if overscan.shape[0] != data.shape[0]:
+            raise QuadrantReadError(self.path, qid, f"data {data.shape} and overscan {overscan.shape} rows differ")
+        gain, read_noise = self.amplifier(qid)
+        return RawQuadrant(qid=qid, data=data, overscan=overscan, gain=gain, read_noise=read_noise)
+
+
+@contextmanager
+def open_raw(path: str | os.PathLike[str]) -> Iterator[RawFile]:
+    """Open a raw CCD file for reading; RawFileError if it cannot be opened at all."""
+    name = os.fspath(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AstropyWarning)
+            hdul = fits.open(name, memmap=False, lazy_load_hdus=True)
+            _ = hdul[0].header
+    except FileNotFoundError:
+        raise RawFileError(name, "no such file") from None
+    except _READ_ERRORS as err:
+        raise RawFileError(name, f"not a readable FITS file: {err}") from err
+    try:
+        yield RawFile(name, hdul)
+    finally:
+        hdul.close()
+
+
+def read_raw_quadrant(path: str | os.PathLike[str], qid: int) -> RawQuadrant:
+    """Quadrant ``qid`` of a raw CCD file: see :meth:`RawFile.quadrant`."""
+    with open_raw(path) as raw:
+        return raw.quadrant(qid)
+
+
+def read_primary_header(path: str | os.PathLike[str]) -> fits.Header:
+    """The primary header of a raw file (a copy, usable after the file is closed)."""
+    with open_raw(path) as raw:
+        return raw.primary_header.copy()
