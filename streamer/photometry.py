@@ -1,0 +1,324 @@
+"""Aperture photometry at catalogue positions: arrays in, arrays out, no files.
+
+Units: image and background in ADU (detrended), variance in ADU^2, positions in pixels
+(0-based, ``x`` = column, ``y`` = row, pixel centres at integers), radii in pixels, sky
+positions in degrees.
+
+Flags per source and radius (``Apertures.flags``): the low byte is sep's own flags
+(``sep.APER_TRUNC`` etc.); above it:
+
+- ``FLAG_MASKED``: a rejected pixel (``mask & reject_bits``) overlaps the aperture;
+- ``FLAG_EDGE``: the aperture comes closer than ``edge_margin_px`` to the image edge
+  (or crosses it);
+- ``FLAG_NONFINITE``: the sum or its error is not finite.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import sep
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+
+from . import geometry
+from .errors import StreamerError
+
+FLAG_MASKED: Final = 1 << 8
+FLAG_EDGE: Final = 1 << 9
+FLAG_NONFINITE: Final = 1 << 10
+
+FloatArray = npt.NDArray[np.floating]
+_BLOCK: Final = 8  # side of the blocks of the coarse "any rejected pixel here" map
+
+
+class NoCcdWcsError(StreamerError):
+    """No quadrant of the CCD has a usable IPAC header: the file cannot be measured (blocked)."""
+
+
+@dataclass(frozen=True)
+class QuadrantWcs:
+    """The WCS of one quadrant and the quadrant whose IPAC header it came from."""
+
+    wcs: WCS
+    from_qid: int
+
+
+@dataclass(frozen=True)
+class Apertures:
+    """Sums at every radius of every source: arrays of shape (n_sources, n_radii), plus per-source mask bits."""
+
+    flux: npt.NDArray[np.float64]
+    flux_err: npt.NDArray[np.float64]
+    flags: npt.NDArray[np.int32]
+    mask_bits: npt.NDArray[np.int32]
+    """OR of the rejected mask bits on pixels whose centre lies within the largest radius + 0.5 px."""
+
+
+# --- WCS ----------------------------------------------------------------------------------------
+
+
+def wcs_from_header(header: fits.Header) -> WCS:
+    """The celestial WCS of an IPAC sciimg header (TPV distortion included).
+
+    Raises ValueError when the header holds no usable celestial WCS.
+    """
+    try:
+        with warnings.catch_warnings():
+            # astropy reports its own harmless fixes of legacy keywords (RADECSYS, MJD-OBS ...).
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(header, naxis=2)
+    except (ValueError, KeyError, MemoryError) as err:
+        raise ValueError(f"no usable WCS in header: {err}") from err
+    if not wcs.has_celestial:
+        raise ValueError("no celestial WCS in header (CTYPE1/CTYPE2 missing)")
+    return wcs
+
+
+def shifted_header(
+    header: fits.Header, from_qid: int, to_qid: int, shape: tuple[int, int] = geometry.QUADRANT_SHAPE
+) -> fits.Header:
+    """A copy of quadrant ``from_qid``'s header whose WCS applies to quadrant ``to_qid``'s grid.
+
+    The quadrants differ by a translation (see :mod:`streamer.geometry`), so only CRPIX moves;
+    the distortion polynomial of a TPV WCS acts after CRPIX and extends across the CCD.
+    """
+    dx, dy = geometry.shift_between(from_qid, to_qid, shape)
+    shifted = header.copy()
+    shifted["CRPIX1"] = float(header["CRPIX1"]) - dx
+    shifted["CRPIX2"] = float(header["CRPIX2"]) - dy
+    return shifted
+
+
+def quadrant_wcs(
+    headers: Mapping[int, fits.Header | None], shape: tuple[int, int] = geometry.QUADRANT_SHAPE
+) -> dict[int, QuadrantWcs]:
+    """The WCS of quadrants 1-4 of one CCD, from their own headers or the nearest sibling's.
+
+    ``headers`` maps qid to its IPAC sciimg header, or None when missing; ``shape`` is a
+    quadrant's (rows, columns). A header whose WCS
+    cannot be built counts as missing. Raises :class:`NoCcdWcsError` when no quadrant has one.
+    """
+    own: dict[int, tuple[fits.Header, WCS]] = {}
+    problems: list[str] = []
+    for qid in (1, 2, 3, 4):
+        header = headers.get(qid)
+        if header is None:
+            problems.append(f"q{qid}: no header")
+            continue
+        try:
+            own[qid] = (header, wcs_from_header(header))
+        except (ValueError, KeyError) as err:
+            problems.append(f"q{qid}: {err}")
+    if not own:
+        raise NoCcdWcsError("no quadrant of the CCD has a usable IPAC header (" + "; ".join(problems) + ")")
+    result: dict[int, QuadrantWcs] = {}
+    for qid in (1, 2, 3, 4):
+        if qid in own:
+            result[qid] = QuadrantWcs(own[qid][1], qid)
+            continue
+        sibling = next(q for q in geometry.siblings_by_distance(qid) if q in own)
+        result[qid] = QuadrantWcs(wcs_from_header(shifted_header(own[sibling][0], sibling, qid, shape)), sibling)
+    return result
+
+
+def sky_to_pixel(wcs: WCS, ra: FloatArray, dec: FloatArray) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """0-based pixel (x, y) of sky positions in degrees; NaN where the WCS cannot invert."""
+    ra = np.asarray(ra, dtype=np.float64)
+    dec = np.asarray(dec, dtype=np.float64)
+    if ra.size == 0:
+        return np.empty(0), np.empty(0)
+    with np.errstate(invalid="ignore"):
+        x, y = wcs.world_to_pixel_values(ra, dec)
+    return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+
+def boundary_pixels(shape: tuple[int, int], n_per_side: int = 16) -> tuple[FloatArray, FloatArray]:
+    """(x, y) of points along the outer edge of an image of ``shape`` (rows, columns)."""
+    ny, nx = shape
+    t = np.linspace(0.0, 1.0, n_per_side, endpoint=False)
+    left, right, bottom, top = -0.5, nx - 0.5, -0.5, ny - 0.5
+    x = np.concatenate([left + t * (right - left), np.full_like(t, right), right - t * (right - left), np.full_like(t, left)])
+    y = np.concatenate([np.full_like(t, bottom), bottom + t * (top - bottom), np.full_like(t, top), top - t * (top - bottom)])
+    return x, y
+
+
+def on_image(x: FloatArray, y: FloatArray, shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
+    """True where a position's centre falls on a pixel of the image (NaN: False)."""
+    ny, nx = shape
+    with np.errstate(invalid="ignore"):
+        return (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
+
+
+# --- isolation ----------------------------------------------------------------------------------
+
+
+def unit_vectors(ra: FloatArray, dec: FloatArray) -> npt.NDArray[np.float64]:
+    """(n, 3) unit vectors of sky positions in degrees."""
+    ra_r = np.radians(np.asarray(ra, dtype=np.float64))
+    dec_r = np.radians(np.asarray(dec, dtype=np.float64))
+    cos_dec = np.cos(dec_r)
+    return np.column_stack([cos_dec * np.cos(ra_r), cos_dec * np.sin(ra_r), np.sin(dec_r)])
+
+
+def isolated(ra: FloatArray, dec: FloatArray, radius_arcsec: float) -> npt.NDArray[np.bool_]:
+    """True for each source with no other source of the list within ``radius_arcsec`` (inclusive)."""
+    from scipy.spatial import cKDTree
+
+    n = np.asarray(ra).size
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    vectors = unit_vectors(ra, dec)
+    chord = 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
+    tree = cKDTree(vectors)
+    counts = tree.query_ball_point(vectors, r=chord * (1 + 1e-12), return_length=True)
+    return np.asarray(counts) <= 1
+
+
+# --- apertures ----------------------------------------------------------------------------------
+
+
+def _block_any(rejected: npt.NDArray[np.bool_]) -> npt.NDArray[np.int32]:
+    """Summed-area table of a coarse map: 1 where a block of _BLOCK x _BLOCK pixels holds a rejected pixel."""
+    ny, nx = rejected.shape
+    by, bx = -(-ny // _BLOCK), -(-nx // _BLOCK)
+    padded = rejected
+    if (by * _BLOCK, bx * _BLOCK) != rejected.shape:
+        padded = np.zeros((by * _BLOCK, bx * _BLOCK), dtype=bool)
+        padded[:ny, :nx] = rejected
+    coarse = padded.reshape(by, _BLOCK, bx, _BLOCK).any(axis=(1, 3))
+    table = np.zeros((by + 1, bx + 1), dtype=np.int32)
+    np.cumsum(np.cumsum(coarse, axis=0, dtype=np.int32), axis=1, out=table[1:, 1:])
+    return table
+
+
+def _may_touch_rejected(table: npt.NDArray[np.int32], x: FloatArray, y: FloatArray, radius: float) -> npt.NDArray[np.bool_]:
+    """False where no rejected pixel can overlap the circle (its bounding box covers no flagged block)."""
+    by, bx = table.shape[0] - 1, table.shape[1] - 1
+    x0 = np.clip(np.floor((x - radius + 0.5) / _BLOCK).astype(np.int64), 0, bx - 1)
+    x1 = np.clip(np.floor((x + radius + 0.5) / _BLOCK).astype(np.int64), 0, bx - 1) + 1
+    y0 = np.clip(np.floor((y - radius + 0.5) / _BLOCK).astype(np.int64), 0, by - 1)
+    y1 = np.clip(np.floor((y + radius + 0.5) / _BLOCK).astype(np.int64), 0, by - 1) + 1
+    count = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+    return count > 0
+
+
+def _mask_bits_near(
+    rejected_bits: npt.NDArray[np.integer], x: FloatArray, y: FloatArray, radius: float
+) -> npt.NDArray[np.int32]:
+    """OR of ``rejected_bits`` over pixels whose centre is within ``radius + 0.5`` of each position."""
+    ny, nx = rejected_bits.shape
+    reach = radius + 0.5
+    out = np.zeros(len(x), dtype=np.int32)
+    for i, (xc, yc) in enumerate(zip(x, y, strict=True)):
+        i0, i1 = max(int(np.floor(yc - reach)), 0), min(int(np.ceil(yc + reach)) + 1, ny)
+        j0, j1 = max(int(np.floor(xc - reach)), 0), min(int(np.ceil(xc + reach)) + 1, nx)
+        if i0 >= i1 or j0 >= j1:
+            continue
+        rows = np.arange(i0, i1)[:, None]
+        cols = np.arange(j0, j1)[None, :]
+        inside = (rows - yc) ** 2 + (cols - xc) ** 2 <= reach**2
+        out[i] = int(np.bitwise_or.reduce(rejected_bits[i0:i1, j0:j1][inside], initial=0))
+    return out
+
+
+def measure_apertures(
+    image: FloatArray,
+    variance: FloatArray,
+    mask: npt.NDArray[np.integer],
+    reject_bits: int,
+    x: FloatArray,
+    y: FloatArray,
+    radii: Sequence[float],
+    *,
+    background_box: tuple[int, int] = (192, 220),
+    edge_margin_px: float = 0.0,
+) -> Apertures:
+    """Background-subtracted circular-aperture sums with errors and flags.
+
+    The background is one sep.Background map (boxes ``background_box`` = (width, height)) with
+    rejected pixels and a disc of the largest radius around every position masked. Every radius
+    of every position is summed in one ``sep.sum_circle`` call (exact overlap), with errors from
+    ``variance``. Non-finite pixels count as rejected and contribute zero. The inputs are not
+    modified.
+    """
+    image = np.asarray(image)
+    variance = np.asarray(variance)
+    mask = np.asarray(mask)
+    if image.ndim != 2 or variance.shape != image.shape or mask.shape != image.shape:
+        raise ValueError(
+            f"image {image.shape}, variance {variance.shape}, mask {mask.shape}: expected three arrays of one 2-d shape"
+        )
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"mask dtype {mask.dtype}: expected an integer bit mask")
+    radii_arr = np.asarray(radii, dtype=np.float64)
+    if radii_arr.ndim != 1 or radii_arr.size == 0 or not np.all(radii_arr > 0):
+        raise ValueError(f"radii {radii!r}: expected a non-empty list of positive radii")
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x {x.shape}, y {y.shape}: expected two 1-d arrays of one length")
+    if not np.all(np.isfinite(x) & np.isfinite(y)):
+        raise ValueError("x, y: positions must be finite (drop sources off the image first)")
+    n, k = x.size, radii_arr.size
+    r_max = float(radii_arr.max())
+
+    rejected_bits = mask & np.asarray(reject_bits, dtype=mask.dtype)
+    rejected = rejected_bits != 0
+
+    work = np.array(image, dtype=np.float32, copy=True)
+    var = np.asarray(variance, dtype=np.float32)
+    nonfinite = ~(np.isfinite(work) & np.isfinite(var))
+    if nonfinite.any():
+        work[nonfinite] = 0.0
+        var = np.where(nonfinite, np.float32(0.0), var)
+        rejected |= nonfinite
+
+    background_mask = rejected.copy()
+    if n:
+        sep.mask_ellipse(background_mask, x, y, r_max, r_max, 0.0)
+    bw, bh = background_box
+    background = sep.Background(work, mask=background_mask, bw=int(bw), bh=int(bh))
+    background.subfrom(work)
+
+    flux = np.zeros((n, k), dtype=np.float64)
+    flux_err = np.zeros((n, k), dtype=np.float64)
+    flags = np.zeros((n, k), dtype=np.int32)
+    mask_bits = np.zeros(n, dtype=np.int32)
+    if n == 0:
+        return Apertures(flux, flux_err, flags, mask_bits)
+
+    x_flat = np.repeat(x, k)
+    y_flat = np.repeat(y, k)
+    r_flat = np.tile(radii_arr, n)
+    total, total_err, sep_flags = sep.sum_circle(work, x_flat, y_flat, r_flat, var=var, subpix=0)
+    flux[:] = total.reshape(n, k)
+    flux_err[:] = total_err.reshape(n, k)
+    flags[:] = sep_flags.reshape(n, k)
+
+    # Rejected pixels are rare: a coarse map rules most sources out; the rest get exact overlaps.
+    candidates = np.flatnonzero(_may_touch_rejected(_block_any(rejected), x, y, r_max))
+    if candidates.size:
+        rejected_u8 = rejected.view(np.uint8)
+        counts, _, _ = sep.sum_circle(
+            rejected_u8, np.repeat(x[candidates], k), np.repeat(y[candidates], k), np.tile(radii_arr, candidates.size), subpix=0
+        )
+        touched = counts.reshape(candidates.size, k) > 0
+        flags[candidates] |= np.where(touched, FLAG_MASKED, 0).astype(np.int32)
+        hit = candidates[touched.any(axis=1)]
+        if hit.size:
+            mask_bits[hit] = _mask_bits_near(rejected_bits, x[hit], y[hit], r_max)
+
+    ny, nx = image.shape
+    reach = radii_arr[None, :] + edge_margin_px
+    near_edge = (
+        (x[:, None] - reach < -0.5) | (x[:, None] + reach > nx - 0.5) | (y[:, None] - reach < -0.5) | (y[:, None] + reach > ny - 0.5)
+    )
+    flags |= np.where(near_edge, FLAG_EDGE, 0).astype(np.int32)
+    flags |= np.where(np.isfinite(flux) & np.isfinite(flux_err), 0, FLAG_NONFINITE).astype(np.int32)
+    return Apertures(flux, flux_err, flags, mask_bits)

@@ -1,0 +1,256 @@
+"""Product formats: the aperture catalogue (apcat) and optional detrended quadrant images.
+
+Layout under ``<storage.root>``, one apcat per raw CCD file::
+
+    apcat/YYYY/MMDD/ztf_<filefracday>_<field:06d>_<filtercode>_c<ccdid:02d>_o_apcat.parquet
+    detrended/YYYY/MMDD/ztf_<filefracday>_<field:06d>_<filtercode>_c<ccdid:02d>_o_q<qid>_detrended.fits.fz
+
+(``YYYY`` and ``MMDD`` from ``filefracday``). The apcat holds one row per catalogue source
+measured on a quadrant, ordered by (qid, source_id); its columns are ``APCAT_BASE_COLUMNS``,
+then ``f_k, f_k_e, f_k_f, r_k`` for each radius index k (0-based, in the order of the
+configured radii), then ``EXPOSURE_COLUMNS`` and ``MASK_COLUMNS``:
+
+- ``x, y``: 0-based pixel position on the quadrant's IPAC grid (the raw HDU grid);
+- ``f_k``, ``f_k_e``: background-subtracted sum and its error in ADU (detrended, no
+  aperture correction); ``f_k_f``: flags (see :mod:`streamer.photometry`); ``r_k``: radius, px;
+- ``isolated``: no other catalogue source within ``photometry.isolation_arcsec``;
+- ``mask_bits``: OR of the rejected mask bits on pixels within the largest radius;
+- ``ipac_mask``: False when the quadrant's IPAC mask was missing and only our own mask was used;
+- ``wcs_from_qid``: the quadrant whose IPAC header gave the WCS (differs from ``qid`` when
+  the quadrant's own header was missing).
+
+Provenance (masters and their nights, configuration hash, package versions, radii) is in
+the parquet key-value metadata under ``b"streamer"`` (JSON) and the radii also under
+``b"radii"``; the rows carry none of it, so two runs over the same data give identical rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.parquet as pq
+from astropy.io import fits
+
+from .archive.naming import RawName, rcid_of
+from .photometry import Apertures
+
+APCAT_BASE_COLUMNS: Final = (
+    "source_id", "ra", "dec", "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "x", "y", "isolated",
+)  # fmt: skip
+EXPOSURE_COLUMNS: Final = ("filefracday", "expid", "field", "filtercode", "ccdid", "qid", "rcid", "obsjd")
+MASK_COLUMNS: Final = ("mask_bits", "ipac_mask", "wcs_from_qid")
+VERSIONED_PACKAGES: Final = ("ztf-streamer", "numpy", "astropy", "sep", "pyarrow", "astropy-healpix", "scipy")
+TEMPORARY_SUFFIX: Final = ".tmp"
+
+
+@dataclass(frozen=True)
+class ExposureInfo:
+    """What the apcat rows say about the exposure they come from."""
+
+    filefracday: str
+    expid: int
+    field: int
+    filtercode: str
+    ccdid: int
+    obsjd: float
+
+
+@dataclass(frozen=True)
+class QuadrantRows:
+    """The measured catalogue sources of one quadrant."""
+
+    qid: int
+    source_id: npt.NDArray[np.int64]
+    ra: npt.NDArray[np.float64]
+    dec: npt.NDArray[np.float64]
+    mags: Mapping[str, npt.NDArray[np.float32]]
+    x: npt.NDArray[np.float64]
+    y: npt.NDArray[np.float64]
+    isolated: npt.NDArray[np.bool_]
+    apertures: Apertures
+    ipac_mask: bool
+    wcs_from_qid: int
+
+    def __len__(self) -> int:
+        return int(self.source_id.size)
+
+
+def apcat_relpath(raw: RawName) -> str:
+    """Path of a raw file's aperture catalogue below the storage root."""
+    ffd = raw.filefracday
+    return f"apcat/{ffd[0:4]}/{ffd[4:8]}/ztf_{ffd}_{raw.field:06d}_{raw.filtercode}_c{raw.ccdid:02d}_o_apcat.parquet"
+
+
+def detrended_relpath(raw: RawName, qid: int) -> str:
+    """Path of a detrended quadrant image below the storage root."""
+    ffd = raw.filefracday
+    return (
+        f"detrended/{ffd[0:4]}/{ffd[4:8]}/"
+        f"ztf_{ffd}_{raw.field:06d}_{raw.filtercode}_c{raw.ccdid:02d}_o_q{qid}_detrended.fits.fz"
+    )
+
+
+def apcat_schema(n_radii: int) -> pa.Schema:
+    """The apcat columns and types for ``n_radii`` radii."""
+    fields = [
+        pa.field("source_id", pa.int64()),
+        pa.field("ra", pa.float64()),
+        pa.field("dec", pa.float64()),
+        pa.field("phot_g_mean_mag", pa.float32()),
+        pa.field("phot_bp_mean_mag", pa.float32()),
+        pa.field("phot_rp_mean_mag", pa.float32()),
+        pa.field("x", pa.float64()),
+        pa.field("y", pa.float64()),
+        pa.field("isolated", pa.bool_()),
+    ]
+    for k in range(n_radii):
+        fields += [
+            pa.field(f"f_{k}", pa.float64()),
+            pa.field(f"f_{k}_e", pa.float64()),
+            pa.field(f"f_{k}_f", pa.int32()),
+            pa.field(f"r_{k}", pa.float32()),
+        ]
+    fields += [
+        pa.field("filefracday", pa.int64()),
+        pa.field("expid", pa.int64()),
+        pa.field("field", pa.int32()),
+        pa.field("filtercode", pa.string()),
+        pa.field("ccdid", pa.int8()),
+        pa.field("qid", pa.int8()),
+        pa.field("rcid", pa.int16()),
+        pa.field("obsjd", pa.float64()),
+        pa.field("mask_bits", pa.int32()),
+        pa.field("ipac_mask", pa.bool_()),
+        pa.field("wcs_from_qid", pa.int8()),
+    ]
+    return pa.schema(fields)
+
+
+def apcat_table(exposure: ExposureInfo, quadrants: Sequence[QuadrantRows], radii: Sequence[float]) -> pa.Table:
+    """The apcat rows of one raw CCD file, ordered by (qid, source_id)."""
+    n_radii = len(radii)
+    schema = apcat_schema(n_radii)
+    parts: dict[str, list[npt.NDArray[Any]]] = {name: [] for name in schema.names}
+    for quadrant in sorted(quadrants, key=lambda q: q.qid):
+        n = len(quadrant)
+        order = np.argsort(quadrant.source_id, kind="stable")
+        ap = quadrant.apertures
+        if ap.flux.shape != (n, n_radii):
+            raise ValueError(f"q{quadrant.qid}: fluxes of shape {ap.flux.shape}, expected ({n}, {n_radii})")
+        columns: dict[str, npt.NDArray[Any]] = {
+            "source_id": quadrant.source_id,
+            "ra": quadrant.ra,
+            "dec": quadrant.dec,
+            "phot_g_mean_mag": quadrant.mags["phot_g_mean_mag"],
+            "phot_bp_mean_mag": quadrant.mags["phot_bp_mean_mag"],
+            "phot_rp_mean_mag": quadrant.mags["phot_rp_mean_mag"],
+            "x": quadrant.x,
+            "y": quadrant.y,
+            "isolated": quadrant.isolated,
+            "mask_bits": ap.mask_bits,
+        }
+        for k, radius in enumerate(radii):
+            columns[f"f_{k}"] = ap.flux[:, k]
+            columns[f"f_{k}_e"] = ap.flux_err[:, k]
+            columns[f"f_{k}_f"] = ap.flags[:, k]
+            columns[f"r_{k}"] = np.full(n, radius)
+        constant = {
+            "filefracday": int(exposure.filefracday),
+            "expid": exposure.expid,
+            "field": exposure.field,
+            "ccdid": exposure.ccdid,
+            "qid": quadrant.qid,
+            "rcid": rcid_of(exposure.ccdid, quadrant.qid),
+            "obsjd": exposure.obsjd,
+            "ipac_mask": quadrant.ipac_mask,
+            "wcs_from_qid": quadrant.wcs_from_qid,
+        }
+        for name, value in constant.items():
+            columns[name] = np.full(n, value)
+        columns["filtercode"] = np.full(n, exposure.filtercode, dtype=object)
+        for name in schema.names:
+            parts[name].append(np.asarray(columns[name])[order])
+    arrays = [
+        pa.array(np.concatenate(parts[f.name]) if parts[f.name] else np.zeros(0, dtype=object), type=f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape the numbers."""
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_apcat(path: Path | str, table: pa.Table, radii: Sequence[float], provenance: Mapping[str, Any]) -> Path:
+    """Write an apcat atomically (temporary name, fsync, rename, fsync of the directory)."""
+    record = {"radii": [float(r) for r in radii], "packages": package_versions(), **provenance}
+    metadata = {
+        b"streamer": json.dumps(record, sort_keys=True, default=str).encode(),
+        b"radii": json.dumps([float(r) for r in radii]).encode(),
+    }
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    return write_atomically(Path(path), lambda handle: pq.write_table(table, handle, compression="zstd"))
+
+
+def write_atomically(path: Path, write: Any) -> Path:
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, then make it ``path`` durably.
+
+    The temporary name is ``.<name>.<pid>.tmp``: it never ends with the product's own suffix.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}"
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def write_detrended(
+    path: Path | str,
+    image: npt.NDArray[np.floating],
+    variance: npt.NDArray[np.floating],
+    mask: npt.NDArray[np.integer],
+    header: fits.Header,
+    quantize_step: float,
+) -> Path:
+    """A detrended quadrant: SCI and VAR Rice-compressed with the fixed quantisation step ``quantize_step``
+    (ADU and ADU^2, subtractive dither with a fixed seed, so reruns give the same bytes), MASK lossless."""
+    if quantize_step <= 0:
+        raise ValueError(f"quantize_step {quantize_step}: expected > 0")
+    options = {"compression_type": "RICE_1", "quantize_level": -quantize_step, "quantize_method": 1, "dither_seed": 1}
+    hdus = fits.HDUList(
+        [
+            fits.PrimaryHDU(header=header),
+            fits.CompImageHDU(np.asarray(image, dtype=np.float32), name="SCI", **options),
+            fits.CompImageHDU(np.asarray(variance, dtype=np.float32), name="VAR", **options),
+            fits.CompImageHDU(np.asarray(mask, dtype=np.int32), name="MASK", compression_type="RICE_1"),
+        ]
+    )
+    return write_atomically(Path(path), lambda handle: hdus.writeto(handle))
