@@ -269,11 +269,17 @@ class ArchiveClient:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.config.connect_timeout_s, sock_read=self.config.read_timeout_s
         )
+        # unsafe=True: also keep cookies of hosts given by IP address (a local mirror, the simulator).
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, read_bufsize=READ_BUFSIZE, auto_decompress=False
-        )
+            connector=connector, timeout=timeout, read_bufsize=READ_BUFSIZE, auto_decompress=False,
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+        )  # fmt: skip
         if self.credentials is not None:
-            await self.login()
+            try:
+                await self.login()
+            except BaseException:
+                await self.close()
+                raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

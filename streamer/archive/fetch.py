@@ -599,6 +599,8 @@ class Fetcher:
             raise TransientError("HTTP 416: the partial file does not match; starting over", status=416, outage_like=False)
         if status not in (200, 206):
             raise classify_status(status, response.reason or "", response.headers)
+        if "html" in response.headers.get("Content-Type", "").lower():
+            raise self._html_error()
         start = 0
         total = response.content_length
         if status == 206:
