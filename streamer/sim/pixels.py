@@ -1,0 +1,147 @@
+"""Pixel effects of one raw quadrant, in the physical order the camera applies them.
+
+Pure numpy: arrays and parameters in, arrays out. Units are ADU unless a name says ``_e`` (electrons).
+The order (see ``streamer.sim.generate`` for the full convention): linear signal -> Poisson noise ->
+nonlinearity -> bias (level + row drift + fixed structure) -> read noise -> trailing charge in the
+overscan -> saturation clip -> dead and hot columns -> rounding to uint16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from streamer.detrend.nonlinearity import uncorrect
+from streamer.detrend.readout import from_readout, to_readout
+
+SATURATION_RAW_ADU: Final = 60000.0
+FULL_WELL_ADU: Final = 150000.0
+POISSON_EXACT_BELOW_E: Final = 20.0
+TRAIL_FRACTION: Final = 0.01
+TRAIL_SCALE_COLUMNS: Final = 2.0
+UINT16_MAX: Final = 65535.0
+
+FloatImage = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Amplifier:
+    """The static properties of one CCD quadrant's amplifier and pixels."""
+
+    ccdid: int
+    qid: int
+    gain: float  # e-/ADU
+    read_noise_e: float
+    bias_level: float  # ADU
+    dead_columns: tuple[int, ...]
+    hot_columns: tuple[int, ...]
+    hot_excess: tuple[float, ...]  # ADU added to each hot column, in every frame
+
+    @property
+    def read_noise_adu(self) -> float:
+        return self.read_noise_e / self.gain
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Row-dependent bias drift shared by data and overscan, in readout row order, with zero mean over rows.
+
+    ``drift(r) = amplitude * sin(2 pi cycles t + phase) + slope * (t - 0.5) - mean``, ``t = (r + 0.5) / rows``.
+    """
+
+    amplitude: float
+    cycles: float
+    phase: float
+    slope: float
+
+    def rows(self, n_rows: int) -> npt.NDArray[np.float64]:
+        t = (np.arange(n_rows) + 0.5) / n_rows
+        values = self.amplitude * np.sin(2 * np.pi * self.cycles * t + self.phase) + self.slope * (t - 0.5)
+        return values - values.mean()
+
+
+@dataclass(frozen=True)
+class RawQuadrant:
+    data: npt.NDArray[np.uint16]
+    overscan: npt.NDArray[np.uint16]
+    saturated: npt.NDArray[np.bool_]
+
+
+def add_poisson_noise(signal: FloatImage, gain: float, rng: np.random.Generator) -> FloatImage:
+    """Signal with photon noise (electrons = ``signal * gain``): Gaussian of variance = mean above
+    ``POISSON_EXACT_BELOW_E`` electrons, exact Poisson below."""
+    electrons = signal * np.float32(gain)
+    noisy = rng.standard_normal(signal.shape, dtype=np.float32)
+    noisy *= np.sqrt(np.maximum(electrons, 0.0))
+    noisy += electrons
+    low = electrons < POISSON_EXACT_BELOW_E
+    if low.any():
+        noisy[low] = rng.poisson(np.maximum(electrons[low], 0.0)).astype(np.float32)
+    noisy /= np.float32(gain)
+    return noisy
+
+
+def trailing_charge(last_column_read: npt.NDArray[np.float32], overscan_columns: int) -> FloatImage:
+    """Charge in the overscan columns (readout order) trailing a row's last data pixel read."""
+    decay = TRAIL_FRACTION * np.exp(-np.arange(overscan_columns) / TRAIL_SCALE_COLUMNS)
+    return (last_column_read[:, None] * decay[None, :]).astype(np.float32)
+
+
+def raw_quadrant(
+    signal: FloatImage | None,
+    amp: Amplifier,
+    nonlinearity: tuple[float, float],
+    drift: Drift,
+    bias_structure: FloatImage,
+    overscan_columns: int,
+    rng_poisson: np.random.Generator,
+    rng_read: np.random.Generator,
+) -> RawQuadrant:
+    """The stored (IPAC grid) uint16 data and overscan of a quadrant whose true linear signal is ``signal``.
+
+    ``signal`` is None for a bias (zero signal, no photon noise).
+    """
+    rows, cols = bias_structure.shape
+    if signal is None:
+        measured = np.zeros((rows, cols), dtype=np.float32)
+    else:
+        noisy = add_poisson_noise(np.minimum(signal, np.float32(FULL_WELL_ADU)), amp.gain, rng_poisson)
+        measured = uncorrect(noisy, *nonlinearity).astype(np.float32)
+
+    drift_readout = drift.rows(rows)
+    drift_stored = drift_readout[::-1] if amp.qid in (3, 4) else drift_readout
+    bias_rows = (amp.bias_level + drift_stored).astype(np.float32)[:, None]
+
+    bias_part = rng_read.standard_normal((rows, cols), dtype=np.float32)
+    bias_part *= np.float32(amp.read_noise_adu)
+    bias_part += bias_rows
+    bias_part += bias_structure
+    overscan = rng_read.standard_normal((rows, overscan_columns), dtype=np.float32)
+    overscan *= np.float32(amp.read_noise_adu)
+    overscan += bias_rows
+
+    last_read = np.ascontiguousarray(to_readout(measured, amp.qid)[:, -1])
+    overscan += from_readout(trailing_charge(last_read, overscan_columns), amp.qid)
+
+    data = measured
+    data += bias_part
+    saturated = data >= SATURATION_RAW_ADU
+    np.minimum(data, np.float32(SATURATION_RAW_ADU), out=data)
+    np.minimum(overscan, np.float32(SATURATION_RAW_ADU), out=overscan)
+
+    for column in amp.dead_columns:
+        data[:, column] = bias_part[:, column]
+        saturated[:, column] = False
+    for column, excess in zip(amp.hot_columns, amp.hot_excess):
+        data[:, column] += np.float32(excess)
+
+    return RawQuadrant(_to_uint16(data), _to_uint16(overscan), saturated)
+
+
+def _to_uint16(values: FloatImage) -> npt.NDArray[np.uint16]:
+    np.rint(values, out=values)
+    np.clip(values, 0.0, UINT16_MAX, out=values)
+    return values.astype(np.uint16)
