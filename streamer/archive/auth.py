@@ -1,0 +1,148 @@
+"""IRSA login (JOSSO): credentials that never leak, and a session cookie checked for real.
+
+The password is read from an environment variable or from a file that only its
+owner can read, travels only in the body of a POST form (never in a URL that an
+exception or a log line could print), and is scrubbed from any error text that
+passes through :func:`safe_error_text`. A login succeeds only when the server
+sets a ``JOSSO_SESSIONID`` cookie: a wrong password also answers 200.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from urllib.parse import quote, quote_plus
+from dataclasses import dataclass, field
+from typing import Final
+
+import aiohttp
+from yarl import URL
+
+from ..config import AuthConfig
+from ..errors import StreamerError
+
+LOGIN_PATH: Final = "/account/signon/login.do"
+SESSION_COOKIE: Final = "JOSSO_SESSIONID"
+
+
+class AuthError(StreamerError):
+    """A login that cannot work: missing or unsafe password, or credentials the archive refuses."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """An IRSA account; the password never appears in repr, str or comparisons' output."""
+
+    username: str
+    password: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Credentials(username={self.username!r}, password=<hidden>)"
+
+    __str__ = __repr__
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the password (and its URL-encoded form) replaced by ``***``."""
+        if not self.password:
+            return text
+        for secret in {self.password, quote_plus(self.password), quote(self.password, safe="")}:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+
+def load_credentials(auth: AuthConfig, *, environ: dict[str, str] | None = None) -> Credentials:
+    """Read the password named by the configuration; refuse a file that group or others can read."""
+    env = os.environ if environ is None else environ
+    if auth.password_env is not None:
+        password = env.get(auth.password_env)
+        if not password:
+            raise AuthError(
+                f"IRSA login {auth.username!r}: environment variable {auth.password_env} "
+                "(archive.auth.password_env) is not set or empty"
+            )
+        return Credentials(auth.username, password)
+    if auth.password_file is None:
+        raise AuthError(f"IRSA login {auth.username!r}: set archive.auth.password_env or archive.auth.password_file")
+    path = auth.password_file
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise AuthError(
+            f"IRSA login {auth.username!r}: cannot open password file {path} "
+            f"(archive.auth.password_file): {err.strerror}"
+        ) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise AuthError(
+                f"IRSA login {auth.username!r}: password file {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}`"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            content = handle.read(4096)
+    finally:
+        os.close(fd)
+    password = content.decode("utf-8", errors="strict").strip("\r\n")
+    if not password:
+        raise AuthError(f"IRSA login {auth.username!r}: password file {path} is empty")
+    return Credentials(auth.username, password)
+
+
+def session_cookie(session: aiohttp.ClientSession, base_url: str) -> str | None:
+    """The JOSSO session id the cookie jar would send to the archive, if any."""
+    cookies = session.cookie_jar.filter_cookies(URL(base_url.rstrip("/") + "/"))
+    morsel = cookies.get(SESSION_COOKIE)
+    return morsel.value if morsel is not None and morsel.value else None
+
+
+async def login(session: aiohttp.ClientSession, base_url: str, credentials: Credentials, *, timeout_s: float = 60.0) -> None:
+    """Log in with a POST form; raise AuthError naming the login unless a session cookie comes back."""
+    url = base_url.rstrip("/") + LOGIN_PATH
+    form = {"josso_cmd": "login", "josso_username": credentials.username, "josso_password": credentials.password}
+    session.cookie_jar.clear(lambda morsel: morsel.key == SESSION_COOKIE)
+    try:
+        async with session.post(
+            url, data=form, allow_redirects=True, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as response:
+            status = response.status
+            await response.read()
+            # The cookie can arrive on a redirect hop: look in the jar, not only in this response.
+            got = session_cookie(session, base_url) or (
+                response.cookies[SESSION_COOKIE].value if SESSION_COOKIE in response.cookies else None
+            )
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise AuthError(
+            f"IRSA login {credentials.username!r} at {url}: request failed ({safe_error_text(err, credentials)})"
+        ) from None
+    if status >= 400:
+        raise AuthError(f"IRSA login {credentials.username!r} at {url}: HTTP {status}")
+    if not got:
+        raise AuthError(
+            f"IRSA login {credentials.username!r} refused: no {SESSION_COOKIE} cookie came back "
+            "(wrong username or password?)"
+        )
+    if SESSION_COOKIE not in {c.key for c in session.cookie_jar}:
+        session.cookie_jar.update_cookies({SESSION_COOKIE: got}, URL(base_url))
+
+
+def safe_error_text(err: BaseException, credentials: Credentials | None = None) -> str:
+    """A one-line description of an exception, without query strings or the password.
+
+    aiohttp puts the request URL into many exception messages; URLs are cut at
+    ``?`` here, so no query parameter (or password sent the old way) ever gets out.
+    """
+    text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    text = _strip_queries(text)
+    if credentials is not None:
+        text = credentials.scrub(text)
+    return text.replace("\n", " ")[:500]
+
+
+def _strip_queries(text: str) -> str:
+    out = []
+    for word in text.split(" "):
+        if "://" in word and "?" in word:
+            word = word.split("?", 1)[0] + "?…"
+        out.append(word)
+    return " ".join(out)

@@ -1,0 +1,306 @@
+"""What a night needs: exposures and wanted files, from the archive's search rows and the consumers.
+
+:func:`plan_from_rows` is pure (rows and settings in, a :class:`NightPlan` out);
+:func:`record_plan` writes it to the ledger in one transaction, idempotently (a
+second run changes nothing: ``want_file`` keeps a known file's state, and
+``upsert_exposure`` only fills in what was unknown); :func:`plan_night` does the
+searches and the ``ILUM_LED`` header reads, then both. The work graph (jobs) is
+built by the service from the exposures recorded here.
+
+What is wanted, per CCD of the night:
+
+- raw science frames, biases and flats, when processing is needed (some consumer keeps
+  ``apcat``, ``detrended`` or ``masters``, or there are no consumers) or a consumer
+  keeps ``raw``. The first ``detrend.bias_skip_first`` biases of each CCD (by obsjd) are
+  not used, and are recorded only when a consumer keeps them;
+- per science quadrant: the sciimg header (kind ``sciimg_header``, stored at
+  ``..._sciimg.header.fits``) and the mask (``mskimg``, stored compressed at
+  ``..._mskimg.fits.fz``) when photometry is needed or a consumer keeps them; the full
+  ``sciimg`` only when a consumer keeps it.
+
+``kept`` is set from :mod:`streamer.retention`. Files already on disk (downloaded or
+registered by ``reconcile``) keep their state and are not in ``to_download``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .archive.client import ArchiveClient, ArchiveError
+from .archive.fetch import header_relpath, mask_relpath, read_primary_header
+from .archive.naming import RawName, SciName
+from .archive.search import RAW_COLUMNS, SCI_COLUMNS, SearchError, search_night
+from .config import Config, ConsumerConfig
+from .errors import StreamerError
+from .ledger import Ledger
+from .retention import FileFacts, Footprint, is_kept
+
+log = logging.getLogger(__name__)
+
+PROCESSING_KINDS: Final = frozenset({"apcat", "detrended", "masters"})
+RAW_IMGTYPES: Final = ("object", "bias", "flat")
+
+
+class PlanError(StreamerError):
+    """A night that cannot be planned (search failure, unreadable flat header)."""
+
+
+@dataclass(frozen=True)
+class PlannedExposure:
+    """One row of ``exposures`` (a raw CCD file's exposure)."""
+
+    filefracday: str
+    ccdid: int
+    imgtypecode: str
+    imgtype: str
+    night: str
+    field: int
+    filtercode: str
+    expid: int | None
+    obsjd: float | None
+    exptime: float | None
+    led: int | None = None
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.filefracday, self.ccdid, self.imgtypecode)
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One row of ``files``: where it goes, where it comes from, and whether a consumer keeps it."""
+
+    relpath: str
+    kind: str
+    url: str
+    exposure: tuple[str, int, str]
+    qid: int | None
+    night: str
+    field: int
+    kept: bool
+    expected_size: int | None = None
+
+
+@dataclass(frozen=True)
+class NightPlan:
+    night: dt.date
+    exposures: tuple[PlannedExposure, ...]
+    files: tuple[PlannedFile, ...]
+    flats_without_led: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What recording a plan did: totals, and the ids of files to download now."""
+
+    night: str
+    exposures: int
+    files: int
+    to_download: tuple[int, ...]
+    on_disk: int
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+def needs_processing(consumers: Sequence[ConsumerConfig]) -> bool:
+    """Whether raws must be detrended at all (no consumers means the default: catalogues)."""
+    return not consumers or any(PROCESSING_KINDS & set(c.keep) for c in consumers)
+
+
+def needs_photometry(consumers: Sequence[ConsumerConfig]) -> bool:
+    return not consumers or any("apcat" in c.keep for c in consumers)
+
+
+def used_biases(rows: Sequence[dict[str, Any]], skip_first: int) -> set[tuple[str, int]]:
+    """(filefracday, ccdid) of the biases the master bias uses: each CCD's biases by obsjd, minus the first ``skip_first``."""
+    by_ccd: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["imgtype"] == "bias":
+            by_ccd[row["ccdid"]].append(row)
+    used = set()
+    for ccd_rows in by_ccd.values():
+        ordered = sorted(ccd_rows, key=lambda r: (r["obsjd"], r["filefracday"]))
+        used.update((r["filefracday"], r["ccdid"]) for r in ordered[skip_first:])
+    return used
+
+
+def footprint_of(row: dict[str, Any], shape: tuple[int, int] | None = None) -> Footprint:
+    """A quadrant footprint from a sci search row (``shape`` = (naxis2, naxis1), default full size)."""
+    extra = {} if shape is None else {"naxis2": shape[0], "naxis1": shape[1]}
+    return Footprint(
+        row["crval1"], row["crval2"], row["crpix1"], row["crpix2"], row["cd11"], row["cd12"], row["cd21"], row["cd22"],
+        **extra,
+    )  # fmt: skip
+
+
+def plan_from_rows(
+    night: dt.date,
+    ccds: Sequence[int],
+    raw_rows: Sequence[dict[str, Any]],
+    sci_rows: Sequence[dict[str, Any]],
+    consumers: Sequence[ConsumerConfig],
+    *,
+    base_url: str,
+    bias_skip_first: int,
+    leds: dict[str, int] | None = None,
+    quadrant_shape: tuple[int, int] | None = None,
+) -> NightPlan:
+    """The exposures and files a night needs (pure). ``leds``: ILUM_LED by flat filefracday."""
+    leds = leds or {}
+    night_text = night.isoformat()
+    prefix = night.strftime("%Y%m%d")
+    wanted_ccds = set(ccds)
+    processing = needs_processing(consumers)
+    photometry = needs_photometry(consumers)
+    biases = used_biases([r for r in raw_rows if r["ccdid"] in wanted_ccds], bias_skip_first)
+
+    footprints: dict[tuple[str, int], list[Footprint]] = defaultdict(list)
+    for row in sci_rows:
+        footprints[(row["filefracday"], row["ccdid"])].append(footprint_of(row, quadrant_shape))
+
+    exposures: dict[tuple[str, int, str], PlannedExposure] = {}
+    files: dict[str, PlannedFile] = {}
+    flats_without_led: set[str] = set()
+
+    for row in raw_rows:
+        if row["ccdid"] not in wanted_ccds or not row["filefracday"].startswith(prefix):
+            continue
+        if row["imgtype"] not in RAW_IMGTYPES:
+            continue
+        name = RawName(row["filefracday"], row["field"], row["filtercode"], row["ccdid"], row["imgtypecode"])
+        facts = FileFacts("raw", row["field"], night, tuple(footprints.get((name.filefracday, name.ccdid), ())))
+        kept = is_kept(consumers, facts)
+        used = row["imgtype"] != "bias" or (name.filefracday, name.ccdid) in biases
+        if not (kept or (processing and used)):
+            continue
+        led = leds.get(name.filefracday) if row["imgtype"] == "flat" else None
+        if row["imgtype"] == "flat" and led is None:
+            flats_without_led.add(name.filefracday)
+        exposure = PlannedExposure(
+            name.filefracday, name.ccdid, name.imgtypecode, row["imgtype"], night_text, row["field"],
+            row["filtercode"], row.get("expid"), row.get("obsjd"), row.get("exptime"), led,
+        )  # fmt: skip
+        exposures[exposure.key] = exposure
+        files[name.relpath] = PlannedFile(
+            name.relpath, "raw", name.url(base_url), exposure.key, None, night_text, row["field"], kept
+        )
+
+    for row in sci_rows:
+        if row["ccdid"] not in wanted_ccds or not row["filefracday"].startswith(prefix):
+            continue
+        sci = SciName(row["filefracday"], row["field"], row["filtercode"], row["ccdid"], row["qid"], "sciimg.fits")
+        mask = SciName(row["filefracday"], row["field"], row["filtercode"], row["ccdid"], row["qid"], "mskimg.fits")
+        key = (sci.filefracday, sci.ccdid, "o")
+        if key not in exposures:
+            exposures[key] = PlannedExposure(
+                sci.filefracday, sci.ccdid, "o", "object", night_text, row["field"], row["filtercode"],
+                row.get("expid"), row.get("obsjd"), row.get("exptime"),
+            )  # fmt: skip
+        footprint = (footprint_of(row, quadrant_shape),)
+        candidates = (
+            ("sciimg_header", header_relpath(sci.relpath), sci.url(base_url), photometry),
+            ("mskimg", mask_relpath(mask.relpath), mask.url(base_url), photometry),
+            ("sciimg", sci.relpath, sci.url(base_url), False),
+        )
+        for kind, relpath, url, needed in candidates:
+            kept = is_kept(consumers, FileFacts(kind, row["field"], night, footprint))
+            if kept or needed:
+                files[relpath] = PlannedFile(relpath, kind, url, key, row["qid"], night_text, row["field"], kept)
+
+    used_keys = {f.exposure for f in files.values()}
+    return NightPlan(
+        night,
+        tuple(e for k, e in sorted(exposures.items()) if k in used_keys),
+        tuple(files[k] for k in sorted(files)),
+        tuple(sorted(flats_without_led)),
+    )
+
+
+def record_plan(ledger: Ledger, plan: NightPlan) -> PlanSummary:
+    """Write a plan to the ledger in one transaction (idempotent); return what is left to download."""
+    by_kind: dict[str, int] = defaultdict(int)
+    with ledger.transaction() as conn:
+        exposure_ids = {}
+        for exposure in plan.exposures:
+            row = {k: getattr(exposure, k) for k in exposure.__dataclass_fields__}
+            exposure_ids[exposure.key] = ledger.upsert_exposure(conn, **row)
+        file_ids = []
+        for planned in plan.files:
+            file_ids.append(
+                ledger.want_file(
+                    conn, relpath=planned.relpath, kind=planned.kind, url=planned.url,
+                    exposure_id=exposure_ids[planned.exposure], qid=planned.qid, night=planned.night,
+                    field=planned.field, expected_size=planned.expected_size, kept=planned.kept,
+                )  # fmt: skip
+            )
+            by_kind[planned.kind] += 1
+        states = dict(
+            conn.execute(
+                f"SELECT id, state FROM files WHERE id IN ({', '.join('?' * len(file_ids))})", file_ids
+            ).fetchall()
+        ) if file_ids else {}  # fmt: skip
+    to_download = tuple(i for i in file_ids if states[i] in ("wanted", "reserved", "downloading", "corrupt"))
+    on_disk = sum(1 for i in file_ids if states[i] == "on_disk")
+    return PlanSummary(plan.night.isoformat(), len(plan.exposures), len(plan.files), to_download, on_disk, dict(by_kind))
+
+
+async def read_leds(
+    client: ArchiveClient, ledger: Ledger, raw_rows: Sequence[dict[str, Any]], ccds: Sequence[int]
+) -> dict[str, int]:
+    """ILUM_LED per flat exposure: known from the ledger, else read from one CCD file's primary header."""
+    leds: dict[str, int] = {}
+    flats: dict[str, dict[str, Any]] = {}
+    for row in raw_rows:
+        if row["imgtype"] == "flat" and row["ccdid"] in ccds:
+            flats.setdefault(row["filefracday"], row)
+    for ffd, row in sorted(flats.items()):
+        known = ledger.scalar(
+            "SELECT led FROM exposures WHERE filefracday = ? AND imgtypecode = 'f' AND led IS NOT NULL LIMIT 1", (ffd,)
+        )
+        if known is not None:
+            leds[ffd] = int(known)
+            continue
+        name = RawName(ffd, row["field"], row["filtercode"], row["ccdid"], "f")
+        try:
+            header = await read_primary_header(client, name.url(client.base_url))
+        except ArchiveError as err:
+            raise PlanError(f"flat {name.filename}: cannot read ILUM_LED from its header: {err.reason}") from None
+        if "ILUM_LED" not in header:
+            raise PlanError(f"flat {name.filename}: no ILUM_LED in its primary header")
+        leds[ffd] = int(header["ILUM_LED"])
+    return leds
+
+
+async def plan_night(
+    client: ArchiveClient,
+    ledger: Ledger,
+    config: Config,
+    night: dt.date,
+    ccds: Sequence[int],
+    *,
+    quadrant_shape: tuple[int, int] | None = None,
+) -> PlanSummary:
+    """Search the night, read the flats' LEDs, and record exposures and wanted files in the ledger."""
+    try:
+        raw_rows = await search_night(client, "raw", night, ccds, RAW_COLUMNS, imgtypes=RAW_IMGTYPES)
+        sci_rows = await search_night(client, "sci", night, ccds, SCI_COLUMNS)
+    except SearchError as err:
+        raise PlanError(f"night {night}: {err}") from None
+    leds = await read_leds(client, ledger, raw_rows, ccds)
+    plan = plan_from_rows(
+        night, ccds, raw_rows, sci_rows, config.consumers, base_url=client.base_url,
+        bias_skip_first=config.detrend.bias_skip_first, leds=leds, quadrant_shape=quadrant_shape,
+    )  # fmt: skip
+    summary = record_plan(ledger, plan)
+    log.info(
+        "night %s, CCDs %s: %d exposures, %d files (%d to download, %d on disk)",
+        night, ",".join(map(str, ccds)), summary.exposures, summary.files, len(summary.to_download), summary.on_disk,
+    )  # fmt: skip
+    if not raw_rows:
+        ledger.event("plan", f"night {night}: the archive lists no raw files for CCDs {list(ccds)}", level="warning")
+    return summary
+

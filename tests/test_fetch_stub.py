@@ -1,0 +1,205 @@
+"""Fetcher behaviour against a scripted stub archive: retries, resume, verification, refusals, headers, login."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from streamer.archive.auth import AuthError, Credentials
+from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
+from streamer.archive.fetch import Fetcher, read_stored_header
+from streamer.config import ArchiveConfig, StorageConfig
+from streamer.ledger import Ledger
+
+from archive_stub import Stub
+
+RAW = "raw/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o.fits.fz"
+SCI = "sci/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o_q3_sciimg.fits"
+MSK = "sci/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o_q3_mskimg.fits"
+
+
+def _raw_bytes(tmp: Path, seed: int = 1, shape: tuple[int, int] = (64, 48)) -> bytes:
+    rng = np.random.default_rng(seed)
+    hdus: list = [fits.PrimaryHDU(header=fits.Header({"IMGTYPE": "object", "ILUM_LED": 7}))]
+    hdus += [fits.CompImageHDU(rng.integers(0, 2**15, shape).astype(np.int32)) for _ in range(4)]
+    hdus += [fits.CompImageHDU(rng.integers(0, 300, (shape[0], 30)).astype(np.int32)) for _ in range(4)]
+    path = tmp / f"raw{seed}.fits"
+    fits.HDUList(hdus).writeto(path)
+    return path.read_bytes()
+
+
+def _sci_bytes(tmp: Path) -> bytes:
+    header = fits.Header()
+    for key, value in {"WCSAXES": 2, "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 10.0, "CRVAL2": 20.0,
+                       "CRPIX1": 100.0, "CRPIX2": 90.0, "CD1_1": -2.8e-4, "CD1_2": 1e-6, "CD2_1": 2e-6,
+                       "CD2_2": 2.8e-4}.items():  # fmt: skip
+        header[key] = value
+    for i in range(400):  # a long header, like IPAC's, spanning several blocks
+        header[f"HIST{i:04d}"] = i
+    path = tmp / "sci.fits"
+    fits.PrimaryHDU(np.zeros((3000, 2000), np.float32), header=header).writeto(path)
+    return path.read_bytes()
+
+
+def _mask_bytes(tmp: Path) -> bytes:
+    data = np.zeros((64, 48), np.int16)
+    data[5:9, 3] = 4
+    path = tmp / "msk.fits"
+    fits.PrimaryHDU(data).writeto(path, checksum=True)
+    return path.read_bytes()
+
+
+@pytest_asyncio.fixture
+async def stub(tmp_path: Path) -> AsyncIterator[tuple[Stub, str]]:
+    archive = Stub(files={RAW: _raw_bytes(tmp_path), SCI: _sci_bytes(tmp_path), MSK: _mask_bytes(tmp_path)})
+    server = TestServer(archive.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield archive, f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+def _setup(tmp_path: Path, base_url: str, *, budget: int = 10**9, **archive: object) -> tuple[ArchiveConfig, StorageConfig, Ledger]:
+    settings: dict[str, object] = {"max_attempts": 5, "min_rate_window_s": 1.0, "read_timeout_s": 5.0, **archive}
+    config = ArchiveConfig(base_url=base_url, **settings)  # type: ignore[arg-type]
+    storage = StorageConfig(root=tmp_path / "store", budget=budget)
+    storage.root.mkdir(exist_ok=True)
+    return config, storage, Ledger.open(tmp_path / "ledger.sqlite")
+
+
+def _client(config: ArchiveConfig, ledger: Ledger, credentials: Credentials | None = None) -> ArchiveClient:
+    policy = RetryPolicy(config.max_attempts, initial_s=0.01, max_s=0.05, rng=random.Random(3))
+    return ArchiveClient(config, credentials=credentials, policy=policy, gate=OutageGate(ledger=ledger, initial_delay_s=0.05))
+
+
+def _want(ledger: Ledger, base_url: str, relpath: str, kind: str, url_path: str | None = None) -> int:
+    with ledger.transaction() as conn:
+        return ledger.want_file(conn, relpath=relpath, kind=kind, url=f"{base_url}/ibe/data/ztf/products/{url_path or relpath}")
+
+
+@pytest.mark.asyncio
+async def test_faults_are_retried_and_counted(stub: tuple[Stub, str], tmp_path: Path) -> None:
+    archive, base = stub
+    archive.faults[RAW] = ["500", "truncate", "html", "garbage", "429"]
+    config, storage, ledger = _setup(tmp_path, base, max_attempts=8)
+    file_id = _want(ledger, base, RAW, "raw")
+    async with _client(config, ledger) as client:
+        outcome = await Fetcher(client, ledger, storage).fetch(file_id)
+    row = ledger.file(file_id)
+    assert outcome.state == "on_disk" and row["state"] == "on_disk"
+    assert (storage.root / RAW).read_bytes() == archive.files[RAW]
+    assert row["attempts"] == archive.requests[("GET", RAW)] == 6
+    assert row["disk_bytes"] >= row["actual_size"] == len(archive.files[RAW]) and row["reserved_bytes"] == 0
+    assert not list(storage.root.rglob("*.part"))
+    ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_truncated_transfer_resumes_with_range(stub: tuple[Stub, str], tmp_path: Path) -> None:
+    archive, base = stub
+    archive.faults[RAW] = ["reset"]
+    config, storage, ledger = _setup(tmp_path, base)
+    file_id = _want(ledger, base, RAW, "raw")
+    async with _client(config, ledger) as client:
+        assert (await Fetcher(client, ledger, storage).fetch(file_id)).state == "on_disk"
+    size = len(archive.files[RAW])
+    assert archive.bytes_sent[RAW] < 1.6 * size  # the second request only sent the rest
+    assert (storage.root / RAW).read_bytes() == archive.files[RAW]
+    ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_refused_file_ends_missing_with_status_and_retry_date(stub: tuple[Stub, str], tmp_path: Path) -> None:
+    archive, base = stub
+    archive.faults[RAW] = ["403"]
+    config, storage, ledger = _setup(tmp_path, base)
+    file_id = _want(ledger, base, RAW, "raw")
+    gone = _want(ledger, base, RAW.replace("431759", "431760"), "raw")
+    async with _client(config, ledger) as client:
+        fetcher = Fetcher(client, ledger, storage)
+        outcomes = await fetcher.fetch_all([file_id, gone])
+    assert {o.state for o in outcomes} == {"missing"}
+    row = ledger.file(file_id)
+    assert row["http_status"] == 403 and "403" in row["last_error"] and row["retry_at"] is not None
+    assert ledger.file(gone)["http_status"] == 404 and row["reserved_bytes"] == 0
+    assert fetcher.due_files(now=row["retry_at"] + 1) == [file_id, gone]
+    assert not list(storage.root.rglob("*.part"))
+    ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_stalled_transfer_is_aborted_and_retried(stub: tuple[Stub, str], tmp_path: Path) -> None:
+    archive, base = stub
+    archive.faults[RAW] = ["stall"]
+    config, storage, ledger = _setup(tmp_path, base, min_rate_bytes_per_s=10_000)
+    file_id = _want(ledger, base, RAW, "raw")
+    async with _client(config, ledger) as client:
+        outcome = await asyncio.wait_for(Fetcher(client, ledger, storage).fetch(file_id), 30)
+    assert outcome.state == "on_disk" and "stalled" in (ledger.rows("SELECT message FROM events") or [{}])[0].get("message", "stalled")
+    assert archive.requests[("GET", RAW)] == 2
+    ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_mask_is_stored_compressed_and_lossless(stub: tuple[Stub, str], tmp_path: Path) -> None:
+    archive, base = stub
+    config, storage, ledger = _setup(tmp_path, base)
+    file_id = _want(ledger, base, MSK + ".fz", "mskimg", url_path=MSK)
+    async with _client(config, ledger) as client:
+        assert (await Fetcher(client, ledger, storage).fetch(file_id)).state == "on_disk"
+    with fits.open(storage.root / (MSK + ".fz")) as stored, fits.open(tmp_path / "msk.fits") as served:
+        assert stored[1].data.dtype.kind == "i" and np.array_equal(stored[1].data, served[0].data)
+    ledger.close()
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+@pytest.mark.asyncio
+async def test_header_only_fetch(stub: tuple[Stub, str], tmp_path: Path, honour_range: bool) -> None:
+    archive, base = stub
+    archive.honour_range = honour_range
+    config, storage, ledger = _setup(tmp_path, base)
+    relpath = SCI.replace("_sciimg.fits", "_sciimg.header.fits")
+    file_id = _want(ledger, base, relpath, "sciimg_header", url_path=SCI)
+    async with _client(config, ledger) as client:
+        outcome = await Fetcher(client, ledger, storage).fetch(file_id)
+    assert outcome.state == "on_disk" and outcome.bytes_transferred < 64 * 1024
+    assert archive.bytes_sent[SCI] < len(archive.files[SCI]) / 2  # the transfer stopped early
+    header = read_stored_header(storage.root / relpath)
+    full = fits.getheader(tmp_path / "sci.fits")
+    assert WCS(header).to_header_string() == WCS(full).to_header_string()
+    assert (header["NAXIS1"], header["NAXIS2"]) == (2000, 3000)
+    ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_login_and_wrong_password(stub: tuple[Stub, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    archive, base = stub
+    archive.password = "correct horse"
+    config, storage, ledger = _setup(tmp_path, base)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(AuthError, match="'ann'.*JOSSO_SESSIONID") as info:
+        async with _client(config, ledger, Credentials("ann", "wrong one")):
+            pass
+    assert "wrong one" not in str(info.value)
+    file_id = _want(ledger, base, RAW, "raw")
+    archive.faults[RAW] = ["html"]  # an expired session: log in again once, then retry
+    async with _client(config, ledger, Credentials("ann", "correct horse")) as client:
+        assert (await Fetcher(client, ledger, storage).fetch(file_id)).state == "on_disk"
+    assert archive.logins == 3
+    dump = "\n".join(str(r) for r in ledger.rows("SELECT * FROM files")) + "\n".join(
+        str(r) for r in ledger.rows("SELECT * FROM events")
+    )
+    for text in (caplog.text, dump):
+        assert "correct horse" not in text and "wrong one" not in text
+    ledger.close()
