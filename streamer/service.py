@@ -35,7 +35,7 @@ from typing import Any
 from . import __version__, tasks
 from .config import Config, format_size
 from .errors import StreamerError
-from .evict import Watermarks, bytes_to_free, choose_victims, delete_files, recover_deletions
+from .evict import Watermarks, bytes_to_free, choose_victims, delete_files, recover_deletions, unlink_below
 from .executor import BrokenProcessPool, Executor, WorkerLost, make_executor
 from .budget import check_budget
 from .graph import build_night_graph
@@ -453,12 +453,17 @@ class Service:
                 self.ledger.set_job_state(conn, job["id"], "blocked", error=verdict.reason, finished=time.time())
                 conn.execute("DELETE FROM pins WHERE job_id = ?", (job["id"],))
                 self.ledger.event("blocked", f"{job['key']}: {verdict.reason}", level="warning", job_id=job["id"], conn=conn)
-            elif verdict.kind == "refetch" and verdict.relpath is not None:
-                bad = conn.execute("SELECT id, attempts FROM files WHERE relpath = ?", (verdict.relpath,)).fetchone()
-                if bad is not None:
-                    self.ledger.set_file_state(conn, bad[0], "corrupt", last_error=verdict.reason, disk_bytes=0)
+            elif verdict.kind == "refetch" and job["attempts"] < 1:
+                raw = conn.execute(
+                    "SELECT f.id, f.relpath FROM pins p JOIN files f ON f.id = p.file_id "
+                    "WHERE p.job_id = ? AND f.kind = 'raw' AND f.state = 'on_disk'",
+                    (job["id"],),
+                ).fetchall()
+                for file_id, relpath in raw:
+                    unlink_below(self.root, relpath)
+                    self.ledger.set_file_state(conn, file_id, "corrupt", last_error=verdict.reason, disk_bytes=0)
                 self.ledger.set_job_state(conn, job["id"], "failed", error=message, not_before=time.time())
-                self.ledger.event("corrupt", f"{verdict.relpath}: {verdict.reason}; fetching it again", level="warning", job_id=job["id"], conn=conn)
+                self.ledger.event("corrupt", f"{job['key']}: {verdict.reason}; fetching its raw file again", level="warning", job_id=job["id"], conn=conn)
             elif job["attempts"] + 1 >= self.config.service.max_task_attempts:
                 self.ledger.set_job_state(conn, job["id"], "parked", error=message, finished=time.time())
                 conn.execute("DELETE FROM pins WHERE job_id = ?", (job["id"],))

@@ -30,27 +30,25 @@ class Call:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What to do with a failed job: ``blocked`` for good, ``refetch`` an input, or ``retry``."""
+    """What to do with a failed job: ``blocked`` for good, ``refetch`` its raw file, or ``retry``."""
 
     kind: str
     reason: str
-    relpath: str | None = None
 
 
-def provenance(config: Config, job: dict[str, Any], inputs: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a product records of how it was made (never in a catalogue's rows)."""
-    versions = {}
+def provenance(config: Config, job: dict[str, Any]) -> dict[str, str]:
+    """What a product records of how it was made (strings; never in a catalogue's rows)."""
+    versions = []
     for package in ("numpy", "astropy", "sep"):
         try:
-            versions[package] = importlib.metadata.version(package)
+            versions.append(f"{package}={importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
-            versions[package] = "unknown"
+            versions.append(f"{package}=unknown")
     return {
         "job": job["key"],
         "config_hash": config.config_hash(),
         "ztf_streamer": __version__,
-        "versions": versions,
-        "inputs": sorted(r["relpath"] for r in inputs if r["state"] == "on_disk"),
+        "versions": " ".join(versions),
     }
 
 
@@ -80,7 +78,7 @@ def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
     def produced(kind: str) -> dict[str, Any] | None:
         return next((r for r in on_disk if r["producer_kind"] == kind), None)
 
-    common = {"provenance": provenance(config, job, inputs)}
+    common = {"provenance": provenance(config, job)}
     out_path = str(root / outputs[0]) if outputs else ""
     kind = job["kind"]
     if kind == "master_bias":
@@ -121,18 +119,19 @@ def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
         headers = {q: None for q in (1, 2, 3, 4)} | {r["qid"]: path(r) for r in on_disk if r["kind"] == "sciimg_header"}
         masks = {q: None for q in (1, 2, 3, 4)} | {r["qid"]: path(r) for r in on_disk if r["kind"] == "mskimg"}
         calibration = {
-            "master_bias": bias["relpath"] if bias else None,
-            "master_bias_night": bias["producer_night"] if bias else None,
-            "master_flat": flat["relpath"] if flat else None,
-            "master_flat_night": flat["producer_night"] if flat else None,
+            "master_bias": bias["relpath"] if bias else "",
+            "master_bias_night": bias["producer_night"] if bias else "",
+            "master_flat": flat["relpath"] if flat else "",
+            "master_flat_night": flat["producer_night"] if flat else "",
         }
+        factor = work_masters.read_focalplane_factor(path(focal), job["ccdid"]) if focal else 1.0
         return Call(
             work.process_exposure,
             {"raw_path": path(raw), "master_bias_path": path(bias) if bias else None,
-             "master_flat_path": path(flat) if flat else None, "focalplane_path": path(focal) if focal else None,
-             "sciimg_header_paths": headers, "mask_paths": masks, "catalog_dir": str(config.photometry.catalog_dir),
-             "out_path": out_path, "detrend": config.detrend, "photometry": config.photometry,
-             "provenance": {**common["provenance"], "calibration": calibration}},
+             "master_flat_path": path(flat) if flat else None, "sciimg_header_paths": headers,
+             "mask_paths": masks, "catalog_dir": str(config.photometry.catalog_dir), "storage_root": str(root),
+             "detrend_config": config.detrend, "photometry_config": config.photometry,
+             "provenance": {**common["provenance"], **calibration}, "focalplane_factor": factor},
             outputs,
         )  # fmt: skip
     raise ValueError(f"job {job['key']}: unknown kind {kind!r}")
@@ -158,12 +157,11 @@ def _plain(value: Any) -> Any:
 
 
 def classify_failure(error: BaseException) -> Verdict:
-    """Blocked for good (missing calibration, no WCS), re-download a corrupt input, or retry."""
-    from . import work, work_masters
+    """Blocked for good (missing calibration, no WCS), re-download an unreadable raw file, or retry."""
+    from . import photometry, rawio, work_masters
 
-    if isinstance(error, work_masters.IncompleteCalibration | work.NoUsableWcs):
+    if isinstance(error, work_masters.IncompleteCalibration | photometry.NoCcdWcsError):
         return Verdict("blocked", str(error))
-    corrupt = getattr(work, "CorruptInput", None)
-    if corrupt is not None and isinstance(error, corrupt):
-        return Verdict("refetch", str(error), getattr(error, "relpath", None))
+    if isinstance(error, rawio.RawFileError):
+        return Verdict("refetch", str(error))
     return Verdict("retry", f"{type(error).__name__}: {error}")
