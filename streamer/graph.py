@@ -18,6 +18,7 @@ from typing import Any
 
 from .archive.naming import RawName
 from .ledger import Ledger
+from .products import apcat_relpath
 
 SCIENCE_INPUT_KINDS = ("raw", "sciimg_header", "mskimg", "sciimg")
 
@@ -44,13 +45,6 @@ def master_flat_relpath(night: str, ccdid: int, filtercode: str) -> str:
 def focalplane_relpath(night: str, filtercode: str) -> str:
     n = _compact(night)
     return f"masters/{n[:4]}/{n[4:]}/ztf_{n}_{filtercode}_focalplane.json"
-
-
-def apcat_relpath(raw: RawName) -> str:
-    """Where the aperture catalogue of one raw science CCD file goes."""
-    ffd = raw.filefracday
-    stem = raw.filename.removesuffix(".fits.fz")
-    return f"apcat/{ffd[:4]}/{ffd[4:8]}/{ffd[8:]}/{stem}_apcat.parquet"
 
 
 def _product(ledger: Ledger, conn: sqlite3.Connection, relpath: str, kind: str, job_id: int, night: str) -> int:

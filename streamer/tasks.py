@@ -63,7 +63,7 @@ def _inputs(ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
 
 def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
     """The worker call for a ready job."""
-    from . import work, work_masters
+    from . import work, work_focalplane, work_masters
 
     root = config.storage.root
     inputs = _inputs(ledger, job["id"])
@@ -109,7 +109,7 @@ def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
     if kind == "focalplane":
         flats = {int(r["relpath"].split("_c", 1)[1][:2]): path(r) for r in on_disk if r["producer_kind"] == "master_flat"}
         return Call(
-            work_masters.write_focalplane_factors,
+            work_focalplane.write_focalplane_factors,
             {**common, "master_flat_paths": flats, "out_path": out_path},
             outputs,
         )  # fmt: skip
@@ -124,7 +124,7 @@ def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
             "master_flat": flat["relpath"] if flat else "",
             "master_flat_night": flat["producer_night"] if flat else "",
         }
-        factor = work_masters.read_focalplane_factor(path(focal), job["ccdid"]) if focal else 1.0
+        factor = work_focalplane.read_focalplane_factor(path(focal), job["ccdid"]) if focal else 1.0
         return Call(
             work.process_exposure,
             {"raw_path": path(raw), "master_bias_path": path(bias) if bias else None,
