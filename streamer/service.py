@@ -196,19 +196,30 @@ class Service:
     # --- downloads ---------------------------------------------------------------------
 
     def _download_candidates(self, limit: int) -> list[dict[str, Any]]:
-        """Files that unfinished jobs need, in job order, that are not on disk and may be fetched now."""
-        now = time.time()
-        max_missing = self.config.archive.missing_max_attempts
-        rows = self.ledger.rows(
-            "SELECT f.*, MIN(p.job_id) AS first_job FROM files f JOIN pins p ON p.file_id = f.id "
-            "JOIN jobs j ON j.id = p.job_id "
-            "WHERE f.url != '' AND j.state IN ('waiting', 'ready', 'failed') "
-            "AND (f.state IN ('wanted', 'deleted', 'corrupt', 'reserved') "
-            "     OR (f.state = 'missing' AND ? = 0 AND f.retry_at <= ? AND f.attempts < ?)) "
-            "GROUP BY f.id ORDER BY first_job, f.id LIMIT ?",
-            (int(self.burst), now, max_missing, limit + len(self.downloading)),
+        """Files that unfinished jobs need (in job order), then files that consumers keep, not yet on disk."""
+        due = (
+            "(f.state IN ('wanted', 'deleted', 'corrupt', 'reserved') "
+            " OR (f.state = 'missing' AND :burst = 0 AND f.retry_at <= :now AND f.attempts < :max_missing))"
         )
-        return [r for r in rows if r["id"] not in self.downloading][:limit]
+        params = {
+            "burst": int(self.burst), "now": time.time(), "max_missing": self.config.archive.missing_max_attempts,
+            "n": limit + len(self.downloading),
+        }  # fmt: skip
+        pinned = self.ledger.rows(
+            "SELECT f.*, MIN(p.job_id) AS first_job FROM jobs j JOIN pins p ON p.job_id = j.id "
+            "JOIN files f ON f.id = p.file_id "
+            f"WHERE j.state IN ('waiting', 'ready', 'failed') AND f.url != '' AND {due} "
+            "GROUP BY f.id ORDER BY first_job, f.id LIMIT :n",
+            params,
+        )
+        rows = [r for r in pinned if r["id"] not in self.downloading][:limit]
+        if len(rows) < limit:
+            kept = self.ledger.rows(
+                f"SELECT f.* FROM files f WHERE f.kept = 1 AND f.url != '' AND {due} ORDER BY f.id LIMIT :n", params
+            )
+            chosen = {r["id"] for r in rows}
+            rows += [r for r in kept if r["id"] not in self.downloading and r["id"] not in chosen][: limit - len(rows)]
+        return rows
 
     async def _downloader(self) -> None:
         tasks_running: set[asyncio.Task[None]] = set()

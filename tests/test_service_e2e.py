@@ -1,0 +1,289 @@
+"""The whole service against the simulated archive on loopback: real CLI, real SQLite, real process pool.
+
+Small frames (260 x 256 quadrants) keep the default suite fast; the full-size runs are in
+``test_service_full.py`` (marked slow).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streamer.demo import serve_archive
+from streamer.sim.generate import generate_night
+
+from e2e import (
+    NIGHT,
+    DiskSampler,
+    backfill_args,
+    catalogues,
+    config_for,
+    part_files,
+    run_cli,
+    status_json,
+    store_of,
+    streamer_cmd,
+    wait_for,
+)
+
+CCDS = (13, 14)
+UNLIMITED = 50 * 10**9
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("archive")
+    generate_night(out, NIGHT, ccds=CCDS, n_exposures=6, flats_per_led=2, n_biases=8, seed=3, shape="small", jobs=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_url(archive: Path) -> Iterator[str]:
+    with serve_archive(archive) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, archive: Path, base_url: str) -> dict[str, list[dict[str, object]]]:
+    """Catalogues of an uninterrupted run with an unlimited budget."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = config_for(tmp, archive, base_url, budget=UNLIMITED)
+    result = run_cli(config, *backfill_args())
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = catalogues(store_of(config))
+    assert len(rows) == 6 * len(CCDS)
+    return rows
+
+
+def _raw_bytes(archive: Path) -> int:
+    return sum(p.stat().st_size for p in (archive / "raw").rglob("*.fits.fz"))
+
+
+def test_backfill_writes_catalogues_and_status_shows_it(reference: dict[str, list[dict[str, object]]], tmp_path: Path, archive: Path, base_url: str) -> None:
+    assert all(len(rows) > 0 for rows in reference.values())
+    config = config_for(tmp_path, archive, base_url, budget=UNLIMITED)
+    assert run_cli(config, *backfill_args()).returncode == 0
+    report = status_json(config)
+    assert report["jobs"]["exposure"] == {"done": 6 * len(CCDS)}
+    assert report["jobs"]["master_bias"] == {"done": len(CCDS)}
+    assert report["minimum_budget_bytes"] > 0
+    assert report["budget"]["used_bytes"] <= report["budget"]["budget_bytes"]
+    # at the end of a backfill only what someone keeps remains: the catalogues
+    kinds_on_disk = {kind for kind, states in report["files"].items() if states.get("on_disk", {}).get("files")}
+    assert kinds_on_disk == {"apcat"}
+    assert catalogues(store_of(config)) == reference
+
+
+def test_tight_budget_never_exceeded_and_same_catalogues(
+    reference: dict[str, list[dict[str, object]]], tmp_path: Path, archive: Path, base_url: str
+) -> None:
+    probe = config_for(tmp_path, archive, base_url, budget=UNLIMITED, name="probe.toml")
+    assert run_cli(probe, *backfill_args()).returncode == 0
+    minimum = status_json(probe)["minimum_budget_bytes"]
+    budget = max(_raw_bytes(archive) // 4, int(1.1 * minimum))
+    config = config_for(tmp_path, archive, base_url, budget=budget)
+    store_of(config).mkdir()
+    with DiskSampler(store_of(config)) as sampler:
+        result = run_cli(config, *backfill_args())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert budget < _raw_bytes(archive), "the budget must be smaller than the night"
+    assert sampler.peak <= budget, f"disk use peaked at {sampler.peak} B over the budget of {budget} B"
+    assert len(sampler.samples) > 5
+    assert catalogues(store_of(config)) == reference
+
+
+def test_budget_below_minimum_is_refused_with_the_number(tmp_path: Path, archive: Path, base_url: str) -> None:
+    config = config_for(tmp_path, archive, base_url, budget=200_000)
+    result = run_cli(config, *backfill_args())
+    assert result.returncode == 2
+    assert "minimum workable budget" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kill_nine_five_times_then_identical_catalogues(
+    reference: dict[str, list[dict[str, object]]], tmp_path: Path, archive: Path, base_url: str
+) -> None:
+    config = config_for(tmp_path, archive, base_url, budget=max(_raw_bytes(archive) // 2, 30 * 10**6))
+    rng = random.Random(7)
+    for _ in range(5):
+        process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 6.0))
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    result = run_cli(config, *backfill_args())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert catalogues(store_of(config)) == reference
+    assert part_files(store_of(config)) == []
+    check = run_cli(config, "reconcile")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_sigterm_stops_within_30_s_and_the_next_start_continues(
+    reference: dict[str, list[dict[str, object]]], tmp_path: Path, archive: Path, base_url: str
+) -> None:
+    config = config_for(tmp_path, archive, base_url, budget=UNLIMITED)
+    process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ledger = store_of(config) / "ledger.sqlite"
+    assert wait_for(lambda: ledger.exists() and _jobs_done(ledger) > 0, timeout=120)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=60)
+    assert process.stderr is not None
+    process.stderr.close()
+    assert time.monotonic() - started < 30
+    assert code in (0, 1)
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    result = run_cli(config, *backfill_args())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert catalogues(store_of(config)) == reference
+
+
+def _jobs_done(ledger: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def test_second_writer_refused_while_status_works(tmp_path: Path, archive: Path, base_url: str) -> None:
+    config = config_for(tmp_path, archive, base_url, budget=UNLIMITED)
+    process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ledger = store_of(config) / "ledger.sqlite"
+        assert wait_for(lambda: _jobs_done(ledger) >= 0 and ledger.exists() and (store_of(config) / "ledger.sqlite.lock").exists(), 60)
+        time.sleep(1.0)
+        if process.poll() is None:
+            second = run_cli(config, *backfill_args(), timeout=60)
+            assert second.returncode == 1
+            assert "in use by a running service" in second.stderr
+            assert status_json(config)["service"]["running"] is True
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    # the lock died with the killed service: a restart is not refused
+    result = run_cli(config, *backfill_args())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_consumers_keep_exactly_their_files(tmp_path: Path, archive: Path, base_url: str) -> None:
+    targets = tmp_path / "supernovae.csv"
+    targets.write_text("ra,dec,radius_deg,start,end\n")
+    extra = (
+        '\n[[consumers]]\nname = "headers"\nkeep = ["sciimg_header", "mskimg"]\nfields = [655]\n'
+        f'\n[[consumers]]\nname = "scene"\nkeep = ["sciimg", "mskimg"]\ntargets = "{targets}"\n'
+    )
+    config = config_for(tmp_path, archive, base_url, budget=UNLIMITED, extra=extra)
+    assert run_cli(config, *backfill_args()).returncode == 0
+    store = store_of(config)
+    kept = sorted(p.relative_to(store).as_posix() for p in (store / "sci").rglob("*") if p.is_file())
+    assert kept and all("_000655_" in p for p in kept)
+    assert {p.rsplit("_", 1)[1].split(".")[0] for p in kept} == {"sciimg", "mskimg"}
+    assert not any((store / "raw").rglob("*.fits.fz"))
+    assert not any((store / "masters").rglob("*.fits"))
+
+
+def test_missing_flats_use_the_nearest_night(tmp_path: Path, base_url: str) -> None:
+    del base_url
+    archive = tmp_path / "archive"
+    second = NIGHT + dt.timedelta(days=1)
+    generate_night(archive, NIGHT, ccds=(13,), n_exposures=2, flats_per_led=2, n_biases=8, seed=3, shape="small")
+    generate_night(
+        archive, second, ccds=(13,), n_exposures=3, flats_per_led=2, n_biases=8, seed=4, shape="small",
+        flat_filters=("zr", "zi"),
+    )  # fmt: skip
+    with serve_archive(archive) as url:
+        config = config_for(tmp_path, archive, url, budget=UNLIMITED)
+        result = run_cli(config, *backfill_args(NIGHT, second))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = status_json(config)
+    fallbacks = [f["message"] for f in report["calibration_fallbacks"]]
+    assert any("master flat for zg" in m and NIGHT.isoformat() in m for m in fallbacks), fallbacks
+
+
+def test_no_master_within_gap_blocks_with_a_reason(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    generate_night(
+        archive, NIGHT, ccds=(13,), n_exposures=1, flats_per_led=2, n_biases=8, seed=3, shape="small",
+        filters=("zg",), flat_filters=("zr",),
+    )  # fmt: skip
+    with serve_archive(archive) as url:
+        config = config_for(tmp_path, archive, url, budget=UNLIMITED)
+        result = run_cli(config, *backfill_args())
+    assert result.returncode == 1
+    report = status_json(config)
+    assert report["jobs"]["exposure"] == {"blocked": 1}
+    assert any("no master flat for zg within 10 days" in e["message"] for e in report["last_errors"])
+
+
+@pytest.fixture(scope="module")
+def dask_cluster() -> Iterator[object]:
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    ) as cluster:
+        yield cluster
+
+
+def _dask_extra(address: str) -> str:
+    return f'\n[compute]\nexecutor = "dask"\nscheduler = "{address}"\nworker_wait_s = 60\n'
+
+
+def _config_with_compute(config: Path, compute: str) -> None:
+    text = config.read_text().replace("[compute]\nworkers = 2\n", "")
+    config.write_text(text + compute)
+
+
+def test_dask_cluster_gives_the_same_catalogues(
+    reference: dict[str, list[dict[str, object]]], dask_cluster: object, tmp_path: Path, archive: Path, base_url: str
+) -> None:
+    config = config_for(tmp_path, archive, base_url, budget=UNLIMITED)
+    _config_with_compute(config, _dask_extra(dask_cluster.scheduler_address))  # type: ignore[attr-defined]
+    result = run_cli(config, *backfill_args())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert catalogues(store_of(config)) == reference
+    assert status_json(config)["service"]["executor"]["kind"] == "dask"
+
+
+def test_killing_a_dask_worker_mid_backfill(
+    reference: dict[str, list[dict[str, object]]], tmp_path: Path, archive: Path, base_url: str
+) -> None:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    ) as cluster, Client(cluster, set_as_default=False) as client:
+        config = config_for(tmp_path, archive, base_url, budget=UNLIMITED)
+        _config_with_compute(config, _dask_extra(cluster.scheduler_address))
+        process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert wait_for(lambda: any(client.processing().values()), timeout=180), "no task reached the cluster"
+        pids = client.run(os.getpid)
+        busy = [addr for addr, keys in client.processing().items() if keys]
+        os.kill(pids[busy[0]], signal.SIGKILL)
+        output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    assert catalogues(store_of(config)) == reference
+
+
+def test_demo_small(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "streamer.cli", "demo", "--workdir", str(tmp_path), "--shape", "small"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "aperture catalogues under" in result.stdout
+    report = status_json(tmp_path / "config.toml")
+    assert report["budget"]["used_bytes"] <= report["budget"]["budget_bytes"]
+    assert len(catalogues(tmp_path / "store")) == 8
