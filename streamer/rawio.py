@@ -37,6 +37,9 @@ class RawFileError(StreamerError):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self) -> tuple[type[RawFileError], tuple[str, str]]:
+        return (type(self), (self.path, self.reason))
+
 
 class QuadrantReadError(StreamerError):
     """One quadrant (or its overscan) of a raw file is missing or unreadable; the others may be fine."""
@@ -46,6 +49,9 @@ class QuadrantReadError(StreamerError):
         self.qid = qid
         self.reason = reason
         super().__init__(f"{path}: quadrant {qid}: {reason}")
+
+    def __reduce__(self) -> tuple[type[QuadrantReadError], tuple[str, int, str]]:
+        return (type(self), (self.path, self.qid, self.reason))
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ ADU, overscan-subtracted and linearised, in; a new array of the same shape out. 
 independent (a caller may pass any subset of rows, in any order)."""
 
 NONLINEARITY_ORDERS = ("after_overscan", "before_overscan", "off")
+SATURATE_MARGIN = 1e-3  # relative: pixels within 0.1 % of SATURATE count as saturated
 
 
 class MasterQuadrant(NamedTuple):
@@ -218,7 +219,10 @@ def detrend_science(
     """The whole chain on one raw science quadrant.
 
     ``gain`` in e-/ADU and ``read_noise`` in e- (the raw extension header's GAIN and READNOI);
-    ``saturate`` in detrended ADU (the sciimg header's SATURATE) or None; ``raw_ceiling`` the raw
+    ``saturate`` the sciimg header's SATURATE or None: compared with the linear ADU above the bias
+    before the flat (what the raw ceiling becomes through overscan and nonlinearity), less a
+    margin of ``SATURATE_MARGIN`` (the bias drift and structure move the ceiling by a few ADU);
+    ``raw_ceiling`` the raw
     ADU at and above which a pixel is saturated (the ADC's ceiling) or None; ``flat_factor`` the
     focal-plane factor (1 for ``flat_normalisation = "ccd"``): the image is divided by
     ``master_flat.data * flat_factor``. Pixels whose flat is not positive become NaN.
@@ -233,7 +237,9 @@ def detrend_science(
         data, overscan, qid, config=config, nonlinearity_coefficients=nonlinearity_coefficients, row_corrections=row_corrections
     )
     image = corrected.image  # linear ADU above the pedestal (our own buffer)
-    image -= master_bias.data  # ADU of signal
+    image -= master_bias.data  # ADU of signal, before the flat
+    with np.errstate(invalid="ignore"):
+        saturated = image >= np.float32(saturate * (1.0 - SATURATE_MARGIN)) if saturate is not None else None
 
     variance = np.maximum(image, np.float32(0.0))  # Poisson: signal / gain, ADU^2
     variance *= np.float32(1.0 / gain)
@@ -253,7 +259,9 @@ def detrend_science(
         flat_term /= np.square(flat, dtype=np.float32)
         variance += flat_term  # + image^2 var_flat / flat^2
 
-    mask = maskbits.flag_science_pixels(data, image, saturate=saturate, raw_ceiling=raw_ceiling)
+    mask = maskbits.flag_science_pixels(data, image, saturate=None, raw_ceiling=raw_ceiling)
+    if saturated is not None:
+        mask[saturated] |= maskbits.SATURATED
     mask |= master_bias.mask
     mask |= master_flat.mask
     return DetrendedQuadrant(image=image, variance=variance, mask=mask, overscan=corrected.overscan)

@@ -210,6 +210,11 @@ def clipped_median(stack: npt.NDArray[np.floating], *, clip_sigma: float, max_it
         raise ValueError(f"clip_sigma = {clip_sigma}: expected > 0")
     if max_iterations < 1:
         raise ValueError(f"max_iterations = {max_iterations}: expected >= 1")
+    with np.errstate(invalid="ignore"):  # +inf stands for missing values: inf - inf is expected
+        return _clipped_median(stack, clip_sigma, max_iterations)
+
+
+def _clipped_median(stack: npt.NDArray[np.floating], clip_sigma: float, max_iterations: int) -> ClippedMedian:
     n, rows, columns = stack.shape
     values = sort_frames(stack).reshape(n, rows * columns)
     n_finite = np.isfinite(values).sum(axis=0, dtype=np.intp)
@@ -251,14 +256,13 @@ def clipped_median(stack: npt.NDArray[np.floating], *, clip_sigma: float, max_it
     half_width *= 1.0 / IQR_TO_SIGMA
     np.maximum(half_width, np.float32(sigma_floor), out=half_width)
     half_width *= clip_sigma
-    with np.errstate(invalid="ignore"):
-        low_edge = centre32 - half_width
-        high_edge = centre32 + half_width
-        n_low = np.zeros(rows * columns, dtype=np.int8)
-        n_high = np.zeros(rows * columns, dtype=np.int8)
-        for i in range(n):
-            n_low += values[i] < low_edge
-            n_high += values[i] > high_edge
+    low_edge = centre32 - half_width
+    high_edge = centre32 + half_width
+    n_low = np.zeros(rows * columns, dtype=np.int8)
+    n_high = np.zeros(rows * columns, dtype=np.int8)
+    for i in range(n):
+        n_low += values[i] < low_edge
+        n_high += values[i] > high_edge
     n_low_i, n_high_i = n_low.astype(np.intp), n_high.astype(np.intp)
     settled = complete & ((half_width <= 0) | ((n_low_i == 0) & (n_high_i == 0)) | (n_low_i + n_high_i >= n))
 
