@@ -92,6 +92,16 @@ def test_agrees_with_slow_reference(n: int) -> None:
     assert np.isnan(result.median[5, 5]) and result.n_used[5, 5] == 0
 
 
+def test_identical_values_are_all_kept() -> None:
+    stack = np.full((6, 4, 5), 1000.0, dtype=np.float32)
+    stack[0, 0, 0] = 1001.0  # IQR 0 and a floor of 0: sigma 0 keeps every value
+    result = clipped_median(stack, clip_sigma=3.0)
+    assert np.all(result.n_used == 6)
+    assert np.all(result.median == 1000.0) and np.all(result.variance[1:] == 0.0)
+    median, _, n_used = reference_clipped_median(stack, 3.0)
+    np.testing.assert_array_equal(result.n_used, n_used)
+
+
 def test_outliers_are_rejected_with_seven_frames() -> None:
     # a plain standard deviation could not reject one outlier among 7 values at 3 sigma
     rng = np.random.default_rng(7)
