@@ -7,7 +7,9 @@ boundaries (local pool or dask) by pickle. Nothing here opens the ledger.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from .archive.naming import RawName, night_of, parse_filename
 from .config import DetrendConfig, PhotometryConfig
 from .detrend import masks as maskbits
 from .detrend import nonlinearity
-from .detrend.calibrate import detrend_science
+from .detrend.calibrate import MasterQuadrant, detrend_science
 from .errors import StreamerError
 from .products import (
     ExposureInfo,
@@ -127,14 +129,18 @@ def measure_quadrant(
     background_box: tuple[int, int],
     edge_margin_px: float,
     ipac_mask: bool,
+    overwrite_image: bool = False,
 ) -> QuadrantRows:
-    """Photometry of the catalogue sources that fall on one detrended quadrant."""
+    """Photometry of the catalogue sources that fall on one detrended quadrant.
+
+    With ``overwrite_image`` the image buffer is reused for the background-subtracted image.
+    """
     sources = catalogue.sources
     x, y = photometry.sky_to_pixel(wcs.wcs, sources.ra, sources.dec)
     keep = np.flatnonzero(photometry.on_image(x, y, image.shape))
     apertures = photometry.measure_apertures(
         image, variance, mask, reject_bits, x[keep], y[keep], radii,
-        background_box=background_box, edge_margin_px=edge_margin_px,
+        background_box=background_box, edge_margin_px=edge_margin_px, overwrite_image=overwrite_image,
     )  # fmt: skip
     return QuadrantRows(
         qid=qid,
@@ -149,6 +155,33 @@ def measure_quadrant(
         ipac_mask=ipac_mask,
         wcs_from_qid=wcs.from_qid,
     )
+
+
+MASTER_CACHE_QUADRANTS: Final = 8
+"""Master quadrants a worker keeps (bias and flat of one CCD, about 0.75 GB): files of one CCD
+and night share them, so a worker fed by CCD reads each master once."""
+
+
+@functools.lru_cache(maxsize=MASTER_CACHE_QUADRANTS)
+def _read_master_by_identity(path: str, qid: int, mtime_ns: int, size: int) -> MasterQuadrant:
+    master = masterio.read_master(path, qid)
+    for array in master:
+        array.flags.writeable = False  # shared between calls: nobody may change it in place
+    return master
+
+
+def read_master_cached(path: Path | str, qid: int) -> MasterQuadrant:
+    """Quadrant ``qid`` of a master file, from this process's cache while the file is unchanged."""
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        raise masterio.MasterReadError(f"{path}: no such master file ({err.strerror})") from err
+    return _read_master_by_identity(os.path.realpath(path), qid, stat.st_mtime_ns, stat.st_size)
+
+
+def clear_master_cache() -> None:
+    """Forget the cached masters (tests, benchmarks)."""
+    _read_master_by_identity.cache_clear()
 
 
 @dataclass(frozen=True)
@@ -305,8 +338,8 @@ def _process_quadrant(
         qid,
         config=detrend_config,
         nonlinearity_coefficients=nonlinearity.coefficients(night, name.ccdid, qid),
-        master_bias=masterio.read_master(master_bias_path, qid),
-        master_flat=masterio.read_master(master_flat_path, qid),
+        master_bias=read_master_cached(master_bias_path, qid),
+        master_flat=read_master_cached(master_flat_path, qid),
         gain=gain,
         read_noise=read_noise,
         saturate=saturate,
@@ -323,11 +356,6 @@ def _process_quadrant(
         except (InputFileError, OSError) as err:
             mask_note = str(err)
     reject_bits = photometry_config.mask_reject_bits | maskbits.REJECT_OWN
-    rows = measure_quadrant(
-        qid, detrended.image, detrended.variance, mask, reject_bits, wcs, catalogue, photometry_config.radii,
-        background_box=photometry_config.background_box, edge_margin_px=photometry_config.edge_margin_px,
-        ipac_mask=mask_note is None,
-    )  # fmt: skip
     written = None
     if detrend_config.write_detrended:
         header = own_header.copy() if own_header is not None else fits.Header()
@@ -336,6 +364,11 @@ def _process_quadrant(
             storage_root / detrended_relpath(name, qid), detrended.image, detrended.variance, mask,
             _primary_safe(header), detrend_config.detrended_quantize_step,
         )  # fmt: skip
+    rows = measure_quadrant(
+        qid, detrended.image, detrended.variance, mask, reject_bits, wcs, catalogue, photometry_config.radii,
+        background_box=photometry_config.background_box, edge_margin_px=photometry_config.edge_margin_px,
+        ipac_mask=mask_note is None, overwrite_image=True,
+    )  # fmt: skip
     return rows, mask_note, written
 
 

@@ -245,3 +245,19 @@ def test_full_size_exposure_meets_the_photometry_acceptance(tmp_path: Path) -> N
     assert np.all(flags[near_edge] & photometry.FLAG_EDGE)
     on_dead = np.asarray((bits & (1 << 9)) != 0)
     assert on_dead.any() and np.all(flags[on_dead] & photometry.FLAG_MASKED)
+
+
+def test_master_cache_rereads_a_changed_file_and_shares_read_only_arrays(small: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "bias.fits"
+    shutil.copyfile(small["bias"], path)
+    work.clear_master_cache()
+    first = work.read_master_cached(path, 1)
+    assert work.read_master_cached(path, 1) is first
+    with pytest.raises(ValueError, match="read-only"):
+        first.data[0, 0] = 1.0
+    data = {q: masterio.read_master(small["bias"], q) for q in (1, 2, 3, 4)}
+    shifted = {q: MasterQuadrant(m.data + np.float32(5.0), m.variance, m.mask) for q, m in data.items()}
+    masterio.write_master(path, shifted, primary_cards={"MKIND": "bias", "NIGHT": NIGHT.isoformat(), "CCD_ID": 13})
+    second = work.read_master_cached(path, 1)
+    assert second is not first
+    np.testing.assert_allclose(second.data - first.data, 5.0, atol=0.01)
