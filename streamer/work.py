@@ -352,7 +352,8 @@ def _process_quadrant(
         mask_note = "no IPAC mask"
     else:
         try:
-            mask = mask | read_ipac_mask(mask_path, mask.shape).view(np.uint16)
+            ipac = read_ipac_mask(mask_path, mask.shape).view(np.uint16)
+            mask = np.bitwise_or(mask, ipac, out=mask if mask.flags.writeable else None)
         except (InputFileError, OSError) as err:
             mask_note = str(err)
     reject_bits = photometry_config.mask_reject_bits | maskbits.REJECT_OWN

@@ -261,3 +261,27 @@ def test_master_cache_rereads_a_changed_file_and_shares_read_only_arrays(small: 
     second = work.read_master_cached(path, 1)
     assert second is not first
     np.testing.assert_allclose(second.data - first.data, 5.0, atol=0.01)
+
+
+def test_process_exposure_runs_in_another_process(small: dict[str, Any], tmp_path: Path) -> None:
+    """Inputs and result cross a process boundary by pickle, as with the local pool or dask."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    kwargs = {
+        "master_bias_path": str(small["bias"]),
+        "master_flat_path": str(small["flat"]),
+        "sciimg_header_paths": {q: str(p) for q, p in small["headers"].items()},
+        "mask_paths": {q: str(p) for q, p in small["masks"].items()},
+        "catalog_dir": str(small["out"] / "refcat"),
+        "storage_root": str(tmp_path / "remote"),
+        "detrend_config": DetrendConfig(),
+        "photometry_config": PhotometryConfig(catalog_dir=small["out"] / "refcat"),
+        "provenance": {"config_hash": "test"},
+    }
+    assert pickle.loads(pickle.dumps(kwargs)) == kwargs
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        remote = pool.submit(work.process_exposure, str(small["raw"]), **kwargs).result(timeout=120)
+    local = run(small, tmp_path / "local")
+    assert remote.rows == local.rows and remote.lost == local.lost
+    assert pq.read_table(remote.apcat_path).equals(pq.read_table(local.apcat_path))
