@@ -166,6 +166,7 @@ def read_master(path: str | os.PathLike[str], qid: int) -> MasterQuadrant:
                 raise MasterReadError(f"{name}: no quadrant {qid} in this master")
             data = np.array(hdul[data_name].data, dtype=np.float32)
             variance = np.array(hdul[variance_name].data, dtype=np.float32)
+            np.maximum(variance, 0.0, out=variance)  # dithered quantisation can dip just below 0
             mask = np.array(hdul[mask_name].data).astype(np.uint16)
     except MasterReadError:
         raise

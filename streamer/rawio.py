@@ -41,6 +41,9 @@ class RawFileError(StreamerError):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self) -> tuple[type[RawFileError], tuple[str, str]]:
+        return (type(self), (self.path, self.reason))
+
 
 class QuadrantReadError(StreamerError):
     """One quadrant (or its overscan) of a raw file is missing or unreadable; the others may be fine."""
@@ -50,6 +53,9 @@ class QuadrantReadError(StreamerError):
         self.qid = qid
         self.reason = reason
         super().__init__(f"{path}: quadrant {qid}: {reason}")
+
+    def __reduce__(self) -> tuple[type[QuadrantReadError], tuple[str, int, str]]:
+        return (type(self), (self.path, self.qid, self.reason))
 
 
 @dataclass(frozen=True)
@@ -90,9 +96,10 @@ class RawFile:
     def _hdu(self, qid: int, index: int, what: str) -> Any:
         if qid not in (1, 2, 3, 4):
             raise ValueError(f"qid {qid}: expected 1..4")
-        if index >= len(self._hdul):
-            raise QuadrantReadError(self.path, qid, f"no HDU {index} ({what}): the file has {len(self._hdul)} HDUs")
-        hdu = self._hdul[index]
+        try:
+            hdu = self._hdul[index]  # lazily: HDUs after this one are not parsed
+        except IndexError:
+            raise QuadrantReadError(self.path, qid, f"no HDU {index} ({what}) in the file") from None
         amp_id = hdu.header.get("AMP_ID")
         if isinstance(amp_id, int) and not isinstance(amp_id, bool) and amp_id != qid - 1:
             raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) has AMP_ID {amp_id}, expected {qid - 1}")
@@ -106,8 +113,8 @@ class RawFile:
                 array = hdu.data if rows is None else hdu.section[rows, :]
         except QuadrantReadError:
             raise
-        except _READ_ERRORS as err:
-            raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) unreadable: {err}") from err
+        except Exception as err:  # the C tile decoder raises its own classes (CfitsioException) on corrupt bytes
+            raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) unreadable: {type(err).__name__}: {err}") from err
         if array is None or np.ndim(array) != 2:
             raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) holds no 2-D image")
         if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
@@ -132,7 +139,9 @@ class RawFile:
     def data_shape(self, qid: int) -> tuple[int, int]:
         """(rows, columns) of quadrant ``qid`` from its header, without decoding pixels."""
         try:
-            header = self._hdu(qid, qid, "data").header
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", AstropyWarning)
+                header = self._hdu(qid, qid, "data").header
             return (int(header["NAXIS2"]), int(header["NAXIS1"]))
         except QuadrantReadError:
             raise
@@ -142,7 +151,11 @@ class RawFile:
     def amplifier(self, qid: int) -> tuple[float | None, float | None]:
         """(GAIN e-/ADU, READNOI e-) of quadrant ``qid`` from its extension header, None if absent."""
         try:
-            header = self._hdu(qid, qid, "data").header
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", AstropyWarning)
+                header = self._hdu(qid, qid, "data").header
+        except QuadrantReadError:
+            raise
         except _READ_ERRORS as err:
             raise QuadrantReadError(self.path, qid, f"HDU {qid} (data) header unreadable: {err}") from err
         return _header_float(header, "GAIN"), _header_float(header, "READNOI")

@@ -62,7 +62,7 @@ class MasterResult:
     leds_used: tuple[int, ...] = ()
     led_levels: tuple[tuple[int, float], ...] = ()  # flats: (LED, CCD-wide median of its stack, ADU)
     led_weights: tuple[tuple[int, float], ...] = ()
-    normalisation: float | None = None  # flats: CCD-wide median the weighted LED average was divided by
+    median: float | None = None  # flats: CCD-wide median of the master (about 1; not divided out)
     masked_fraction: tuple[tuple[int, float], ...] = ()  # (qid, fraction of pixels with any bit set)
     n_bytes: int = 0
     timing: tuple[tuple[str, float], ...] = field(default=(), compare=False)  # (step, seconds)
@@ -494,8 +494,9 @@ def combine_master_flat(
     """Master flat of one CCD, night and filter from its LED flats ({LED: path}).
 
     Per quadrant: the weighted mean of the LED flats present (weights: ``weights``, else
-    ``detrend.led_weights``, else equal; variance sum(w^2 var) / sum(w)^2), then divided by the
-    CCD-wide median of that mean (``normalisation``) so that the master's median is 1; mask:
+    ``detrend.led_weights``, else equal; variance sum(w^2 var) / sum(w)^2). Each LED flat was
+    normalised by its own CCD-wide median (its ``level``, recorded here per LED); the mean is not
+    normalised again (as in the IN2P3 algorithm), its CCD-wide median (about 1) is recorded; mask:
     DEAD, LOW/HIGH_RESPONSIVITY, NO_CALIBRATION from the master, OR the LED flats' masks (which
     carry the master bias' bits). IncompleteCalibration without any LED flat.
     """
@@ -555,13 +556,11 @@ def combine_master_flat(
             + "; ".join(f"q{qid}: {reason}" for qid, reason in failed)
         )
     started = time.perf_counter()
-    normalisation = _ccd_median([data for data, _, _ in sums.values()])
-    if not normalisation > 0:
-        raise IncompleteCalibration(f"CCD {ccdid} night {night_date} filter {filtercode}: flat median {normalisation} is not positive")
+    median = _ccd_median([data for data, _, _ in sums.values()])
+    if not median > 0:
+        raise IncompleteCalibration(f"CCD {ccdid} night {night_date} filter {filtercode}: flat median {median} is not positive")
     quadrants: dict[int, MasterQuadrant] = {}
     for qid, (data, variance, mask) in sums.items():
-        data /= np.float32(normalisation)
-        variance /= np.float32(normalisation**2)
         mask |= maskbits.flag_flat_pixels(data)
         quadrants[qid] = MasterQuadrant(data, variance, mask)
     del sums
@@ -569,7 +568,7 @@ def combine_master_flat(
     leds = tuple(sorted(used_leds))
     frames = tuple(os.path.basename(led_flat_paths[led]) for led in leds)
     cards = _primary_cards("flat", night_date, ccdid, filtercode, frames, detrend, provenance or {})
-    cards |= {"LEDS": ",".join(str(led) for led in leds), "NORMFACT": normalisation}
+    cards |= {"LEDS": ",".join(str(led) for led in leds), "MEDIAN": median}
     for led in leds:
         cards[f"LEV{led:02d}"] = levels[led]
         cards[f"WLED{led:02d}"] = led_weights[led]
@@ -589,7 +588,7 @@ def combine_master_flat(
         leds_used=leds,
         led_levels=tuple((led, levels[led]) for led in leds),
         led_weights=tuple((led, led_weights[led]) for led in leds),
-        normalisation=normalisation,
+        median=median,
         masked_fraction=tuple((qid, _masked_fraction(q.mask)) for qid, q in sorted(quadrants.items())),
         n_bytes=n_bytes,
         timing=timer.items(),
@@ -603,8 +602,9 @@ def focalplane_factors(flats: Sequence[MasterResult]) -> dict[int, float]:
     ``master_flat * factor``, i.e. by the flat normalised by the focal plane's median instead of
     its own CCD's. For each LED, a CCD's relative level is its stack's CCD-wide median over the
     median of those of all the CCDs present with that LED (the median of CCD medians stands for
-    the median of all pixels); a CCD's factor is its flat's ``normalisation`` times the weighted
-    mean of its LEDs' relative levels. CCDs missing that night simply do not take part.
+    the median of all pixels); a CCD's factor is the weighted mean of its LEDs' relative levels
+    (exact when a CCD's relative level is the same for all LEDs). CCDs missing that night simply do
+    not take part.
     """
     if not flats:
         return {}
@@ -623,7 +623,7 @@ def focalplane_factors(flats: Sequence[MasterResult]) -> dict[int, float]:
         weights = dict(flat.led_weights)
         relative = [(weights.get(led, 1.0), level / focal_plane_level[led]) for led, level in flat.led_levels]
         total = sum(w for w, _ in relative)
-        if flat.normalisation is None or total <= 0:
-            raise ValueError(f"{flat.path}: no normalisation or LED levels recorded")
-        factors[flat.ccdid] = flat.normalisation * sum(w * r for w, r in relative) / total
+        if total <= 0:
+            raise ValueError(f"{flat.path}: no LED levels recorded")
+        factors[flat.ccdid] = sum(w * r for w, r in relative) / total
     return factors

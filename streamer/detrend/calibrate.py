@@ -37,6 +37,7 @@ ADU, overscan-subtracted and linearised, in; a new array of the same shape out. 
 independent (a caller may pass any subset of rows, in any order)."""
 
 NONLINEARITY_ORDERS = ("after_overscan", "before_overscan", "off")
+SATURATE_MARGIN = 1e-3  # relative: pixels within 0.1 % of SATURATE count as saturated
 
 
 class MasterQuadrant(NamedTuple):
@@ -122,8 +123,10 @@ def correct_rows(
     nonlinearity: str,
     nonlinearity_coefficients: tuple[float, float] | None,
     row_corrections: Sequence[RowCorrection] = (),
+    out: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]:
-    """Steps 2-4 on a band of stored rows: a new float32 array of linear ADU above the pedestal.
+    """Steps 2-4 on a band of stored rows: float32 linear ADU above the pedestal, in a new array
+    (or in ``out``, a float32 array of the band's shape, which is returned).
 
     ``data_rows`` (rows, columns) and ``overscan_rows`` (rows, 30) are the same stored rows of the
     raw quadrant and its overscan; ``level_rows`` the overscan model of those rows (ADU).
@@ -135,7 +138,13 @@ def correct_rows(
         raise ValueError(
             f"data {data_rows.shape}, overscan {overscan_rows.shape}, levels {level_rows.shape}: expected the same rows"
         )
-    image = np.array(data_rows, dtype=np.float32, copy=True)
+    if out is None:
+        image = np.array(data_rows, dtype=np.float32, copy=True)
+    else:
+        if out.shape != data_rows.shape or out.dtype != np.float32:
+            raise ValueError(f"out {out.shape} {out.dtype}: expected float32 of shape {data_rows.shape}")
+        image = out
+        np.copyto(image, data_rows, casting="unsafe")
     level = level_rows.astype(np.float32)[:, np.newaxis]
     overscan_image = np.array(overscan_rows, dtype=np.float32, copy=True) if row_corrections else None
     if nonlinearity == "before_overscan":
@@ -152,7 +161,10 @@ def correct_rows(
         if overscan_image is not None:
             _linearise_in_place(overscan_image, *nonlinearity_coefficients)
     if overscan_image is not None:
-        image = apply_row_corrections(image, overscan_image, qid, row_corrections)
+        corrected = apply_row_corrections(image, overscan_image, qid, row_corrections)
+        if out is None:
+            return corrected
+        np.copyto(image, corrected)
     return image
 
 
@@ -214,46 +226,90 @@ def detrend_science(
     flat_factor: float = 1.0,
     raw_ceiling: float | None = 65535.0,
     row_corrections: Sequence[RowCorrection] = (),
+    block_rows: int = 128,
 ) -> DetrendedQuadrant:
     """The whole chain on one raw science quadrant.
 
     ``gain`` in e-/ADU and ``read_noise`` in e- (the raw extension header's GAIN and READNOI);
-    ``saturate`` in detrended ADU (the sciimg header's SATURATE) or None; ``raw_ceiling`` the raw
-    ADU at and above which a pixel is saturated (the ADC's ceiling) or None; ``flat_factor`` the
-    focal-plane factor (1 for ``flat_normalisation = "ccd"``): the image is divided by
-    ``master_flat.data * flat_factor``. Pixels whose flat is not positive become NaN.
+    ``saturate`` the sciimg header's SATURATE or None: compared with the linear ADU above the bias
+    before the flat (what the raw ceiling becomes through overscan and nonlinearity), less a
+    margin of ``SATURATE_MARGIN`` (the bias drift and structure move the ceiling by a few ADU);
+    ``raw_ceiling`` the raw ADU at and above which a pixel is saturated (the ADC's ceiling) or
+    None; ``flat_factor`` the focal-plane factor (1 for ``flat_normalisation = "ccd"``): the image
+    is divided by ``master_flat.data * flat_factor``. Pixels whose flat is not positive become NaN.
+
+    Works through bands of ``block_rows`` rows so that the temporaries stay in the CPU cache; the
+    three outputs are the only full-size allocations.
     """
     if not gain > 0 or not read_noise >= 0 or not flat_factor > 0:
         raise ValueError(f"gain {gain}, read_noise {read_noise}, flat_factor {flat_factor}: expected > 0, >= 0, > 0")
+    if data.ndim != 2 or overscan.ndim != 2 or data.shape[0] != overscan.shape[0]:
+        raise ValueError(f"data {data.shape} and overscan {overscan.shape}: expected 2-D arrays with the same rows")
     for name, master in (("master_bias", master_bias), ("master_flat", master_flat)):
         for part in master:
             if part.shape != data.shape:
                 raise ValueError(f"{name} of shape {part.shape}: expected the quadrant's {data.shape}")
-    corrected = correct_raw(
-        data, overscan, qid, config=config, nonlinearity_coefficients=nonlinearity_coefficients, row_corrections=row_corrections
-    )
-    image = corrected.image  # linear ADU above the pedestal (our own buffer)
-    image -= master_bias.data  # ADU of signal
+    model = fit_overscan(overscan, qid, config=config, nonlinearity_coefficients=nonlinearity_coefficients)
+    rows, columns = data.shape
+    image = np.empty((rows, columns), dtype=np.float32)
+    variance = np.empty((rows, columns), dtype=np.float32)
+    mask = np.empty((rows, columns), dtype=np.uint16)
+    scratch = np.empty((block_rows, columns), dtype=np.float32)
+    bad = np.empty((block_rows, columns), dtype=bool)
+    poisson_per_adu = np.float32(1.0 / gain)
+    read_variance = np.float32((read_noise / gain) ** 2)
+    inverse_factor = np.float32(1.0 / flat_factor)
+    factor_squared = np.float32(flat_factor**2)
+    saturation = np.float32(saturate * (1.0 - SATURATE_MARGIN)) if saturate is not None else None
 
-    variance = np.maximum(image, np.float32(0.0))  # Poisson: signal / gain, ADU^2
-    variance *= np.float32(1.0 / gain)
-    variance += np.float32((read_noise / gain) ** 2)
-    variance += master_bias.variance
+    for start in range(0, rows, block_rows):
+        stop = min(start + block_rows, rows)
+        band = slice(start, stop)
+        n = stop - start
+        img, var, msk, tmp, flag = image[band], variance[band], mask[band], scratch[:n], bad[:n]
+        flat, flat_variance = master_flat.data[band], master_flat.variance[band]
 
-    flat = master_flat.data
-    with np.errstate(invalid="ignore", divide="ignore"):
-        inverse_flat = np.divide(np.float32(1.0 / flat_factor), flat, dtype=np.float32)
-        inverse_flat[~(flat > 0)] = np.nan
-    image *= inverse_flat  # flat-fielded ADU
-    inverse_flat *= inverse_flat
-    variance *= inverse_flat  # (var_raw) / (flat f)^2
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        flat_term = np.square(image)
-        flat_term *= master_flat.variance
-        flat_term /= np.square(flat, dtype=np.float32)
-        variance += flat_term  # + image^2 var_flat / flat^2
-
-    mask = maskbits.flag_science_pixels(data, image, saturate=saturate, raw_ceiling=raw_ceiling)
-    mask |= master_bias.mask
-    mask |= master_flat.mask
-    return DetrendedQuadrant(image=image, variance=variance, mask=mask, overscan=corrected.overscan)
+        # 1-4: linear ADU above the pedestal
+        correct_rows(
+            data[band], overscan[band], model.level_stored[band], qid,
+            nonlinearity=config.nonlinearity, nonlinearity_coefficients=nonlinearity_coefficients,
+            row_corrections=row_corrections, out=img,
+        )  # fmt: skip
+        # 5: ADU of signal, before the flat
+        img -= master_bias.data[band]
+        np.copyto(msk, master_bias.mask[band])
+        msk |= master_flat.mask[band]
+        with np.errstate(invalid="ignore"):
+            if saturation is not None:
+                np.greater_equal(img, saturation, out=flag)
+                msk[flag] |= maskbits.SATURATED
+            if raw_ceiling is not None:
+                np.greater_equal(data[band], raw_ceiling, out=flag)
+                msk[flag] |= maskbits.SATURATED
+        # 7a: variance before the flat, ADU^2: Poisson (signal / gain) + read noise + master bias
+        np.maximum(img, np.float32(0.0), out=var)
+        var *= poisson_per_adu
+        var += read_variance
+        var += master_bias.variance[band]
+        # 6: flat-fielded ADU; tmp = 1 / (flat * factor), NaN where the flat is not positive
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            np.divide(inverse_factor, flat, out=tmp)
+            np.greater(flat, np.float32(0.0), out=flag)
+            np.logical_not(flag, out=flag)
+            if flag.any():
+                tmp[flag] = np.nan
+            img *= tmp
+            # 7b: variance / (flat factor)^2 + image^2 var_flat / flat^2
+            tmp *= tmp
+            var *= tmp
+            tmp *= factor_squared
+            tmp *= flat_variance
+            tmp *= img
+            tmp *= img
+            var += tmp
+        # 8: NaN
+        np.isfinite(img, out=flag)
+        np.logical_not(flag, out=flag)
+        if flag.any():
+            msk[flag] |= maskbits.NAN
+    return DetrendedQuadrant(image=image, variance=variance, mask=mask, overscan=model)

@@ -210,25 +210,37 @@ def clipped_median(stack: npt.NDArray[np.floating], *, clip_sigma: float, max_it
         raise ValueError(f"clip_sigma = {clip_sigma}: expected > 0")
     if max_iterations < 1:
         raise ValueError(f"max_iterations = {max_iterations}: expected >= 1")
+    with np.errstate(invalid="ignore"):  # +inf stands for missing values: inf - inf is expected
+        return _clipped_median(stack, clip_sigma, max_iterations)
+
+
+def _clipped_median(stack: npt.NDArray[np.floating], clip_sigma: float, max_iterations: int) -> ClippedMedian:
     n, rows, columns = stack.shape
-    values = sort_frames(stack).reshape(n, rows * columns)
-    n_finite = np.isfinite(values).sum(axis=0, dtype=np.intp)
-    complete = n_finite == n
+    pixels = rows * columns
+    values = sort_frames(stack).reshape(n, pixels)
+    if np.isfinite(values[n - 1]).all():  # non-finite values sort last: all pixels complete
+        n_finite = None
+        complete = None
+    else:
+        n_finite = np.zeros(pixels, dtype=np.intp)
+        for i in range(n):
+            n_finite += np.isfinite(values[i])
+        complete = n_finite == n
 
     # Plane statistics of all n values (two passes, float32 deviations): the sample variance of
     # every complete pixel, hence the sigma floor.
     mean = values.sum(axis=0, dtype=np.float32)
-    mean /= n
-    squares = np.zeros(rows * columns, dtype=np.float32)
-    deviation = np.empty(rows * columns, dtype=np.float32)
+    mean /= np.float32(n)
+    sample_variance = np.zeros(pixels, dtype=np.float32)
+    deviation = np.empty(pixels, dtype=np.float32)
     for i in range(n):
         np.subtract(values[i], mean, out=deviation)
         deviation *= deviation
-        squares += deviation
-    sample_variance = squares.astype(np.float64)
+        sample_variance += deviation
     if n >= 2:
-        sample_variance /= n - 1
-        typical = float(np.median(sample_variance[complete])) if complete.any() else 0.0
+        sample_variance /= np.float32(n - 1)
+        usable = sample_variance if complete is None else sample_variance[complete]
+        typical = float(np.median(usable)) if usable.size else 0.0
         sigma_floor = math.sqrt(typical / chi2_median_ratio(n - 1)) if math.isfinite(typical) else 0.0
     else:
         sample_variance[:] = np.nan
@@ -236,61 +248,63 @@ def clipped_median(stack: npt.NDArray[np.floating], *, clip_sigma: float, max_it
 
     # First clipping pass, all pixels at once, as if every pixel had n values (float32 planes:
     # fast, and exact enough for a clipping decision).
-    centre32 = values[(n - 1) // 2] + values[n // 2]
-    centre32 *= 0.5
+    centre = values[(n - 1) // 2] + values[n // 2]
+    centre *= np.float32(0.5)
     quartiles = []
     for q in (0.25, 0.75):
         position = q * (n - 1)
         below = int(math.floor(position))
         above = min(below + 1, n - 1)
         quartile = values[above] - values[below]
-        quartile *= position - below
+        quartile *= np.float32(position - below)
         quartile += values[below]
         quartiles.append(quartile)
-    half_width = quartiles[1] - quartiles[0]
-    half_width *= 1.0 / IQR_TO_SIGMA
+    half_width = quartiles[1]
+    half_width -= quartiles[0]
+    half_width *= np.float32(1.0 / IQR_TO_SIGMA)
     np.maximum(half_width, np.float32(sigma_floor), out=half_width)
-    half_width *= clip_sigma
-    with np.errstate(invalid="ignore"):
-        low_edge = centre32 - half_width
-        high_edge = centre32 + half_width
-        n_low = np.zeros(rows * columns, dtype=np.int8)
-        n_high = np.zeros(rows * columns, dtype=np.int8)
-        for i in range(n):
-            n_low += values[i] < low_edge
-            n_high += values[i] > high_edge
-    n_low_i, n_high_i = n_low.astype(np.intp), n_high.astype(np.intp)
-    settled = complete & ((half_width <= 0) | ((n_low_i == 0) & (n_high_i == 0)) | (n_low_i + n_high_i >= n))
+    half_width *= np.float32(clip_sigma)
+    clipping = half_width > 0  # sigma 0: keep all
+    low_edge = centre - half_width
+    high_edge = np.add(centre, half_width, out=half_width)
+    n_low = np.zeros(pixels, dtype=np.int8)
+    n_high = np.zeros(pixels, dtype=np.int8)
+    flag = np.empty(pixels, dtype=bool)
+    for i in range(n):
+        n_low += np.less(values[i], low_edge, out=flag)
+        n_high += np.greater(values[i], high_edge, out=flag)
+    changed = (n_low != 0) | (n_high != 0)
+    changed &= clipping
+    changed &= (n_low.astype(np.intp) + n_high) < n  # a pass that would keep nothing keeps all
+    del low_edge, high_edge, quartiles, deviation, mean
 
-    lo = np.zeros(rows * columns, dtype=np.intp)
-    hi = n_finite.copy()
-    centre = centre32.astype(np.float64)
-
-    moved = np.flatnonzero(complete & ~settled)
-    partial = np.flatnonzero(~complete & (n_finite > 0))
-    for subset, start_lo, start_hi, iterations in (
-        (moved, n_low_i[moved], n - n_high_i[moved], max_iterations - 1),
-        (partial, lo[partial], hi[partial], max_iterations),
-    ):
+    median = centre
+    n_used = np.full(pixels, n, dtype=np.int16)
+    moved = np.flatnonzero(changed if complete is None else changed & complete)
+    subsets = [(moved, n_low[moved].astype(np.intp), n - n_high[moved].astype(np.intp), max_iterations - 1)]
+    if complete is not None and n_finite is not None:
+        partial = np.flatnonzero(~complete)
+        subsets.append((partial, np.zeros(partial.size, dtype=np.intp), n_finite[partial], max_iterations))
+    factor = median_variance_factor(n).item() / n
+    variance = sample_variance * np.float32(factor)
+    for subset, start_lo, start_hi, iterations in subsets:
         if subset.size == 0:
             continue
         sub_values = values[:, subset]
-        sub_lo, sub_hi = _clip_runs(sub_values, start_lo, start_hi, clip_sigma, sigma_floor, iterations)
-        lo[subset], hi[subset] = sub_lo, sub_hi
-        centre[subset], sample_variance[subset] = _run_statistics(sub_values, sub_lo, sub_hi)
-
-    empty = n_finite == 0
-    count = np.where(empty, 0, hi - lo)
-    variance = median_variance_factor(count) * sample_variance / np.maximum(count, 1)
-    centre[empty] = np.nan
-    sample_variance[empty] = np.nan
-    variance[empty] = np.nan
+        has_value = start_hi > start_lo
+        sub_lo, sub_hi = _clip_runs(sub_values, start_lo, np.maximum(start_hi, 1), clip_sigma, sigma_floor, iterations)
+        sub_centre, sub_variance = _run_statistics(sub_values, sub_lo, sub_hi)
+        count = np.where(has_value, sub_hi - sub_lo, 0)
+        median[subset] = np.where(has_value, sub_centre, np.nan)
+        sample_variance[subset] = np.where(has_value, sub_variance, np.nan)
+        variance[subset] = np.where(has_value, median_variance_factor(count) * sub_variance / np.maximum(count, 1), np.nan)
+        n_used[subset] = count
     shape = (rows, columns)
     return ClippedMedian(
-        median=centre.astype(np.float32).reshape(shape),
-        variance=variance.astype(np.float32).reshape(shape),
-        sample_variance=sample_variance.astype(np.float32).reshape(shape),
-        n_used=count.astype(np.int16).reshape(shape),
+        median=median.reshape(shape),
+        variance=variance.reshape(shape),
+        sample_variance=sample_variance.reshape(shape),
+        n_used=n_used.reshape(shape),
     )
 
 
