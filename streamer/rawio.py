@@ -26,7 +26,11 @@ from .detrend.readout import OVERSCAN_COLUMNS
 from .errors import StreamerError
 
 # What astropy raises on truncated or malformed compressed data, besides its warnings.
-_READ_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, EOFError, AstropyWarning)
+try:  # corrupt Rice bytes raise cfitsio's own exception, a direct subclass of Exception
+    from astropy.io.fits.hdu.compressed._compression import CfitsioException
+except ImportError:  # pragma: no cover - astropy without that private module
+    CfitsioException = OSError  # type: ignore[assignment,misc]
+_READ_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, EOFError, AstropyWarning, CfitsioException)
 
 
 class RawFileError(StreamerError):

@@ -6,17 +6,35 @@ boundaries (local pool or dask) by pickle. Nothing here opens the ledger.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
-from . import photometry, refcat
-from .products import QuadrantRows
+from . import geometry, masterio, photometry, rawio, refcat
+from .archive.naming import RawName, night_of, parse_filename
+from .config import DetrendConfig, PhotometryConfig
+from .detrend import masks as maskbits
+from .detrend import nonlinearity
+from .detrend.calibrate import MasterQuadrant, detrend_science
+from .errors import StreamerError
+from .products import (
+    ExposureInfo,
+    QuadrantRows,
+    apcat_relpath,
+    apcat_table,
+    detrended_relpath,
+    write_apcat,
+    write_detrended,
+)
 
 PIXEL_SCALE_ARCSEC: Final = 1.012
 QIDS: Final = (1, 2, 3, 4)
@@ -111,14 +129,18 @@ def measure_quadrant(
     background_box: tuple[int, int],
     edge_margin_px: float,
     ipac_mask: bool,
+    overwrite_image: bool = False,
 ) -> QuadrantRows:
-    """Photometry of the catalogue sources that fall on one detrended quadrant."""
+    """Photometry of the catalogue sources that fall on one detrended quadrant.
+
+    With ``overwrite_image`` the image buffer is reused for the background-subtracted image.
+    """
     sources = catalogue.sources
     x, y = photometry.sky_to_pixel(wcs.wcs, sources.ra, sources.dec)
     keep = np.flatnonzero(photometry.on_image(x, y, image.shape))
     apertures = photometry.measure_apertures(
         image, variance, mask, reject_bits, x[keep], y[keep], radii,
-        background_box=background_box, edge_margin_px=edge_margin_px,
+        background_box=background_box, edge_margin_px=edge_margin_px, overwrite_image=overwrite_image,
     )  # fmt: skip
     return QuadrantRows(
         qid=qid,
@@ -133,3 +155,272 @@ def measure_quadrant(
         ipac_mask=ipac_mask,
         wcs_from_qid=wcs.from_qid,
     )
+
+
+MASTER_CACHE_QUADRANTS: Final = 8
+"""Master quadrants a worker keeps (bias and flat of one CCD, about 0.75 GB): files of one CCD
+and night share them, so a worker fed by CCD reads each master once."""
+
+
+@functools.lru_cache(maxsize=MASTER_CACHE_QUADRANTS)
+def _read_master_by_identity(path: str, qid: int, mtime_ns: int, size: int) -> MasterQuadrant:
+    master = masterio.read_master(path, qid)
+    for array in master:
+        array.flags.writeable = False  # shared between calls: nobody may change it in place
+    return master
+
+
+def read_master_cached(path: Path | str, qid: int) -> MasterQuadrant:
+    """Quadrant ``qid`` of a master file, from this process's cache while the file is unchanged."""
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        raise masterio.MasterReadError(f"{path}: no such master file ({err.strerror})") from err
+    return _read_master_by_identity(os.path.realpath(path), qid, stat.st_mtime_ns, stat.st_size)
+
+
+def clear_master_cache() -> None:
+    """Forget the cached masters (tests, benchmarks)."""
+    _read_master_by_identity.cache_clear()
+
+
+@dataclass(frozen=True)
+class ExposureResult:
+    """What ``process_exposure`` did with one raw science CCD file (small and picklable)."""
+
+    raw_path: str
+    apcat_path: str
+    rows: tuple[tuple[int, int], ...]
+    """(qid, number of catalogue sources measured) for each quadrant measured."""
+    lost: tuple[tuple[int, str], ...]
+    """(qid, reason) for each quadrant that could not be measured."""
+    sibling_wcs: tuple[tuple[int, int], ...]
+    """(qid, qid whose IPAC header gave the WCS) for quadrants without a usable header of their own."""
+    without_ipac_mask: tuple[tuple[int, str], ...]
+    """(qid, reason) for quadrants measured with our own mask alone."""
+    detrended_paths: tuple[str, ...] = ()
+    refcat_pixels_missing: tuple[int, ...] = ()
+
+
+def process_exposure(
+    raw_path: Path | str,
+    *,
+    master_bias_path: Path | str,
+    master_flat_path: Path | str,
+    sciimg_header_paths: Mapping[int, Path | str | None],
+    mask_paths: Mapping[int, Path | str | None],
+    catalog_dir: Path | str,
+    storage_root: Path | str,
+    detrend_config: DetrendConfig,
+    photometry_config: PhotometryConfig,
+    provenance: Mapping[str, Any],
+    focalplane_factor: float = 1.0,
+) -> ExposureResult:
+    """Detrend the four quadrants of a raw science CCD file and write its aperture catalogue.
+
+    Writes ``storage_root / products.apcat_relpath(raw)`` (and, when
+    ``detrend_config.write_detrended``, one detrended image per quadrant) atomically. A quadrant
+    whose HDU, masters or pixels cannot be read is lost alone (``ExposureResult.lost``); one
+    without an IPAC header gets a sibling's WCS; one without an IPAC mask is measured with our
+    own mask. Raises :class:`photometry.NoCcdWcsError` when no quadrant has an IPAC header (the
+    file is blocked), :class:`rawio.RawFileError` when the raw file cannot be opened at all.
+    ``provenance`` (e.g. the configuration hash) goes into the apcat metadata.
+    """
+    raw_path = Path(raw_path)
+    name = parse_filename(raw_path.name)
+    if not isinstance(name, RawName) or name.imgtypecode != "o":
+        raise ValueError(f"{raw_path.name}: expected a raw science file name (..._o.fits.fz)")
+    header_notes: dict[int, str] = {}
+    headers: dict[int, fits.Header | None] = {}
+    for qid in QIDS:
+        path = sciimg_header_paths.get(qid)
+        headers[qid] = None
+        if path is None:
+            header_notes[qid] = "no IPAC sciimg header"
+            continue
+        try:
+            headers[qid] = read_sciimg_header(path)
+        except (InputFileError, OSError) as err:
+            header_notes[qid] = str(err)
+
+    with rawio.open_raw(raw_path) as raw:
+        shape = _quadrant_shape(raw, headers)
+        wcs = photometry.quadrant_wcs(headers, shape)
+        primary = raw.primary_header
+        obsjd = float(primary["OBSJD"])
+        expid = _expid(primary, headers)
+        catalogue = catalogue_for_ccd(
+            catalog_dir, wcs, shape, refcat.julian_epoch(obsjd), photometry_config.isolation_arcsec
+        )
+        quadrants: list[QuadrantRows] = []
+        lost: list[tuple[int, str]] = []
+        no_mask: list[tuple[int, str]] = []
+        detrended: list[str] = []
+        for qid in QIDS:
+            try:
+                measured, mask_note, written = _process_quadrant(
+                    raw, qid, name, headers, wcs[qid], catalogue,
+                    master_bias_path=master_bias_path, master_flat_path=master_flat_path,
+                    mask_path=mask_paths.get(qid), storage_root=Path(storage_root),
+                    detrend_config=detrend_config, photometry_config=photometry_config,
+                    focalplane_factor=focalplane_factor,
+                )  # fmt: skip
+            except (StreamerError, ValueError, OSError, KeyError) as err:
+                lost.append((qid, f"{type(err).__name__}: {err}"))
+                continue
+            quadrants.append(measured)
+            if mask_note is not None:
+                no_mask.append((qid, mask_note))
+            if written is not None:
+                detrended.append(str(written))
+
+    exposure = ExposureInfo(name.filefracday, expid, name.field, name.filtercode, name.ccdid, obsjd)
+    sibling = tuple((qid, w.from_qid) for qid, w in sorted(wcs.items()) if w.from_qid != qid)
+    record = {
+        **provenance,
+        "raw": raw_path.name,
+        "masters": {"bias": _master_record(master_bias_path), "flat": _master_record(master_flat_path)},
+        "focalplane_factor": focalplane_factor,
+        "detrend_config": _plain(detrend_config),
+        "photometry_config": _plain(photometry_config),
+        "refcat_pixels_read": list(catalogue.sources.pixels_read),
+        "refcat_pixels_missing": list(catalogue.sources.pixels_missing),
+        "quadrants_lost": {str(q): reason for q, reason in lost},
+        "sibling_wcs": {str(q): f for q, f in sibling},
+        "sciimg_header_notes": {str(q): note for q, note in header_notes.items()},
+        "without_ipac_mask": {str(q): note for q, note in no_mask},
+    }
+    radii = photometry_config.radii
+    apcat_path = Path(storage_root) / apcat_relpath(name)
+    write_apcat(apcat_path, apcat_table(exposure, quadrants, radii), radii, record)
+    return ExposureResult(
+        raw_path=str(raw_path),
+        apcat_path=str(apcat_path),
+        rows=tuple((q.qid, len(q)) for q in quadrants),
+        lost=tuple(lost),
+        sibling_wcs=sibling,
+        without_ipac_mask=tuple(no_mask),
+        detrended_paths=tuple(detrended),
+        refcat_pixels_missing=catalogue.sources.pixels_missing,
+    )
+
+
+def _process_quadrant(
+    raw: rawio.RawFile,
+    qid: int,
+    name: RawName,
+    headers: Mapping[int, fits.Header | None],
+    wcs: photometry.QuadrantWcs,
+    catalogue: CcdCatalogue,
+    *,
+    master_bias_path: Path | str,
+    master_flat_path: Path | str,
+    mask_path: Path | str | None,
+    storage_root: Path,
+    detrend_config: DetrendConfig,
+    photometry_config: PhotometryConfig,
+    focalplane_factor: float,
+) -> tuple[QuadrantRows, str | None, Path | None]:
+    """Detrend and measure one quadrant: (rows, why the IPAC mask was not used or None, detrended path or None)."""
+    quadrant = raw.quadrant(qid)
+    own_header = headers.get(qid)
+    gain, read_noise = quadrant.gain, quadrant.read_noise
+    if own_header is not None:
+        gain = gain if gain is not None else _header_number(own_header, "GAIN")
+        read_noise = read_noise if read_noise is not None else _header_number(own_header, "READNOI")
+    if gain is None or read_noise is None:
+        raise ValueError("no GAIN or READNOI in the raw extension header nor in the IPAC header")
+    saturate = _header_number(own_header, "SATURATE") if own_header is not None else None
+    night = night_of(name.filefracday)
+    detrended = detrend_science(
+        quadrant.data,
+        quadrant.overscan,
+        qid,
+        config=detrend_config,
+        nonlinearity_coefficients=nonlinearity.coefficients(night, name.ccdid, qid),
+        master_bias=read_master_cached(master_bias_path, qid),
+        master_flat=read_master_cached(master_flat_path, qid),
+        gain=gain,
+        read_noise=read_noise,
+        saturate=saturate,
+        flat_factor=focalplane_factor,
+    )
+    del quadrant
+    mask_note: str | None = None
+    mask = detrended.mask
+    if mask_path is None:
+        mask_note = "no IPAC mask"
+    else:
+        try:
+            ipac = read_ipac_mask(mask_path, mask.shape).view(np.uint16)
+            mask = np.bitwise_or(mask, ipac, out=mask if mask.flags.writeable else None)
+        except (InputFileError, OSError) as err:
+            mask_note = str(err)
+    reject_bits = photometry_config.mask_reject_bits | maskbits.REJECT_OWN
+    written = None
+    if detrend_config.write_detrended:
+        header = own_header.copy() if own_header is not None else fits.Header()
+        header["WCSFROMQ"] = (wcs.from_qid, "quadrant whose IPAC header gave the WCS")
+        written = write_detrended(
+            storage_root / detrended_relpath(name, qid), detrended.image, detrended.variance, mask,
+            _primary_safe(header), detrend_config.detrended_quantize_step,
+        )  # fmt: skip
+    rows = measure_quadrant(
+        qid, detrended.image, detrended.variance, mask, reject_bits, wcs, catalogue, photometry_config.radii,
+        background_box=photometry_config.background_box, edge_margin_px=photometry_config.edge_margin_px,
+        ipac_mask=mask_note is None, overwrite_image=True,
+    )  # fmt: skip
+    return rows, mask_note, written
+
+
+def _quadrant_shape(raw: rawio.RawFile, headers: Mapping[int, fits.Header | None]) -> tuple[int, int]:
+    """(rows, columns) of a quadrant: from the first readable quadrant HDU header, else an IPAC header."""
+    for qid in QIDS:
+        try:
+            return raw.data_shape(qid)
+        except rawio.QuadrantReadError:
+            continue
+    for header in headers.values():
+        if header is not None and "NAXIS1" in header and "NAXIS2" in header:
+            return (int(header["NAXIS2"]), int(header["NAXIS1"]))
+    return geometry.QUADRANT_SHAPE
+
+
+def _expid(primary: fits.Header, headers: Mapping[int, fits.Header | None]) -> int:
+    for header in (primary, *headers.values()):
+        if header is not None and isinstance(header.get("EXPID"), int):
+            return int(header["EXPID"])
+    return -1
+
+
+def _header_number(header: fits.Header | None, key: str) -> float | None:
+    value = None if header is None else header.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _primary_safe(header: fits.Header) -> fits.Header:
+    """The header without the cards that describe another HDU's data layout."""
+    out = header.copy()
+    for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION"):
+        out.remove(key, ignore_missing=True, remove_all=True)
+    return out
+
+
+def _master_record(path: Path | str) -> dict[str, Any]:
+    """Which master file was used and the night it was built for."""
+    record: dict[str, Any] = {"file": Path(path).name}
+    try:
+        header = masterio.read_master_header(path)
+    except masterio.MasterReadError as err:
+        record["error"] = str(err)
+        return record
+    for key in ("NIGHT", "MKIND", "FILTER", "LEDS", "NFRAMES", "CFGHASH"):
+        if key in header:
+            record[key.lower()] = header[key]
+    return record
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))

@@ -199,3 +199,19 @@ def test_apertures_round_trip_through_pickle() -> None:
     again = pickle.loads(pickle.dumps(result))
     np.testing.assert_array_equal(again.flux, result.flux)
     np.testing.assert_array_equal(again.flags, result.flags)
+
+
+def test_overwrite_image_gives_the_same_sums_and_only_then_touches_the_image() -> None:
+    rng = np.random.default_rng(9)
+    shape = (90, 100)
+    image = (rng.normal(50.0, 3.0, shape) + gaussian_star(shape, 40.2, 45.7, 4e4, 1.5)).astype(np.float32)
+    image[10, 10] = np.inf
+    args = (np.full(shape, 9.0, np.float32), np.zeros(shape, np.int16), 6141, np.array([40.2, 12.0]), np.array([45.7, 10.0]), RADII)
+    kept = image.copy()
+    plain = ph.measure_apertures(image, *args)
+    np.testing.assert_array_equal(image, kept)
+    again = ph.measure_apertures(image, *args, overwrite_image=True)
+    np.testing.assert_array_equal(again.flux, plain.flux)
+    np.testing.assert_array_equal(again.flags, plain.flags)
+    assert np.all(plain.flags[1] & ph.FLAG_MASKED), "the infinite pixel is rejected"
+    assert not np.array_equal(image, kept)

@@ -1,0 +1,264 @@
+"""Per-quadrant cost of the science path: ours against a field user's baseline and against the floor.
+
+    python -m bench.photometry [--workdir DIR] [--repeat N]
+
+On one core (thread pools pinned to 1), on a full-size simulated raw CCD file (4 quadrants of
+3080 x 3072, about 5000 catalogue sources per quadrant, 10 radii):
+
+- ours: ``streamer.work.process_exposure`` (decompress, detrend, masks, background, photometry,
+  isolation, apcat write), per quadrant = per file / 4; "cold" is the first file of a CCD (masters
+  read from disk), "warm" a further file of the same CCD (masters from the worker's cache);
+- baseline: the same science written the way a user of the field would: astropy reading into
+  float64, readout flips with copies, ccdproc arithmetic with uncertainties, photutils apertures
+  radius by radius (exact overlap), astropy isolation, masters and IPAC mask read for each file;
+  it computes no per-radius mask flags (which would cost it a second photutils pass), so its
+  time is a lower bound for the same science;
+- floor: the calls no implementation can avoid on the same data: decompressing the file, one
+  ``sep.Background`` per quadrant, one ``sep.sum_circle`` of the same sources and radii.
+
+Prints the times and the ratios (baseline / ours, ours / floor) measured in this run.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import datetime as dt  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import sep  # noqa: E402
+from astropy.io import fits  # noqa: E402
+
+from streamer import masterio, photometry, refcat, work  # noqa: E402
+from streamer.archive.naming import RawName, parse_filename  # noqa: E402
+from streamer.config import DetrendConfig, PhotometryConfig  # noqa: E402
+from streamer.detrend.calibrate import MasterQuadrant  # noqa: E402
+from streamer.detrend.nonlinearity import coefficients  # noqa: E402
+from streamer.detrend.readout import from_readout, to_readout  # noqa: E402
+
+NIGHT = dt.date(2020, 9, 24)
+STARS_PER_QUADRANT = 5000
+QIDS = (1, 2, 3, 4)
+
+
+def prepare(workdir: Path) -> dict[str, Any]:
+    """Two full-size science files of CCD 13 and masters (truth plus realistic noise) in ``workdir``."""
+    from streamer.sim.generate import generate_night
+
+    marker = workdir / "READY"
+    if not marker.exists():
+        generate_night(
+            workdir, NIGHT, ccds=(13,), n_exposures=2, flats_per_led=0, n_biases=0, shape="full",
+            filters=("zr",), fields=(655,), flat_filters=(), stars_per_quadrant=STARS_PER_QUADRANT,
+        )  # fmt: skip
+        rng = np.random.default_rng(7)
+        for kind, truth_file, noise in (("bias", "bias_c13.fits", 0.5), ("flat", "flat_zr_c13.fits", 0.002)):
+            quadrants = {}
+            with fits.open(workdir / "truth" / truth_file) as hdus:
+                for qid in QIDS:
+                    data = np.asarray(hdus[qid].data, dtype=np.float32)
+                    data = data + rng.normal(0.0, noise, data.shape).astype(np.float32)
+                    variance = np.full(data.shape, noise**2, np.float32) * rng.uniform(0.8, 1.2, data.shape).astype(np.float32)
+                    quadrants[qid] = MasterQuadrant(data, variance, np.zeros(data.shape, np.uint16))
+            (workdir / "masters").mkdir(exist_ok=True)
+            masterio.write_master(
+                workdir / "masters" / f"{kind}.fits", quadrants,
+                primary_cards={"MKIND": kind, "NIGHT": NIGHT.isoformat(), "CCD_ID": 13},
+            )  # fmt: skip
+        shutil.rmtree(workdir / "truth")  # the truth images are large and not needed here
+        marker.touch()
+    raws = sorted((workdir / "raw").rglob("*_o.fits.fz"))
+    files = []
+    for raw in raws:
+        name = parse_filename(raw.name)
+        assert isinstance(name, RawName)
+        files.append(
+            {
+                "raw": raw,
+                "name": name,
+                "headers": {q: workdir / name.sci(q, "sciimg.fits").relpath for q in QIDS},
+                "masks": {q: workdir / name.sci(q, "mskimg.fits").relpath for q in QIDS},
+            }
+        )
+    return {"workdir": workdir, "files": files, "bias": workdir / "masters" / "bias.fits", "flat": workdir / "masters" / "flat.fits"}
+
+
+def run_ours(data: dict[str, Any], file: dict[str, Any], root: Path) -> work.ExposureResult:
+    return work.process_exposure(
+        file["raw"],
+        master_bias_path=data["bias"],
+        master_flat_path=data["flat"],
+        sciimg_header_paths=file["headers"],
+        mask_paths=file["masks"],
+        catalog_dir=data["workdir"] / "refcat",
+        storage_root=root,
+        detrend_config=DetrendConfig(),
+        photometry_config=PhotometryConfig(catalog_dir=data["workdir"] / "refcat"),
+        provenance={"bench": True},
+    )
+
+
+def run_floor(file: dict[str, Any], positions: dict[int, tuple[np.ndarray, np.ndarray]], radii: tuple[float, ...]) -> float:
+    """Seconds for the unavoidable calls of one file: decompress all HDUs, per quadrant one background and one sum."""
+    images = {}
+    start = time.perf_counter()
+    with fits.open(file["raw"]) as hdus:
+        arrays = [np.asarray(hdus[i].data) for i in range(1, 9)]
+    elapsed = time.perf_counter() - start
+    for qid in QIDS:
+        images[qid] = arrays[qid - 1].astype(np.float32) - np.float32(1000.0)
+    variance = np.full(images[1].shape, 60.0, np.float32)
+    rejected = np.zeros(images[1].shape, bool)
+    radii_arr = np.asarray(radii)
+    for qid in QIDS:
+        x, y = positions[qid]
+        start = time.perf_counter()
+        sep.Background(images[qid], mask=rejected, bw=192, bh=220)
+        sep.sum_circle(images[qid], np.repeat(x, len(radii)), np.repeat(y, len(radii)), np.tile(radii_arr, x.size), var=variance, subpix=0)
+        elapsed += time.perf_counter() - start
+    return elapsed
+
+
+def run_baseline(data: dict[str, Any], file: dict[str, Any], root: Path, radii: tuple[float, ...]) -> float:
+    """Seconds for the same science written with the field's usual tools (see the module docstring)."""
+    import astropy.units as u
+    import ccdproc
+    from astropy.coordinates import SkyCoord
+    from astropy.nddata import CCDData, StdDevUncertainty
+    from astropy.stats import sigma_clip
+    from astropy.wcs import WCS, FITSFixedWarning
+    from photutils.aperture import CircularAperture, aperture_photometry
+
+    start = time.perf_counter()
+    name: RawName = file["name"]
+    rows_out = []
+    with fits.open(file["raw"]) as hdus:
+        obsjd = float(hdus[0].header["OBSJD"])
+        for qid in QIDS:
+            raw = hdus[qid].data.astype(np.float64)
+            overscan = hdus[qid + 4].data.astype(np.float64)
+            gain, read_noise = float(hdus[qid].header["GAIN"]), float(hdus[qid].header["READNOI"])
+            readout = to_readout(raw, qid).copy()
+            overscan_readout = to_readout(overscan, qid).copy()
+            levels = np.median(overscan_readout[:, 5:25], axis=1)
+            clipped = sigma_clip(levels, sigma=3)
+            rows = np.arange(levels.size)
+            fit = np.polynomial.polynomial.polyfit(rows[~clipped.mask], levels[~clipped.mask], 3)
+            readout = readout - np.polynomial.polynomial.polyval(rows, fit)[:, None]
+            a, b = coefficients(NIGHT, name.ccdid, qid)
+            readout = readout / (a * readout**2 + b * readout + 1)
+            image = from_readout(readout, qid).copy()
+            bias = CCDData(
+                fits.getdata(data["bias"], f"Q{qid}_DATA").astype(np.float64), unit="adu",
+                uncertainty=StdDevUncertainty(np.sqrt(fits.getdata(data["bias"], f"Q{qid}_VAR").astype(np.float64))),
+            )  # fmt: skip
+            flat = CCDData(
+                fits.getdata(data["flat"], f"Q{qid}_DATA").astype(np.float64), unit="adu",
+                uncertainty=StdDevUncertainty(np.sqrt(fits.getdata(data["flat"], f"Q{qid}_VAR").astype(np.float64))),
+            )  # fmt: skip
+            ccd = CCDData(image, unit="adu", uncertainty=StdDevUncertainty(np.sqrt(np.maximum(image, 0) / gain + (read_noise / gain) ** 2)))
+            ccd = ccdproc.subtract_bias(ccd, bias)
+            ccd = ccdproc.flat_correct(ccd, flat, norm_value=1.0)
+            ipac = fits.getdata(file["masks"][qid])
+            rejected = (ipac & 6141) != 0
+            header = fits.getheader(file["headers"][qid])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FITSFixedWarning)
+                wcs = WCS(header)
+            pixels = refcat.pixels_touching(wcs, image.shape, 22.0)
+            tables = [pq.read_table(data["workdir"] / "refcat" / refcat.refcat_filename(p)) for p in pixels if (data["workdir"] / "refcat" / refcat.refcat_filename(p)).exists()]
+            joined = pa.concat_tables(tables)
+            cat = {column: joined.column(column).to_numpy() for column in joined.column_names}
+            years = (obsjd - 2457389.0) / 365.25
+            dec = cat["dec"] + cat["pmdec"] * years / 3.6e6
+            ra = cat["ra"] + cat["pmra"] * years / 3.6e6 / np.cos(np.radians(cat["dec"]))
+            coords = SkyCoord(ra * u.deg, dec * u.deg)
+            first, second, _, _ = coords.search_around_sky(coords, 20 * u.arcsec)
+            counts = np.bincount(first[first != second], minlength=ra.size)
+            x, y = wcs.all_world2pix(ra, dec, 0)
+            on = (x > -0.5) & (x < image.shape[1] - 0.5) & (y > -0.5) & (y < image.shape[0] - 0.5)
+            positions = np.column_stack([x[on], y[on]])
+            science = np.ascontiguousarray(ccd.data, dtype=np.float32)
+            source_mask = np.zeros(science.shape, bool)
+            sep.mask_ellipse(source_mask, positions[:, 0], positions[:, 1], max(radii), max(radii), 0.0)
+            background = sep.Background(science, mask=rejected | source_mask, bw=192, bh=220)
+            subtracted = ccd.data - background.back()
+            apertures = [CircularAperture(positions, r=r) for r in radii]
+            phot = aperture_photometry(subtracted, apertures, error=ccd.uncertainty.array, method="exact")
+            columns = {"source_id": cat["source_id"][on], "x": positions[:, 0], "y": positions[:, 1],
+                       "isolated": counts[on] == 0, "qid": np.full(int(on.sum()), qid)}  # fmt: skip
+            for k in range(len(radii)):
+                columns[f"f_{k}"] = np.asarray(phot[f"aperture_sum_{k}"])
+                columns[f"f_{k}_e"] = np.asarray(phot[f"aperture_sum_err_{k}"])
+            rows_out.append(pa.table(columns))
+    out = root / "baseline" / f"{file['raw'].name}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.concat_tables(rows_out), out)
+    return time.perf_counter() - start
+
+
+def timed(function: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = function()
+    return time.perf_counter() - start, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.photometry", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, help="keep the simulated data here (reused when present)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of each path (median reported)")
+    args = parser.parse_args(argv)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-photometry-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"data: {workdir} (one core, {args.repeat} repetitions, median)")
+    data = prepare(workdir)
+    first, second = data["files"][:2]
+    radii = PhotometryConfig(catalog_dir=workdir).radii
+    with tempfile.TemporaryDirectory(prefix="bench-out-") as tmp:
+        root = Path(tmp)
+        work.clear_master_cache()
+        cold, result = timed(lambda: run_ours(data, first, root / "cold"))
+        warm_times = []
+        for i in range(args.repeat):
+            seconds, result = timed(lambda: run_ours(data, second, root / f"warm{i}"))
+            warm_times.append(seconds)
+        warm = statistics.median(warm_times)
+        table = pq.read_table(result.apcat_path)
+        positions = {
+            q: (table["x"].to_numpy()[table["qid"].to_numpy() == q], table["y"].to_numpy()[table["qid"].to_numpy() == q]) for q in QIDS
+        }
+        floor = statistics.median(run_floor(second, positions, radii) for _ in range(args.repeat))
+        baseline = statistics.median(run_baseline(data, second, root, radii) for _ in range(max(1, args.repeat // 2)))
+    sources = dict(result.rows)
+    print(f"sources per quadrant: {', '.join(f'q{q} {n}' for q, n in sorted(sources.items()))}; radii: {len(radii)}")
+    print(f"{'path':<34}{'s / quadrant':>14}")
+    for label, seconds in (
+        ("ours, warm (masters cached)", warm), ("ours, cold (masters read)", cold), ("floor", floor), ("baseline", baseline),
+    ):  # fmt: skip
+        print(f"{label:<34}{seconds / 4:>14.3f}")
+    print(f"baseline / ours (warm): {baseline / warm:.2f}x   (target >= 3)")
+    print(f"baseline / ours (cold): {baseline / cold:.2f}x")
+    print(f"ours (warm) / floor:    {warm / floor:.2f}x   (target <= 1.5)")
+    print(f"ours (cold) / floor:    {cold / floor:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
