@@ -43,6 +43,7 @@ import numpy as np
 from astropy.io import fits
 
 from ..config import StorageConfig
+from ..errors import StreamerError
 from ..ledger import Ledger
 from .client import (
     ArchiveClient,
@@ -339,6 +340,12 @@ class Fetcher:
         async def one(file_id: int) -> None:
             try:
                 outcomes.append(await self.fetch(file_id))
+            except (StreamerError, asyncio.CancelledError):
+                raise  # wrong credentials and the like end the run with their own message
+            except Exception as err:  # one file's unexpected failure must not stop the others
+                log.exception("file %d: unexpected error", file_id)
+                self.ledger.event("fetch_error", f"file {file_id}: {type(err).__name__}: {err}", level="error", file_id=file_id)
+                outcomes.append(FetchOutcome(file_id, "", "error", error=f"{type(err).__name__}: {err}"))
             finally:
                 limit.release()
 
