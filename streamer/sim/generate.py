@@ -23,11 +23,13 @@ Physical order of effects, per pixel of a quadrant (ADU unless stated):
     1. true linear signal ``S``: science ``(sky + stars) * T``; LED flat ``level_led * F * I_led``; bias 0.
        ``stars``: pixel-integrated circular Gaussians of FWHM ``seeing_fwhm_arcsec / 1.012`` px.
     2. photon noise in electrons (``S * GAIN``), back to ADU (Gaussian approximation above 20 e-).
-    3. nonlinearity: ``uncorrect(S_noisy, A, B)`` (``streamer.detrend.nonlinearity``) with the night's
-       epoch table for (CCD, qid), so overscan subtraction followed by ``correct()`` inverts it exactly.
+    3. nonlinearity: ``uncorrect(S_noisy, A, B)`` (``streamer.detrend.nonlinearity``; evaluated in float32,
+       see ``pixels.apply_nonlinearity``) with the night's epoch table for (CCD, qid), so overscan
+       subtraction followed by ``correct()`` inverts it exactly.
     4. bias: per-amplifier ``bias_level`` + a smooth row drift (zero mean over rows, a function of the
        readout row, shared by data and overscan; see ``pixels.Drift``) + a fixed per-pixel bias structure
-       (data pixels only, the same in every frame; truth in ``truth/bias_cNN.fits``).
+       (data pixels only, the same in every frame: a column pattern plus a transient at the start of each
+       row read, see ``Instrument.bias_structure``; truth in ``truth/bias_cNN.fits``).
     5. read noise, Gaussian, ``READNOI / GAIN`` ADU, in data and overscan.
     6. trailing charge: overscan column j (readout order, j = 0 read first) of a row gains
        ``0.01 * exp(-j / 2) * m`` where m is the value of step 3 of that row's last data pixel read.
@@ -171,15 +173,19 @@ class Instrument:
         )
 
     def bias_structure(self, ccdid: int, qid: int) -> npt.NDArray[np.float32]:
-        """Fixed per-pixel bias structure (ADU, IPAC grid), without the hot columns."""
+        """Fixed bias structure (ADU, IPAC grid), without the hot columns: a column pattern of
+        ``BIAS_STRUCTURE_RMS`` rms plus a start-of-row transient ``3 exp(-c / 20)`` (c = readout column)."""
         rng = stream(self.seed, "bias_structure", ccdid, qid)
-        structure = rng.standard_normal((self.shape.rows, self.shape.cols), dtype=np.float32)
-        structure *= np.float32(BIAS_STRUCTURE_RMS)
-        return structure
+        columns = rng.standard_normal(self.shape.cols) * BIAS_STRUCTURE_RMS
+        readout_column = np.arange(self.shape.cols)  # of each stored column
+        if qid in (2, 3):
+            readout_column = readout_column[::-1]
+        columns += 3.0 * np.exp(-readout_column / 20.0)
+        return np.broadcast_to(columns.astype(np.float32)[np.newaxis, :], (self.shape.rows, self.shape.cols))
 
     def bias_truth(self, ccdid: int, qid: int) -> npt.NDArray[np.float32]:
         """What a master bias recovers: the structure plus the hot-column excess."""
-        truth = self.bias_structure(ccdid, qid)
+        truth = self.bias_structure(ccdid, qid).copy()
         amp = self.amplifier(ccdid, qid)
         for column, excess in zip(amp.hot_columns, amp.hot_excess):
             truth[:, column] += np.float32(excess)
