@@ -421,9 +421,9 @@ async def serve(
 ) -> AsyncIterator[RunningServer]:
     """Run the server in this event loop for the duration of the block."""
     archive = SimArchive(_settings(root, faults, fault_seed, require_login, username, password))
-    runner = web.AppRunner(archive.application(), access_log=None)
+    runner = web.AppRunner(archive.application(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=1.0)
+    site = web.TCPSite(runner, host, port)
     try:
         await site.start()
         server = site._server
@@ -450,10 +450,9 @@ def serve_in_thread(root: Path, **options: Any) -> Iterator[RunningServer]:
                 state["loop"] = asyncio.get_running_loop()
                 ready.set()
                 await state["stop"].wait()
-        except BaseException as err:
+        except Exception as err:  # handed to the caller's thread below
             state["error"] = err
             ready.set()
-            raise
 
     thread = threading.Thread(target=lambda: asyncio.run(run()), name="sim-server", daemon=True)
     thread.start()
