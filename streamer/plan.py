@@ -29,10 +29,13 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
-from .archive.client import ArchiveClient, ArchiveError
-from .archive.fetch import header_relpath, mask_relpath, read_primary_header
+from astropy.io import fits
+
+from .archive.client import ArchiveClient, PermanentError, TransientError
+from .archive.fetch import header_relpath, local_path, mask_relpath, read_primary_header, record_failed_request
 from .archive.naming import RawName, SciName
 from .archive.search import RAW_COLUMNS, SCI_COLUMNS, SearchError, search_night
 from .config import Config, ConsumerConfig
@@ -248,30 +251,53 @@ def record_plan(ledger: Ledger, plan: NightPlan) -> PlanSummary:
     return PlanSummary(plan.night.isoformat(), len(plan.exposures), len(plan.files), to_download, on_disk, dict(by_kind))
 
 
-async def read_leds(
-    client: ArchiveClient, ledger: Ledger, raw_rows: Sequence[dict[str, Any]], ccds: Sequence[int]
-) -> dict[str, int]:
-    """ILUM_LED per flat exposure: known from the ledger, else read from one CCD file's primary header."""
-    leds: dict[str, int] = {}
-    flats: dict[str, dict[str, Any]] = {}
-    for row in raw_rows:
-        if row["imgtype"] == "flat" and row["ccdid"] in ccds:
-            flats.setdefault(row["filefracday"], row)
-    for ffd, row in sorted(flats.items()):
-        known = ledger.scalar(
-            "SELECT led FROM exposures WHERE filefracday = ? AND imgtypecode = 'f' AND led IS NOT NULL LIMIT 1", (ffd,)
-        )
-        if known is not None:
-            leds[ffd] = int(known)
-            continue
-        name = RawName(ffd, row["field"], row["filtercode"], row["ccdid"], "f")
-        try:
-            header = await read_primary_header(client, name.url(client.base_url))
-        except ArchiveError as err:
-            raise PlanError(f"flat {name.filename}: cannot read ILUM_LED from its header: {err.reason}") from None
-        if "ILUM_LED" not in header:
-            raise PlanError(f"flat {name.filename}: no ILUM_LED in its primary header")
-        leds[ffd] = int(header["ILUM_LED"])
+async def fill_flat_leds(
+    client: ArchiveClient, ledger: Ledger, night: str, ccds: Sequence[int], *, root: Path
+) -> dict[str, int | None]:
+    """Set ``exposures.led`` of the night's flats from ``ILUM_LED``, read once per flat exposure.
+
+    The header comes from a CCD file already on disk, else from a header-only read of one CCD
+    file of the exposure (failed requests count in that file's ``attempts``; when the archive
+    refuses one CCD file the next is tried). A flat whose LED cannot be read keeps ``led`` NULL.
+    """
+    marks = ", ".join("?" * len(ccds))
+    rows = ledger.rows(
+        "SELECT e.filefracday, f.id AS file_id, f.url, f.relpath, f.state FROM exposures e "
+        "JOIN files f ON f.exposure_id = e.id AND f.kind = 'raw' "
+        f"WHERE e.night = ? AND e.imgtypecode = 'f' AND e.led IS NULL AND e.ccdid IN ({marks}) "
+        "ORDER BY e.filefracday, f.state != 'on_disk', e.ccdid",
+        (night, *ccds),
+    )
+    candidates: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        candidates[row["filefracday"]].append(row)
+    leds: dict[str, int | None] = {}
+    for ffd, files in candidates.items():
+        leds[ffd] = None
+        for row in files:
+            try:
+                if row["state"] == "on_disk":
+                    header = fits.getheader(local_path(root, row["relpath"]))
+                else:
+                    file_id = row["file_id"]
+                    header = await read_primary_header(
+                        client, row["url"], on_failure=lambda err, _count, fid=file_id: record_failed_request(ledger, fid, err)
+                    )
+            except PermanentError as err:
+                record_failed_request(ledger, row["file_id"], err)
+                continue
+            except TransientError as err:
+                log.warning("flat %s: ILUM_LED unreadable: %s", row["relpath"], err.reason)
+                continue
+            if "ILUM_LED" in header:
+                leds[ffd] = int(header["ILUM_LED"])
+                break
+        if leds[ffd] is None:
+            ledger.event("plan", f"flat exposure {ffd}: no ILUM_LED could be read; its LED stays unknown", level="warning")
+    with ledger.transaction() as conn:
+        for ffd, led in leds.items():
+            if led is not None:
+                conn.execute("UPDATE exposures SET led = ? WHERE filefracday = ? AND imgtypecode = 'f'", (led, ffd))
     return leds
 
 
@@ -290,12 +316,12 @@ async def plan_night(
         sci_rows = await search_night(client, "sci", night, ccds, SCI_COLUMNS)
     except SearchError as err:
         raise PlanError(f"night {night}: {err}") from None
-    leds = await read_leds(client, ledger, raw_rows, ccds)
     plan = plan_from_rows(
         night, ccds, raw_rows, sci_rows, config.consumers, base_url=client.base_url,
-        bias_skip_first=config.detrend.bias_skip_first, leds=leds, quadrant_shape=quadrant_shape,
+        bias_skip_first=config.detrend.bias_skip_first, quadrant_shape=quadrant_shape,
     )  # fmt: skip
     summary = record_plan(ledger, plan)
+    await fill_flat_leds(client, ledger, night.isoformat(), ccds, root=config.storage.root)
     log.info(
         "night %s, CCDs %s: %d exposures, %d files (%d to download, %d on disk)",
         night, ",".join(map(str, ccds)), summary.exposures, summary.files, len(summary.to_download), summary.on_disk,

@@ -26,6 +26,7 @@ class Stub:
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
     bytes_sent: Counter[str] = field(default_factory=Counter)
     logins: int = 0
+    down_until: float = 0.0  # loop time until which every data request answers 503
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -49,6 +50,8 @@ class Stub:
         if self.password is not None and "JOSSO_SESSIONID" not in request.cookies:
             return web.Response(text="<html>log in</html>", content_type="text/html")
         body = self.files[path]
+        if asyncio.get_running_loop().time() < self.down_until:
+            return web.Response(status=503, text="down for maintenance")
         if request.method == "HEAD":
             return web.Response(headers={"Content-Length": str(len(body)), "Content-Type": "application/fits"})
         fault = self.faults[path].pop(0) if self.faults[path] else None

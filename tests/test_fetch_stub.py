@@ -59,9 +59,15 @@ def _mask_bytes(tmp: Path) -> bytes:
     return path.read_bytes()
 
 
+@pytest.fixture(scope="module")
+def payloads(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    tmp = tmp_path_factory.mktemp("payloads")
+    return tmp, {RAW: _raw_bytes(tmp), SCI: _sci_bytes(tmp), MSK: _mask_bytes(tmp)}
+
+
 @pytest_asyncio.fixture
-async def stub(tmp_path: Path) -> AsyncIterator[tuple[Stub, str]]:
-    archive = Stub(files={RAW: _raw_bytes(tmp_path), SCI: _sci_bytes(tmp_path), MSK: _mask_bytes(tmp_path)})
+async def stub(payloads: tuple[Path, dict[str, bytes]]) -> AsyncIterator[tuple[Stub, str]]:
+    archive = Stub(files=dict(payloads[1]))
     server = TestServer(archive.app(), host="127.0.0.1")
     await server.start_server()
     try:
@@ -83,9 +89,10 @@ def _client(config: ArchiveConfig, ledger: Ledger, credentials: Credentials | No
     return ArchiveClient(config, credentials=credentials, policy=policy, gate=OutageGate(ledger=ledger, initial_delay_s=0.05))
 
 
-def _want(ledger: Ledger, base_url: str, relpath: str, kind: str, url_path: str | None = None) -> int:
+def _want(ledger: Ledger, base_url: str, relpath: str, kind: str, url_path: str | None = None, size: int | None = None) -> int:
+    url = f"{base_url}/ibe/data/ztf/products/{url_path or relpath}"
     with ledger.transaction() as conn:
-        return ledger.want_file(conn, relpath=relpath, kind=kind, url=f"{base_url}/ibe/data/ztf/products/{url_path or relpath}")
+        return ledger.want_file(conn, relpath=relpath, kind=kind, url=url, expected_size=size)
 
 
 @pytest.mark.asyncio
@@ -152,20 +159,24 @@ async def test_stalled_transfer_is_aborted_and_retried(stub: tuple[Stub, str], t
 
 
 @pytest.mark.asyncio
-async def test_mask_is_stored_compressed_and_lossless(stub: tuple[Stub, str], tmp_path: Path) -> None:
+async def test_mask_is_stored_compressed_and_lossless(
+    stub: tuple[Stub, str], tmp_path: Path, payloads: tuple[Path, dict[str, bytes]]
+) -> None:
     archive, base = stub
     config, storage, ledger = _setup(tmp_path, base)
     file_id = _want(ledger, base, MSK + ".fz", "mskimg", url_path=MSK)
     async with _client(config, ledger) as client:
         assert (await Fetcher(client, ledger, storage).fetch(file_id)).state == "on_disk"
-    with fits.open(storage.root / (MSK + ".fz")) as stored, fits.open(tmp_path / "msk.fits") as served:
+    with fits.open(storage.root / (MSK + ".fz")) as stored, fits.open(payloads[0] / "msk.fits") as served:
         assert stored[1].data.dtype.kind == "i" and np.array_equal(stored[1].data, served[0].data)
     ledger.close()
 
 
 @pytest.mark.parametrize("honour_range", [True, False])
 @pytest.mark.asyncio
-async def test_header_only_fetch(stub: tuple[Stub, str], tmp_path: Path, honour_range: bool) -> None:
+async def test_header_only_fetch(
+    stub: tuple[Stub, str], tmp_path: Path, honour_range: bool, payloads: tuple[Path, dict[str, bytes]]
+) -> None:
     archive, base = stub
     archive.honour_range = honour_range
     config, storage, ledger = _setup(tmp_path, base)
@@ -176,7 +187,7 @@ async def test_header_only_fetch(stub: tuple[Stub, str], tmp_path: Path, honour_
     assert outcome.state == "on_disk" and outcome.bytes_transferred < 64 * 1024
     assert archive.bytes_sent[SCI] < len(archive.files[SCI]) / 2  # the transfer stopped early
     header = read_stored_header(storage.root / relpath)
-    full = fits.getheader(tmp_path / "sci.fits")
+    full = fits.getheader(payloads[0] / "sci.fits")
     assert WCS(header).to_header_string() == WCS(full).to_header_string()
     assert (header["NAXIS1"], header["NAXIS2"]) == (2000, 3000)
     ledger.close()
@@ -202,4 +213,25 @@ async def test_login_and_wrong_password(stub: tuple[Stub, str], tmp_path: Path, 
     )
     for text in (caplog.text, dump):
         assert "correct horse" not in text and "wrong one" not in text
+    ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_outage_pauses_instead_of_burning_attempts(stub: tuple[Stub, str], tmp_path: Path, payloads: tuple[Path, dict[str, bytes]]) -> None:
+    archive, base = stub
+    relpaths = [RAW.replace("431759", f"43{i:04d}") for i in range(12)]
+    for relpath in relpaths:
+        archive.files[relpath] = payloads[1][RAW]
+    archive.down_until = asyncio.get_running_loop().time() + 1.0
+    config, storage, ledger = _setup(tmp_path, base, max_attempts=3)
+    ids = [_want(ledger, base, r, "raw", size=len(payloads[1][RAW])) for r in relpaths]
+    async with _client(config, ledger) as client:
+        outcomes = await Fetcher(client, ledger, storage).fetch_all(ids)
+        assert client.gate.pauses >= 1 and not client.gate.in_outage
+    assert {o.state for o in outcomes} == {"on_disk"}
+    kinds = [r["kind"] for r in ledger.rows("SELECT kind FROM events ORDER BY id")]
+    assert "archive_outage" in kinds and kinds[-1] == "archive_back"
+    assert '"outage": false' in (ledger.get_meta("archive.outage") or "")
+    requests = sum(n for (method, _), n in archive.requests.items() if method == "GET")
+    assert sum(r["attempts"] for r in ledger.rows("SELECT attempts FROM files")) == requests > 12 + 3 * 4
     ledger.close()

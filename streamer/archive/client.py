@@ -37,6 +37,8 @@ T = TypeVar("T")
 READ_BUFSIZE: Final = 1 << 20
 #: meta key holding the outage state as JSON (``{"outage": bool, "since": t, "until": t, "delay_s": s, ...}``).
 OUTAGE_META_KEY: Final = "archive.outage"
+#: During an outage an operation gives up only after this many times its usual attempts.
+OUTAGE_ATTEMPTS_FACTOR: Final = 5
 PERMANENT_STATUSES: Final = frozenset({400, 401, 403, 404, 405, 410, 414, 451})
 
 
@@ -139,7 +141,7 @@ class OutageGate:
         *,
         ledger: Ledger | None = None,
         window: int = 20,
-        min_samples: int = 10,
+        min_samples: int = 6,
         threshold: float = 0.8,
         initial_delay_s: float = 5.0,
         max_delay_s: float = 600.0,
@@ -339,7 +341,8 @@ class ArchiveClient:
         failures = count or FailureCount()
 
         def stop(state: RetryCallState) -> bool:
-            return failures.counted >= limit
+            # Failures during an outage do not count, but even they are bounded so that a run ends.
+            return failures.counted >= limit or failures.total >= limit * OUTAGE_ATTEMPTS_FACTOR
 
         def wait(state: RetryCallState) -> float:
             err = state.outcome.exception() if state.outcome is not None else None

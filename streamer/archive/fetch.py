@@ -43,6 +43,7 @@ import numpy as np
 from astropy.io import fits
 
 from ..config import StorageConfig
+from ..errors import StreamerError
 from ..ledger import Ledger
 from .client import (
     ArchiveClient,
@@ -64,6 +65,7 @@ RESERVE_SLACK: Final = 2 * ALLOC_UNIT
 HEADER_RESERVATION: Final = 128 * 1024
 WRITE_CHUNK: Final = 1 << 20
 HEADER_FIRST_BLOCKS: Final = 10
+RESUME_OVERLAP: Final = 4 * 2880
 HEADER_MAX_BYTES: Final = 2880 * 2000
 DOWNLOADABLE_STATES: Final = ("wanted", "reserved", "downloading", "missing", "corrupt")
 DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -339,6 +341,12 @@ class Fetcher:
         async def one(file_id: int) -> None:
             try:
                 outcomes.append(await self.fetch(file_id))
+            except (StreamerError, asyncio.CancelledError):
+                raise  # wrong credentials and the like end the run with their own message
+            except Exception as err:  # one file's unexpected failure must not stop the others
+                log.exception("file %d: unexpected error", file_id)
+                self.ledger.event("fetch_error", f"file {file_id}: {type(err).__name__}: {err}", level="error", file_id=file_id)
+                outcomes.append(FetchOutcome(file_id, "", "error", error=f"{type(err).__name__}: {err}"))
             finally:
                 limit.release()
 
@@ -413,8 +421,12 @@ class Fetcher:
 
     def _adopt_existing(self, row: dict[str, Any], final: Path) -> bool:
         """A complete file already at the final path (a crash after rename, or reconcile): verify and record it."""
+        as_served = row["kind"] in ("raw", "sciimg")
         try:
-            verify_fits(final, self._stored_kind(row), expected_shape=self._shape_for(row))
+            verify_fits(
+                final, row["kind"], expected_size=row["expected_size"] if as_served else None,
+                expected_shape=self._shape_for(row),
+            )  # fmt: skip
         except (VerificationError, OSError) as err:
             log.warning("%s: existing file fails verification (%s); downloading again", row["relpath"], err)
             final.unlink(missing_ok=True)
@@ -429,9 +441,6 @@ class Fetcher:
             )  # fmt: skip
         part_path(final).unlink(missing_ok=True)
         return True
-
-    def _stored_kind(self, row: dict[str, Any]) -> str:
-        return row["kind"]
 
     def _shape_for(self, row: dict[str, Any]) -> tuple[int, int] | None:
         return self.expected_shapes.get(row["kind"])
@@ -468,11 +477,7 @@ class Fetcher:
 
     def _record_failure(self, row: dict[str, Any], *, requests: list[int] | None = None) -> Callable[[TransientError, FailureCount], None]:
         def record(err: TransientError, count: FailureCount) -> None:
-            with self.ledger.transaction() as conn:
-                conn.execute(
-                    "UPDATE files SET attempts = attempts + 1, last_error = ?, http_status = ?, updated = ? WHERE id = ?",
-                    (err.reason, err.status, time.time(), row["id"]),
-                )
+            record_failed_request(self.ledger, row["id"], err)
             if requests is not None:
                 requests[0] += 1
             log.info("%s: %s (retrying, failure %d)", row["relpath"], err.reason, count.total)
@@ -569,11 +574,14 @@ class Fetcher:
         if offset >= size:
             part.unlink()
             offset = 0
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        # A resume asks again for the last bytes it has and checks they match, so that a changed
+        # file or a bad continuation is caught where the structural check could not see it.
+        overlap = min(offset, RESUME_OVERLAP)
+        headers = {"Range": f"bytes={offset - overlap}-"} if offset else {}
         requests[0] += 1
         try:
             async with self.client.session.get(row["url"], headers=headers, allow_redirects=True) as response:
-                await self._stream(response, row, part, offset, size, transferred)
+                await self._stream(response, part, offset, overlap, size, transferred)
         except (ArchiveError, DiskFull):
             raise
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as err:
@@ -590,9 +598,10 @@ class Fetcher:
         self._mark_on_disk(row, final, status=200)
 
     async def _stream(
-        self, response: aiohttp.ClientResponse, row: dict[str, Any], part: Path, offset: int, size: int,
+        self, response: aiohttp.ClientResponse, part: Path, offset: int, overlap: int, size: int,
         transferred: list[int],
     ) -> None:  # fmt: skip
+        """Write the body to ``part``: from ``offset`` on a 206 (after checking ``overlap`` bytes), else from 0."""
         status = response.status
         if status == 416:
             part.unlink(missing_ok=True)
@@ -605,31 +614,43 @@ class Fetcher:
         total = response.content_length
         if status == 206:
             match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
-            if not match or int(match[1]) != offset:
+            if not match or int(match[1]) != offset - overlap:
                 part.unlink(missing_ok=True)
                 raise TransientError("206 with an unusable Content-Range; starting over", status=206, outage_like=False)
-            start = offset
+            start = offset - overlap
             if match[3] != "*" and int(match[3]) != size:
                 raise TransientError(f"file size changed: {match[3]} bytes, expected {size}", status=206, outage_like=False)
         if total is not None and start + total != size:
             raise TransientError(f"Content-Length {total} at offset {start}, expected {size} bytes in all", status=status, outage_like=False)
         guard = _RateGuard(self.client.config.min_rate_bytes_per_s, self.client.config.min_rate_window_s)
-        mode = "r+b" if start else "wb"
-        if start:
-            await asyncio.to_thread(os.truncate, part, start)
-        handle = await asyncio.to_thread(open, part, mode)
+        resume = status == 206 and offset > 0
+        expected_overlap = await asyncio.to_thread(_read_tail, part, offset, overlap) if resume else b""
+        handle = await asyncio.to_thread(open, part, "r+b" if resume else "wb")
         try:
-            if start:
-                handle.seek(start)
-            written = start
+            if resume:
+                handle.seek(offset)
+            written = offset if resume else 0
             pending = bytearray()
-            checked = start > 0
+            checked = resume
+            seen_overlap = bytearray()
             async for chunk in _read_chunks(response, guard, WRITE_CHUNK):
+                transferred[0] += len(chunk)
+                if len(seen_overlap) < len(expected_overlap):
+                    take = len(expected_overlap) - len(seen_overlap)
+                    seen_overlap += chunk[:take]
+                    chunk = chunk[take:]
+                    if len(seen_overlap) == len(expected_overlap) and seen_overlap != expected_overlap:
+                        part.unlink(missing_ok=True)
+                        raise TransientError(
+                            "resumed bytes do not match the partial file; starting over",
+                            status=206, outage_like=False, verification=True,
+                        )  # fmt: skip
+                    if not chunk:
+                        continue
                 pending += chunk
                 if not checked and len(pending) >= 10:
                     self._check_fits_start(response, bytes(pending[:64]), status)
                     checked = True
-                transferred[0] += len(chunk)
                 if len(pending) >= WRITE_CHUNK:
                     await asyncio.to_thread(_write_all, handle, bytes(pending))
                     written += len(pending)
@@ -738,6 +759,21 @@ class Fetcher:
         return FetchOutcome(row["id"], row["relpath"], "on_disk", requests[0] + 1, transferred)
 
 
+def record_failed_request(ledger: Ledger, file_id: int, err: ArchiveError) -> None:
+    """Count one failed request for a file, with its reason and status (one transaction)."""
+    with ledger.transaction() as conn:
+        conn.execute(
+            "UPDATE files SET attempts = attempts + 1, last_error = ?, http_status = ?, updated = ? WHERE id = ?",
+            (err.reason, err.status, time.time(), file_id),
+        )
+
+
+def _read_tail(part: Path, offset: int, overlap: int) -> bytes:
+    with open(part, "rb") as handle:
+        handle.seek(offset - overlap)
+        return handle.read(overlap)
+
+
 def _write_all(handle: Any, data: bytes) -> None:
     try:
         handle.write(data)
@@ -821,7 +857,9 @@ def _checked_header(header: bytes) -> bytes:
     return header
 
 
-async def read_primary_header(client: ArchiveClient, url: str) -> fits.Header:
+async def read_primary_header(
+    client: ArchiveClient, url: str, *, on_failure: Callable[[TransientError, FailureCount], None] | None = None
+) -> fits.Header:
     """The primary header of a remote FITS file (header-only read, retried), e.g. for ``ILUM_LED``."""
-    header_bytes, _ = await client.retrying(lambda: read_header_once(client, url))
+    header_bytes, _ = await client.retrying(lambda: read_header_once(client, url), on_failure=on_failure)
     return fits.Header.fromstring(header_bytes.decode("ascii"))
