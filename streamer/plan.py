@@ -178,7 +178,7 @@ def plan_from_rows(
         facts = FileFacts("raw", row["field"], night, tuple(footprints.get((name.filefracday, name.ccdid), ())))
         kept = is_kept(consumers, facts)
         used = row["imgtype"] != "bias" or (name.filefracday, name.ccdid) in biases
-        if not (kept or (processing and used)):
+        if not (kept or (processing and used)) and not (processing and row["imgtype"] == "bias"):
             continue
         led = leds.get(name.filefracday) if row["imgtype"] == "flat" else None
         if row["imgtype"] == "flat" and led is None:
@@ -188,6 +188,8 @@ def plan_from_rows(
             row["filtercode"], row.get("expid"), row.get("obsjd"), row.get("exptime"), led,
         )  # fmt: skip
         exposures[exposure.key] = exposure
+        if not (kept or (processing and used)):
+            continue  # a skipped bias: its exposure is recorded (the graph skips by position), its file is not wanted
         files[name.relpath] = PlannedFile(
             name.relpath, "raw", name.url(base_url), exposure.key, None, night_text, row["field"], kept
         )
@@ -217,7 +219,7 @@ def plan_from_rows(
     used_keys = {f.exposure for f in files.values()}
     return NightPlan(
         night,
-        tuple(e for k, e in sorted(exposures.items()) if k in used_keys),
+        tuple(e for k, e in sorted(exposures.items()) if k in used_keys or e.imgtype == "bias"),
         tuple(files[k] for k in sorted(files)),
         tuple(sorted(flats_without_led)),
     )

@@ -82,10 +82,12 @@ def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
     out_path = str(root / outputs[0]) if outputs else ""
     kind = job["kind"]
     if kind == "master_bias":
+        # The work graph pinned the biases after the skip already: the worker must not skip again.
         return Call(
             work_masters.build_master_bias,
             {**common, "bias_paths": [path(r) for r in on_disk if r["kind"] == "raw"], "out_path": out_path,
-             "night": job["night"], "ccdid": job["ccdid"], "detrend": config.detrend},
+             "night": job["night"], "ccdid": job["ccdid"],
+             "detrend": dataclasses.replace(config.detrend, bias_skip_first=0)},
             outputs,
         )  # fmt: skip
     if kind == "led_flat":
