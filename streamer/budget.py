@@ -33,16 +33,21 @@ TYPICAL_BYTES: Final = {
 }
 TYPICAL_FLATS_PER_LED: Final = 7
 TYPICAL_LEDS_PER_FILTER: Final = 4
-MASTER_TO_RAW_FLAT: Final = 4.0
-LEDGER_ALLOWANCE: Final = 16 * 10**6
+MASTER_TO_RAW_FLAT: Final = 3.0
+LEDGER_ALLOWANCE: Final = 2 * 10**6
 
 
-def _max_actual(ledger: Ledger, kind: str, relpath_like: str = "%") -> int | None:
-    value = ledger.scalar(
-        "SELECT MAX(COALESCE(actual_size, expected_size)) FROM files WHERE kind = ? AND relpath LIKE ?",
-        (kind, relpath_like),
-    )
-    return None if value is None else int(value)
+def _class_sizes(ledger: Ledger) -> dict[str, int]:
+    """The largest known size of a file of each class (raw by image type, then other kinds)."""
+    sizes: dict[str, int] = {}
+    for row in ledger.rows(
+        "SELECT CASE WHEN f.kind = 'raw' THEN 'raw_' || COALESCE(e.imgtype, 'object') ELSE f.kind END AS class, "
+        "MAX(COALESCE(f.actual_size, f.expected_size)) AS size "
+        "FROM files f LEFT JOIN exposures e ON e.id = f.exposure_id GROUP BY class"
+    ):
+        if row["size"]:
+            sizes[row["class"]] = int(row["size"])
+    return sizes
 
 
 def minimum_budget(config: Config, ledger: Ledger) -> int:
@@ -53,31 +58,66 @@ def minimum_budget(config: Config, ledger: Ledger) -> int:
         )
         or 0
     )
-    raw_flat = _max_actual(ledger, "raw", "%_f.fits.fz")
-    master = _max_actual(ledger, "masters", "%flat.fits") or (
-        int(raw_flat * MASTER_TO_RAW_FLAT) if raw_flat else TYPICAL_BYTES["master"]
-    )
+    known = _class_sizes(ledger)
+    raw_flat = known.get("raw_flat")
+
+    def size_of(file_class: str) -> int:
+        if file_class in known:
+            return known[file_class]
+        if raw_flat is not None and file_class.startswith("raw_"):
+            return raw_flat
+        return TYPICAL_BYTES.get(file_class, TYPICAL_BYTES["raw_object"])
+
+    master = known.get("masters") or (int(raw_flat * MASTER_TO_RAW_FLAT) if raw_flat else TYPICAL_BYTES["master"])
     masters_per_ccd = 1 + TYPICAL_LEDS_PER_FILTER + 3
-    largest_job_inputs = int(
-        ledger.scalar(
-            "SELECT COALESCE(MAX(total), 0) FROM (SELECT SUM(COALESCE(f.expected_size, f.actual_size, 0)) AS total "
-            "FROM pins p JOIN files f ON f.id = p.file_id WHERE f.url != '' GROUP BY p.job_id)"
-        )
-        or 0
-    )
-    if largest_job_inputs == 0:
-        largest_job_inputs = TYPICAL_FLATS_PER_LED * TYPICAL_BYTES["raw_flat"]
-    apcat = _max_actual(ledger, "apcat") or (TYPICAL_BYTES["apcat"] if raw_flat is None else raw_flat // 20)
-    return permanent + masters_per_ccd * master + largest_job_inputs + apcat + LEDGER_ALLOWANCE
+    per_job: dict[int, int] = {}
+    for row in ledger.rows(
+        "SELECT p.job_id, CASE WHEN f.kind = 'raw' THEN 'raw_' || COALESCE(e.imgtype, 'object') ELSE f.kind END AS class, "
+        "COUNT(*) AS n FROM pins p JOIN files f ON f.id = p.file_id LEFT JOIN exposures e ON e.id = f.exposure_id "
+        "WHERE f.url != '' GROUP BY p.job_id, class"
+    ):
+        per_job[row["job_id"]] = per_job.get(row["job_id"], 0) + row["n"] * size_of(row["class"])
+    largest_job_inputs = max(per_job.values(), default=TYPICAL_FLATS_PER_LED * size_of("raw_flat"))
+    apcat = known.get("apcat") or max(size_of("raw_object") // 20, 64 * 1024)
+    ledger_bytes = ledger.path.stat().st_size if ledger.path is not None and ledger.path.exists() else 0
+    return permanent + masters_per_ccd * master + largest_job_inputs + apcat + 2 * ledger_bytes + LEDGER_ALLOWANCE
+
+
+def record_minimum(config: Config, ledger: Ledger) -> int:
+    """Compute the minimum workable budget and record it for status."""
+    minimum = minimum_budget(config, ledger)
+    ledger.set_meta("minimum_budget_bytes", str(minimum))
+    return minimum
 
 
 def check_budget(config: Config, ledger: Ledger) -> int:
     """Refuse to start when ``storage.budget`` is below the minimum; record the minimum for status."""
-    minimum = minimum_budget(config, ledger)
-    ledger.set_meta("minimum_budget_bytes", str(minimum))
+    minimum = record_minimum(config, ledger)
     if config.storage.budget < minimum:
         raise UsageError(
             f"{config.source}: storage.budget = {format_size(config.storage.budget)} is below the minimum "
             f"workable budget of {format_size(minimum)} ({minimum} B): raise it to at least that"
         )
     return minimum
+
+
+def estimate_product_bytes(ledger: Ledger, relpath: str, kind: str) -> int:
+    """Bytes a product about to be made will take: the largest of its sort so far, with a margin."""
+    if kind == "masters":
+        suffix = "_bias.fits" if relpath.endswith("_bias.fits") else "_flat.fits" if relpath.endswith("_flat.fits") else relpath[-5:]
+        pattern = "%" + suffix
+    else:
+        pattern = "%"
+    largest = ledger.scalar(
+        "SELECT MAX(actual_size) FROM files WHERE kind = ? AND relpath LIKE ? AND actual_size IS NOT NULL",
+        (kind, pattern),
+    )
+    if largest:
+        return int(largest * 1.1) + 64 * 1024
+    raw_flat = ledger.scalar(
+        "SELECT MAX(COALESCE(f.actual_size, f.expected_size)) FROM files f JOIN exposures e ON e.id = f.exposure_id "
+        "WHERE f.kind = 'raw' AND e.imgtype = 'flat'"
+    )
+    if kind == "masters":
+        return int(raw_flat * MASTER_TO_RAW_FLAT) if raw_flat else TYPICAL_BYTES["master"]
+    return max(int(raw_flat) // 10, 256 * 1024) if raw_flat else TYPICAL_BYTES["apcat"]

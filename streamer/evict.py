@@ -160,7 +160,7 @@ def finish_deletion(ledger: Ledger, root: Path, file_id: int, relpath: str) -> i
             ledger.event("evict", f"not deleted (unsafe path): {err}", level="error", file_id=file_id, conn=conn)
         return 0
     with ledger.transaction() as conn:
-        ledger.set_file_state(conn, file_id, "deleted", expect=("deleting",), disk_bytes=0, actual_size=None)
+        ledger.set_file_state(conn, file_id, "deleted", expect=("deleting",), disk_bytes=0)
     return freed
 
 

@@ -37,7 +37,7 @@ from .config import Config, format_size
 from .errors import StreamerError
 from .evict import Watermarks, bytes_to_free, choose_victims, delete_files, recover_deletions, unlink_below
 from .executor import BrokenProcessPool, Executor, WorkerLost, make_executor
-from .budget import check_budget
+from .budget import check_budget, estimate_product_bytes, record_minimum
 from .graph import build_night_graph
 from .ledger import Ledger
 from .systemd import Notifier
@@ -81,6 +81,7 @@ class Service:
         self.running_jobs: dict[int, asyncio.Future[Any]] = {}
         self.downloading: set[int] = set()
         self.stuck_reason: str | None = None
+        self.output_bytes_wanted = 0
         self.fetcher: Any = None
         self.client: Any = None
         self.space: Any = None
@@ -116,10 +117,18 @@ class Service:
         await self._drain()
         if self.burst and self.stuck_reason is None:
             self._evict(force=True)
+        record_minimum(self.config, self.ledger)
         return self._summary()
 
     def _recover(self) -> None:
         counts = self.ledger.recover()
+        stale = self.ledger.rows(
+            "SELECT id, relpath FROM files WHERE producer_job IS NOT NULL AND state NOT IN ('on_disk', 'deleting')"
+        )
+        for row in stale:
+            unlink_below(self.root, row["relpath"])  # a product written but never recorded is made again
+        with self.ledger.transaction() as conn:
+            conn.execute("UPDATE files SET reserved_bytes = 0 WHERE producer_job IS NOT NULL AND state != 'on_disk'")
         finished = recover_deletions(self.ledger, self.root)
         if any(counts.values()) or finished:
             log.info("recovered after an unclean stop: %s, %d deletions finished", counts, finished)
@@ -169,6 +178,7 @@ class Service:
                     )  # fmt: skip
                     self.ledger.set_meta(key, json.dumps(counts))
                     self.ledger.event("plan", f"night {night}: jobs {counts}")
+                    await self._probe_sizes()
                     check_budget(self.config, self.ledger)
                 planned.add(night)
                 self.poke()
@@ -178,6 +188,19 @@ class Service:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.config.follow.poll_minutes * 60)
+
+    async def _probe_sizes(self) -> None:
+        """Learn the size of one file of each class with a HEAD, so the minimum budget scales with the data."""
+        samples = self.ledger.rows(
+            "SELECT MIN(f.id) AS id FROM files f LEFT JOIN exposures e ON e.id = f.exposure_id "
+            "WHERE f.url != '' AND f.state = 'wanted' GROUP BY f.kind, e.imgtype "
+            "HAVING MAX(COALESCE(f.actual_size, f.expected_size, 0)) = 0"
+        )
+        for sample in samples:
+            try:
+                await self.fetcher.probe_size(sample["id"])
+            except Exception as err:  # a file the archive refuses is found out by its download
+                log.info("size probe of file %d failed: %s", sample["id"], err)
 
     def _nights_due(self, nights: Sequence[dt.date]) -> list[dt.date]:
         due = list(nights)
@@ -293,8 +316,40 @@ class Service:
             free = self.executor.slots - len(self.running_jobs)
             if free > 0:
                 for job in self._ready_jobs(free):
+                    if not self._reserve_outputs(job):
+                        self.output_bytes_wanted = self._output_estimate(job)
+                        break
+                    self.output_bytes_wanted = 0
                     self._submit(job)
             await self._wait_change(2.0)
+
+    def _output_estimate(self, job: dict[str, Any]) -> int:
+        """Bytes a job is expected to write: the largest product of its kind so far, or an estimate."""
+        outputs = self.ledger.rows(
+            "SELECT relpath, kind FROM files WHERE producer_job = ? AND state != 'on_disk'", (job["id"],)
+        )
+        return sum(estimate_product_bytes(self.ledger, row["relpath"], row["kind"]) for row in outputs)
+
+    def _reserve_outputs(self, job: dict[str, Any]) -> bool:
+        """Reserve the bytes a job will write against the budget (False when they do not fit yet)."""
+        outputs = self.ledger.rows(
+            "SELECT id, relpath, kind, reserved_bytes FROM files WHERE producer_job = ? AND state != 'on_disk'",
+            (job["id"],),
+        )
+        sizes = {row["id"]: estimate_product_bytes(self.ledger, row["relpath"], row["kind"]) for row in outputs}
+        with self.ledger.transaction() as conn:
+            used = conn.execute("SELECT COALESCE(SUM(disk_bytes + reserved_bytes), 0) FROM file_totals").fetchone()[0]
+            held = sum(row["reserved_bytes"] for row in outputs)
+            if used - held + sum(sizes.values()) + self._overhead() > self.config.storage.budget:
+                return False
+            conn.executemany("UPDATE files SET reserved_bytes = ? WHERE id = ?", [(n, i) for i, n in sizes.items()])
+        return True
+
+    def _release_outputs(self, conn: Any, job_id: int) -> None:
+        conn.execute(
+            "UPDATE files SET reserved_bytes = 0 WHERE producer_job = ? AND state != 'on_disk' AND reserved_bytes != 0",
+            (job_id,),
+        )
 
     def _ready_jobs(self, limit: int) -> list[dict[str, Any]]:
         """Decide, for the first unfinished jobs, which can run; block those that never can."""
@@ -383,6 +438,7 @@ class Service:
 
     def _block(self, job: dict[str, Any], reason: str) -> None:
         with self.ledger.transaction() as conn:
+            self._release_outputs(conn, job["id"])
             self.ledger.set_job_state(conn, job["id"], "blocked", error=reason, finished=time.time())
             conn.execute("DELETE FROM pins WHERE job_id = ?", (job["id"],))
             self.ledger.event("blocked", f"{job['key']}: {reason}", level="warning", job_id=job["id"], conn=conn)
@@ -433,7 +489,8 @@ class Service:
                     raise StreamerError(f"{job['key']}: finished without writing {relpath}")
                 info = path.stat()
                 self.ledger.set_file_state(
-                    conn, row[0], "on_disk", disk_bytes=info.st_blocks * 512, actual_size=info.st_size, fetched_at=time.time()
+                    conn, row[0], "on_disk", disk_bytes=info.st_blocks * 512, actual_size=info.st_size,
+                    reserved_bytes=0, fetched_at=time.time(),
                 )
                 conn.execute(
                     "INSERT INTO products (file_id, job_id, kind, night, ccdid, filtercode, provenance, created) "
@@ -454,12 +511,14 @@ class Service:
             if isinstance(error, BrokenProcessPool):
                 self._replace_pool()
             with self.ledger.transaction() as conn:
+                self._release_outputs(conn, job["id"])
                 self.ledger.set_job_state(conn, job["id"], "ready", error="worker process died; retried")
                 self.ledger.event("worker", f"{job['key']}: worker died, task requeued", level="warning", job_id=job["id"], conn=conn)
             return
         verdict = tasks.classify_failure(error)
         message = f"{type(error).__name__}: {error}"
         with self.ledger.transaction() as conn:
+            self._release_outputs(conn, job["id"])
             if verdict.kind == "blocked":
                 self.ledger.set_job_state(conn, job["id"], "blocked", error=verdict.reason, finished=time.time())
                 conn.execute("DELETE FROM pins WHERE job_id = ?", (job["id"],))
@@ -489,7 +548,7 @@ class Service:
 
     async def _evictor(self) -> None:
         while not self.stopping.is_set():
-            need = self.space.bytes_wanted if self.space.space_wanted.is_set() else 0
+            need = (self.space.bytes_wanted if self.space.space_wanted.is_set() else 0) + self.output_bytes_wanted
             freed = self._evict(need=need)
             if freed:
                 self.space.space_freed()

@@ -414,6 +414,10 @@ class Fetcher:
         except PermanentError as err:
             return self._give_up(self.ledger.file(file_id), err.reason, err.status, count_request=err.status is not None)
 
+    async def probe_size(self, file_id: int) -> int:
+        """The size of a planned file from a HEAD request, recorded as its expected size."""
+        return await self._head_size(self.ledger.file(file_id), FailureCount())
+
     # --- one file -----------------------------------------------------------------------------
 
     def _overhead_bytes(self) -> int:
