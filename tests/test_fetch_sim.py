@@ -28,10 +28,6 @@ from streamer.sim.faults import FaultProfile
 from streamer.sim.generate import NightTruth, generate_night
 from streamer.sim.server import serve
 
-# The simulator's server (branch sim) passes shutdown_timeout to TCPSite, deprecated in this aiohttp;
-# only that warning is let through until the simulator changes.
-pytestmark = pytest.mark.filterwarnings("ignore:shutdown_timeout should be set on BaseRunner:DeprecationWarning")
-
 NIGHT = dt.date(2020, 9, 24)
 CCD = 13
 PASSWORD = "sim-pass word&1"
