@@ -413,6 +413,8 @@ class Fetcher:
             return await self._fetch_file(row, final)
         except PermanentError as err:
             return self._give_up(self.ledger.file(file_id), err.reason, err.status, count_request=err.status is not None)
+        except TransientError as err:  # the size request (HEAD) failed every time
+            return self._give_up(self.ledger.file(file_id), f"gave up: {err.reason}", err.status)
 
     # --- one file -----------------------------------------------------------------------------
 
