@@ -258,3 +258,21 @@ async def test_low_free_space_pauses_downloads(stub: tuple[Stub, str], tmp_path:
     events = ledger.rows("SELECT kind, message FROM events WHERE kind = 'disk_full'")
     assert len(events) == 2 and "free" in events[0]["message"] and calls["n"] == 3
     ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_file_already_at_its_place_is_verified_not_downloaded(stub: tuple[Stub, str], tmp_path: Path) -> None:
+    archive, base = stub
+    config, storage, ledger = _setup(tmp_path, base)
+    good, bad = RAW, RAW.replace("431759", "431760")
+    archive.files[bad] = archive.files[RAW]
+    for relpath, content in ((good, archive.files[RAW]), (bad, archive.files[RAW][:-2880])):
+        (storage.root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (storage.root / relpath).write_bytes(content)
+    ids = [_want(ledger, base, good, "raw"), _want(ledger, base, bad, "raw")]
+    async with _client(config, ledger) as client:
+        outcomes = await Fetcher(client, ledger, storage).fetch_all(ids)
+    assert [o.state for o in outcomes] == ["on_disk", "on_disk"]
+    assert archive.requests[("GET", good)] == 0 and archive.requests[("GET", bad)] == 1
+    assert (storage.root / bad).read_bytes() == archive.files[RAW]
+    ledger.close()

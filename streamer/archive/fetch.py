@@ -405,7 +405,7 @@ class Fetcher:
             return FetchOutcome(file_id, relpath, state)
         if state == "missing" and (row["retry_at"] is None or row["retry_at"] > time.time()):
             return FetchOutcome(file_id, relpath, "missing", error=row["last_error"], http_status=row["http_status"])
-        if final.exists() and await asyncio.to_thread(self._adopt_existing, row, final):
+        if final.exists() and await self._adopt_existing(row, final):
             return FetchOutcome(file_id, relpath, "on_disk")
         try:
             if row["kind"] == "sciimg_header":
@@ -421,8 +421,8 @@ class Fetcher:
     def _overhead_bytes(self) -> int:
         return self._overhead() if callable(self._overhead) else self._overhead
 
-    def _adopt_existing(self, row: dict[str, Any], final: Path) -> bool:
-        """A complete file already at the final path (a crash after rename, or reconcile): verify and record it."""
+    def _verify_existing(self, row: dict[str, Any], final: Path) -> bool:
+        """Whether a file already at the final path is complete (runs in a thread; no ledger access)."""
         as_served = row["kind"] in ("raw", "sciimg")
         try:
             verify_fits(
@@ -432,6 +432,12 @@ class Fetcher:
         except (VerificationError, OSError) as err:
             log.warning("%s: existing file fails verification (%s); downloading again", row["relpath"], err)
             final.unlink(missing_ok=True)
+            return False
+        return True
+
+    async def _adopt_existing(self, row: dict[str, Any], final: Path) -> bool:
+        """A complete file already at the final path (a crash after rename, or reconcile): verify and record it."""
+        if not await asyncio.to_thread(self._verify_existing, row, final):
             return False
         with self.ledger.transaction() as conn:
             state = conn.execute("SELECT state FROM files WHERE id = ?", (row["id"],)).fetchone()[0]
@@ -473,9 +479,7 @@ class Fetcher:
         return size
 
     def _html_error(self) -> TransientError:
-        if self.client.logged_in:
-            return SessionExpired("HTML page where FITS was expected (session expired?)", outage_like=False)
-        return TransientError("HTML page where FITS was expected", outage_like=False)
+        return html_error(self.client)
 
     def _record_failure(self, row: dict[str, Any], *, requests: list[int] | None = None) -> Callable[[TransientError, FailureCount], None]:
         def record(err: TransientError, count: FailureCount) -> None:
@@ -761,6 +765,13 @@ class Fetcher:
         return FetchOutcome(row["id"], row["relpath"], "on_disk", requests[0] + 1, transferred)
 
 
+def html_error(client: ArchiveClient) -> TransientError:
+    """The error for an HTML page where FITS was expected: an expired session when logged in."""
+    if client.logged_in:
+        return SessionExpired("HTML page where FITS was expected (session expired?)", outage_like=False)
+    return TransientError("HTML page where FITS was expected", outage_like=False)
+
+
 def record_failed_request(ledger: Ledger, file_id: int, err: ArchiveError) -> None:
     """Count one failed request for a file, with its reason and status (one transaction)."""
     with ledger.transaction() as conn:
@@ -799,8 +810,18 @@ async def read_header_once(client: ArchiveClient, url: str) -> tuple[bytes, int]
     """One try at reading a primary header: ask for the first blocks with Range and extend until END;
     if the server answers 200 (Range ignored), read the stream only until END and close it.
 
-    Returns (header bytes, bytes transferred). Raises TransientError/PermanentError.
+    A read that takes longer than ``archive.min_rate_window_s`` counts as stalled (a header is
+    a few tens of kB). Returns (header bytes, bytes transferred). Raises TransientError/PermanentError.
     """
+    window = client.config.min_rate_window_s if client.config.min_rate_bytes_per_s > 0 else None
+    try:
+        async with asyncio.timeout(window):
+            return await _read_header(client, url)
+    except TimeoutError:
+        raise TransientError(f"stalled: no complete header within {window:.0f} s", outage_like=True) from None
+
+
+async def _read_header(client: ArchiveClient, url: str) -> tuple[bytes, int]:
     buffer = bytearray()
     transferred = 0
     want = HEADER_FIRST_BLOCKS * BLOCK
@@ -818,7 +839,7 @@ async def read_header_once(client: ArchiveClient, url: str) -> tuple[bytes, int]
                     body = await response.read()
                     transferred += len(body)
                     if not buffer and _is_html(content_type, body):
-                        raise TransientError("HTML page where FITS was expected", outage_like=False)
+                        raise html_error(client)
                     buffer += body
                     end = header_end(buffer)
                     if end is not None:
@@ -838,7 +859,7 @@ async def read_header_once(client: ArchiveClient, url: str) -> tuple[bytes, int]
                         raise TransientError("the body ends before the END card of its header", outage_like=True)
                     transferred += len(chunk)
                     if not buffer and _is_html(content_type, chunk):
-                        raise TransientError("HTML page where FITS was expected", outage_like=False)
+                        raise html_error(client)
                     buffer += chunk
                     end = header_end(buffer)
                     if end is not None:
