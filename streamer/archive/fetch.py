@@ -4,23 +4,30 @@ The way of one file (one ledger transaction per state change)::
 
     wanted --reserve (waits for space)--> reserved --> downloading
       --stream to <final>.part (Range resume on 206, restart on 200)--> verify (structure, checksums)
-      --fsync, rename, fsync dir--> on_disk (disk_bytes = st_blocks * 512)
+      --fsync, rename, fsync dir--> on_disk (disk_bytes = st_blocks * 512, actual_size = bytes stored)
 
-Permanent refusals (404, 403) end ``missing`` with the reason, the HTTP status and a
-``retry_at`` (``archive.missing_retry_hours`` later; ``retry_at`` NULL once
-``archive.missing_max_attempts`` refusals are used up). Transient failures are
-retried by the client's policy; a file whose body fails verification every time ends
-``corrupt``, one that fails otherwise every time ends ``missing`` with a retry date.
-``attempts`` counts every data request made for the file, ``last_error`` the last
-failure's reason.
+Ledger fields: ``attempts`` counts the failed requests for the file's URL (HEAD, GET, header
+reads, the flat LED read at planning) plus the one that brought it to disk, so for a file on
+disk ``attempts - 1`` is its number of failed requests; ``last_error`` and ``http_status`` hold the
+last failure (reasons carry no query strings and no secrets). Permanent refusals (404, 403) end
+``missing`` with the reason, the status and a ``retry_at`` (``archive.missing_retry_hours``
+later; ``retry_at`` NULL once ``archive.missing_max_attempts`` refusals, counted as
+``file_missing`` events, are used up). Transient failures are retried by the client's policy;
+a file whose body fails verification every time ends ``corrupt``, one that fails otherwise every
+time ends ``missing`` with a retry date. ``Fetcher.due_files()`` lists what to fetch now.
+
+Status indicators: the meta key ``archive.outage`` (JSON from
+:meth:`~streamer.archive.client.OutageGate.status`, with ``"outage": true`` while downloads are
+paused) and the events ``archive_outage``, ``archive_back`` and ``disk_full``.
 
 Backpressure: a download whose reservation does not fit the budget waits on
-:class:`SpaceSignal` until the evictor calls :meth:`SpaceSignal.space_freed`.
-ENOSPC/EDQUOT pauses all downloads and keeps the ``.part`` for a resume.
+:class:`SpaceSignal` until the evictor calls :meth:`SpaceSignal.space_freed`. Low free space on
+the filesystem, ENOSPC or EDQUOT pause all downloads and keep the ``.part`` for a resume.
 
-Kinds: ``raw`` and ``sciimg`` are stored as served; ``mskimg`` is verified as served
-then stored tile-compressed (lossless) at its relpath (``..._mskimg.fits.fz``);
-``sciimg_header`` is a header-only read of the sciimg URL stored as a FITS header file.
+Kinds: ``raw`` and ``sciimg`` are stored as served; ``mskimg`` is verified as served, then
+stored tile-compressed (lossless) at its relpath (``..._mskimg.fits.fz``); ``sciimg_header`` is
+a header-only read of the sciimg URL stored as a header-only FITS file
+(``..._sciimg.header.fits``, read it back with :func:`read_stored_header`).
 """
 
 from __future__ import annotations
