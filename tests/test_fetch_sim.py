@@ -23,6 +23,7 @@ from streamer.archive.fetch import Fetcher, SpaceSignal, read_stored_header
 from streamer.config import Config, config_from_dict
 from streamer.ledger import Ledger
 from streamer.plan import plan_night
+from streamer.retention import footprint_from_header
 from streamer.sim.faults import FaultProfile
 from streamer.sim.generate import NightTruth, generate_night
 from streamer.sim.server import serve
@@ -218,6 +219,11 @@ async def test_header_only_fetch_of_a_sciimg(night: NightTruth, tmp_path: Path, 
     full = fits.getheader(night.out / sci)
     assert WCS(header).to_header_string() == WCS(full).to_header_string()
     assert (header["NAXIS1"], header["NAXIS2"]) == (full["NAXIS1"], full["NAXIS2"])
+    # The evictor's footprint from the stored header agrees with the full WCS at the centre.
+    footprint = footprint_from_header(header)
+    ra, dec = WCS(full).all_pix2world([[full["NAXIS1"] / 2, full["NAXIS2"] / 2]], 1)[0]
+    x, y = footprint.pixel_of(ra, dec) or (0.0, 0.0)
+    assert abs(x - full["NAXIS1"] / 2) < 2 and abs(y - full["NAXIS2"] / 2) < 2
 
 
 @pytest.mark.asyncio
@@ -299,3 +305,26 @@ async def test_sigkill_during_downloads_then_restart_completes(night: NightTruth
     _no_partials(root)
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     assert present == on_disk
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_full_size_flaky_night(tmp_path: Path) -> None:
+    """Full-size (3080 x 3072) files: the real header size, real compressed raws, flaky archive."""
+    truth = generate_night(
+        tmp_path / "archive", NIGHT, ccds=(CCD,), n_exposures=2, flats_per_led=1, n_biases=3, seed=9, shape="full"
+    )
+    async with serve(truth.out, faults="flaky", fault_seed=2) as server:
+        config = _config(server.base_url, tmp_path / "store")
+        with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+            async with _client(config, ledger) as client:
+                await plan_night(client, ledger, config, NIGHT, [CCD])
+                fetcher = Fetcher(
+                    client, ledger, config.storage, expected_shapes={"raw": (3080, 3072), "mskimg": (3080, 3072)}
+                )
+                outcomes = await asyncio.wait_for(fetcher.fetch_all(fetcher.due_files()), 900)
+            assert {o.state for o in outcomes} == {"on_disk"}
+            headers = [o for o in outcomes if o.relpath.endswith(".header.fits")]
+            assert headers and max(o.bytes_transferred for o in headers) < 64 * 1024
+            _check_files_match_archive(ledger, config.storage.root, truth.out)
+            _no_partials(config.storage.root)
