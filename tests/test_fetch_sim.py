@@ -20,6 +20,7 @@ from astropy.wcs import WCS
 from streamer.archive.auth import AuthError, Credentials
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
 from streamer.archive.fetch import Fetcher, SpaceSignal, read_stored_header
+from streamer.archive.search import RAW_COLUMNS, SearchError, search_night, search_table
 from streamer.config import Config, config_from_dict
 from streamer.ledger import Ledger
 from streamer.plan import plan_night
@@ -328,3 +329,19 @@ async def test_full_size_flaky_night(tmp_path: Path) -> None:
             assert headers and max(o.bytes_transferred for o in headers) < 64 * 1024
             _check_files_match_archive(ledger, config.storage.root, truth.out)
             _no_partials(config.storage.root)
+
+
+@pytest.mark.asyncio
+async def test_search_errors_are_clear_and_flaky_searches_are_retried(night: NightTruth, tmp_path: Path) -> None:
+    async with serve(night.out, faults="flaky", fault_seed=1) as server:
+        config = _config(server.base_url, tmp_path / "store")
+        with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+            async with _client(config, ledger) as client:
+                with pytest.raises(SearchError, match="nosuch.*HTTP 400"):
+                    await search_table(client, "raw", "nosuch = 1", RAW_COLUMNS)
+                rows = []
+                for seed_night in (NIGHT, NIGHT + dt.timedelta(days=1)):
+                    rows.append(await search_night(client, "raw", seed_night, [CCD], RAW_COLUMNS, max_span_days=0.1))
+            faults = server.faults()
+    assert len(rows[0]) == len(night.raw_relpaths()) and rows[1] == []
+    assert sum(n for path, kinds in faults["by_path"].items() if "/ibe/search/" in path for n in kinds.values()) > 0
