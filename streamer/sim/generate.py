@@ -215,7 +215,8 @@ class Instrument:
 
     def led_median(self, ccdid: int, filtercode: str, led: int) -> float:
         """CCD-wide median of ``F * I_led`` (all four quadrants)."""
-        products = [self.pixel_response(ccdid, filtercode, q) * self.illumination(ccdid, led, q) for q in (1, 2, 3, 4)]
+        responses = pixel_responses(self, ccdid, filtercode)
+        products = [responses[q - 1] * self.illumination(ccdid, led, q) for q in (1, 2, 3, 4)]
         return float(np.median(np.concatenate([p.ravel() for p in products])))
 
     def catalogue(self, field: int, ccdid: int) -> sky.Catalogue:
@@ -224,13 +225,22 @@ class Instrument:
         )
 
 
+@lru_cache(maxsize=1)
+def pixel_responses(instrument: Instrument, ccdid: int, filtercode: str) -> tuple[npt.NDArray[np.float32], ...]:
+    """``F`` of the four quadrants of a CCD (cached: one CCD and filter at a time; read-only)."""
+    responses = tuple(instrument.pixel_response(ccdid, filtercode, q) for q in (1, 2, 3, 4))
+    for response in responses:
+        response.flags.writeable = False
+    return responses
+
+
 def truth_flat(instrument: Instrument, ccdid: int, filtercode: str, medians: dict[int, float], qid: int) -> npt.NDArray[np.float32]:
     """``T`` of one quadrant: ``F * mean_led(I_led / median_CCD(F * I_led))``."""
     leds = LEDS[filtercode]
     illumination = np.zeros((instrument.shape.rows, instrument.shape.cols), dtype=np.float32)
     for led in leds:
         illumination += instrument.illumination(ccdid, led, qid) / np.float32(medians[led] * len(leds))
-    return instrument.pixel_response(ccdid, filtercode, qid) * illumination
+    return pixel_responses(instrument, ccdid, filtercode)[qid - 1] * illumination
 
 
 # --------------------------------------------------------------------------- the night plan
@@ -437,11 +447,6 @@ def _truth_flats(instrument: Instrument, ccdid: int, filtercode: str, medians: t
     return tuple(truth_flat(instrument, ccdid, filtercode, dict(medians), q) for q in (1, 2, 3, 4))
 
 
-@lru_cache(maxsize=1)
-def _pixel_responses(instrument: Instrument, ccdid: int, filtercode: str) -> tuple[npt.NDArray[np.float32], ...]:
-    return tuple(instrument.pixel_response(ccdid, filtercode, q) for q in (1, 2, 3, 4))
-
-
 def _science_quadrant(
     spec: NightSpec, exposure: Exposure, ccdid: int, qid: int
 ) -> tuple[npt.NDArray[np.float32], dict[str, float | str], dict[str, npt.NDArray[Any]], npt.NDArray[np.bool_]]:
@@ -534,7 +539,7 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
         signal: npt.NDArray[np.float32] | None = None
         if exposure.imgtype == "flat":
             assert exposure.led is not None
-            signal = _pixel_responses(instrument, ccdid, exposure.filtercode)[qid - 1] * instrument.illumination(ccdid, exposure.led, qid)
+            signal = pixel_responses(instrument, ccdid, exposure.filtercode)[qid - 1] * instrument.illumination(ccdid, exposure.led, qid)
             signal *= np.float32(instrument.led_level(exposure.led))
         elif exposure.imgtype == "object":
             model, wcs_keys, truth, sources = _science_quadrant(spec, exposure, ccdid, qid)
