@@ -93,6 +93,8 @@ async def test_unknown_table_and_format_are_xml_errors(night: NightTruth) -> Non
         assert (status, content_type) == (404, "text/xml")
         status, content_type, _ = await _search(server.base_url, "raw", ct="votable")
         assert (status, content_type) == (400, "text/xml")
+        status, content_type, text = await _search(server.base_url, "sci", POS="55.0,33.3", SIZE="0.1", ct="csv")
+        assert (status, content_type) == (400, "text/xml") and "POS" in text
 
 
 @pytest.mark.asyncio

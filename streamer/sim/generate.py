@@ -45,9 +45,12 @@ Truth, in the units of the pipeline's output
       science pixels were multiplied by. With ``F`` the pixel response (a smooth large-scale pattern
       times a 0.8 % pixel-to-pixel term) and ``I_led`` a smooth illumination per LED and CCD:
       ``T = mean over the filter's LEDs of F * I_led / median_CCD(F * I_led)`` (equal weights; median
-      over all 4 quadrants of the CCD). Each normalised LED stack has median exactly 1; the median of
-      ``T`` itself is 1 to about 1e-4 and is recorded in ``params.json`` (``flats.<filt>.<ccd>.median``).
-      Dead and hot columns are not in ``T``: compare outside them.
+      over all 4 quadrants of the CCD). Each normalised LED stack has median exactly 1, but averaging
+      LEDs with different illuminations does not keep the median: the CCD-wide median of ``T`` is 1
+      within a few 1e-3, its exact value is in ``params.json`` (``flats.<filt>.<ccd>.median``); ``T`` is
+      not renormalised, so that it stays exactly what the algorithm recovers (and science pixels were
+      multiplied by it). ``F`` and ``I_led`` are the same every night (``instrument_seed``); dead and hot
+      columns are not in ``T``: compare outside them.
     - ``truth/stars.parquet``: one row per star per science quadrant whose centre lies on the quadrant
       (``-0.5 <= x < cols - 0.5``, same for y): ``filefracday`` (str), ``ccdid``, ``qid``, ``source_id``,
       ``x``, ``y`` (0-based, IPAC grid = raw HDU grid, pixel centres at integers), ``flux`` (true total
@@ -60,11 +63,22 @@ Truth, in the units of the pipeline's output
       qid, and ``exposures``: filefracday, imgtype, filtercode, field, obsjd, expid, exptime, led,
       seeing_fwhm_arcsec, sky_adu, magzp, airmass, tangent point, and ``drift`` by ccd then qid).
 
+Science products and geometry
+    ``sciimg.fits``: float32, the noise-free expectation ``sky + stars`` in ADU (what perfect detrending
+    gives, before the flat), with the header keywords of IPAC's (GAIN, READNOI, SATURATE, MAGZP, EXPID,
+    RCID, QID, CCDID, FIELDID, FILTER, OBSJD, OBSMJD, EXPTIME, SEEING = FWHM in pixels, MAGLIM, ...)
+    and a TAN WCS (``streamer.sim.geometry``: 1.012"/px, all quadrants share CRVAL = the exposure's
+    tangent point and the CD matrix, q2|q1 over q3|q4 with no gap inside a CCD, so a sibling quadrant's
+    WCS is CRPIX shifted by the quadrant size). ``mskimg.fits``: int16 with IPAC's BITnn definitions;
+    set bits: 1 (star model above 5 sigma of the sky noise), 4 (hot columns), 8 (saturated), 9 (dead).
+    Stars come from the catalogue of each (field, CCD), carried to the exposure epoch by their proper
+    motions; their brightness through zg, zr, zi is BP, G, RP (``sky.FILTER_MAG_COLUMN``).
+
 Exposures
     Every obsjd lies in [JD(night), JD(night) + 1): ``obsjd = JD(night) + (k + 0.5) / 1e6`` where the
     last 6 digits of ``filefracday`` are k. Biases (field 0, filter code ``bi``) from day fraction 0.06,
     LED flats (field 0; zg LEDs 2-5, zr 7-10, zi 11-13, ``ILUM_LED`` in the primary header) from 0.08,
-    science (30 s) from 0.15. Science exposure i observes ``fields[i % len(fields)]`` through
+    science (30 s) from 0.15; biases have EXPTIME 0, flats 5 s. Science exposure i observes ``fields[i % len(fields)]`` through
     ``filters[(i // len(fields)) % len(filters)]``. All CCDs of an exposure share its times and LED.
 
 Random streams: one ``numpy`` Generator per effect and key (``stream``), from ``SeedSequence``.

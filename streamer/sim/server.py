@@ -4,7 +4,8 @@ Endpoints:
 
 - ``GET /ibe/search/ztf/products/{raw,sci,cal}?WHERE=..&COLUMNS=..&ct=csv``: rows from
   ``streamer.sim.index`` (built once at start), filtered by ``streamer.sim.wherequery``; all columns
-  when ``COLUMNS`` is absent; errors answer status 400 with an XML (VOTable) body, as IRSA does.
+  when ``COLUMNS`` is absent; CSV also when ``ct`` is absent; errors (malformed WHERE, unknown column,
+  another ``ct``, ``POS``/``SIZE`` which are not implemented) answer status 400 with an XML (VOTable) body.
 - ``GET|HEAD /ibe/data/ztf/products/<relpath>``: the file, with Content-Length and Accept-Ranges; a
   single ``Range: bytes=a-b`` answers 206 with Content-Range (200 when the profile ignores Range).
   Paths escaping the root (``..``, encoded slashes or backslashes, symlinks pointing out) answer 403.
@@ -203,6 +204,8 @@ class SimArchive:
         if table not in COLUMNS:
             return xml_error(f"table {table!r} does not exist: expected raw, sci or cal", status=404)
         query = {k.upper(): v for k, v in request.query.items()}
+        if "POS" in query or "SIZE" in query:
+            return xml_error("POS and SIZE are not supported by this archive: select with WHERE")
         ct = query.get("CT", "csv").lower()
         if ct != "csv":
             return xml_error(f"ct={ct!r} is not supported: expected ct=csv")
