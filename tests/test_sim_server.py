@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 from yarl import URL
 
 from simhelpers import small_night
+from streamer import cli
 from streamer.errors import UsageError
 from streamer.sim.faults import FaultProfile
 from streamer.sim.generate import NightTruth
@@ -227,11 +227,11 @@ def test_cli_serves_and_stops_on_sigterm(night: NightTruth) -> None:
     "arguments, message",
     [(["--root", "/nonexistent-dir"], "--root"), (["--faults", "wild"], "--faults"), (["--require-login"], "STREAMER_SIM_PASSWORD")],
 )
-def test_cli_usage_errors(night: NightTruth, arguments: list[str], message: str) -> None:
+def test_cli_usage_errors(
+    night: NightTruth, arguments: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STREAMER_SIM_PASSWORD", raising=False)
     argv = ["--root", str(night.out)] if "--root" not in arguments else []
-    environment = {k: v for k, v in os.environ.items() if k != "STREAMER_SIM_PASSWORD"}
-    result = subprocess.run(
-        [sys.executable, "-m", "streamer.cli", "sim", "serve", *argv, *arguments], capture_output=True, text=True, timeout=30, env=environment,
-    )
-    assert result.returncode == 2 and message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert cli.main(["sim", "serve", *argv, *arguments]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1 and captured.out == ""
