@@ -230,3 +230,23 @@ async def test_faults_are_counted_only_when_delivered(night: NightTruth) -> None
         status, _, body = await fetch(session, server.base_url + SEARCH, params={"WHERE": "ccdid IN (", "ct": "csv"})
         assert status == 400 and b'value="ERROR"' in body
         assert server.faults()["by_kind"] == {"http_503": 1}
+
+
+@pytest.mark.asyncio
+async def test_stall_on_a_small_search_answer_still_stalls(night: NightTruth) -> None:
+    async with serve(night.out, faults=FaultProfile("stalls", stall_rate=1.0)) as server:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=0.5)) as session:
+            with pytest.raises(asyncio.TimeoutError):
+                await fetch(session, server.base_url + SEARCH, params={"WHERE": "ccdid=99", "ct": "csv"})
+        assert server.faults()["by_kind"] == {"stall": 1}
+
+
+@pytest.mark.asyncio
+async def test_drip_is_bounded_in_time(night: NightTruth) -> None:
+    relpath = night.raw_relpaths("object")[0]
+    content = (night.out / relpath).read_bytes()
+    profile = only("drip", drip_bytes_per_second=20_000, drip_max_seconds=0.3)
+    async with serve(night.out, faults=profile) as server, aiohttp.ClientSession() as session:
+        start = time.perf_counter()
+        assert (await fetch(session, server.base_url + DATA + relpath))[2] == content
+        assert 0.3 < time.perf_counter() - start < 0.3 + len(content) / 20_000 / 2

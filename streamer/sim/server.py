@@ -54,7 +54,7 @@ from aiohttp import web
 from streamer.archive.naming import DATA_PATH, SEARCH_PATH
 from streamer.errors import UsageError
 
-from .faults import FaultCounter, FaultProfile, _uniform, choose_fault, load_profile
+from .faults import FaultCounter, FaultProfile, uniform, choose_fault, load_profile
 from .index import COLUMNS, ArchiveIndex
 from .wherequery import QueryError, compile_where
 
@@ -310,12 +310,13 @@ class SimArchive:
 
         corrupt_at = None
         if fault == "corrupt" and path is not None:
-            offset = _corruption_offset(path, _uniform(self.settings.fault_seed, "corrupt-at", request.path))
+            offset = _corruption_offset(path, uniform(self.settings.fault_seed, "corrupt-at", request.path))
             corrupt_at = offset if start <= offset <= end else start
         cut = max(0, length // 2 - 1) if fault in ("truncated", "reset") else length
         if fault == "stall":
-            cut = min(length, 1024)
+            cut = max(0, min(length - 1, 1024))
         sent = 0
+        drip_until = asyncio.get_running_loop().time() + self.settings.faults.drip_max_seconds
         for chunk in _chunks(body, path, start, length):
             if corrupt_at is not None and sent <= corrupt_at - start < sent + len(chunk):
                 chunk = bytearray(chunk)
@@ -324,7 +325,7 @@ class SimArchive:
             if sent + len(chunk) > cut:
                 chunk = chunk[: cut - sent]
             if fault == "drip":
-                await self._drip(response, chunk)
+                await self._drip(response, chunk, drip_until)
             elif chunk:
                 await response.write(chunk)
             sent += len(chunk)
@@ -340,12 +341,18 @@ class SimArchive:
         await response.write_eof()
         return response
 
-    async def _drip(self, response: web.StreamResponse, chunk: bytes) -> None:
+    async def _drip(self, response: web.StreamResponse, chunk: bytes, until: float) -> None:
+        """Write ``chunk`` at the profile's drip rate until the loop time ``until``, then at once."""
         rate = self.settings.faults.drip_bytes_per_second
         step = max(1, rate // 20)
-        for offset in range(0, len(chunk), step):
+        loop = asyncio.get_running_loop()
+        offset = 0
+        while offset < len(chunk) and loop.time() < until:
             await response.write(chunk[offset:offset + step])
+            offset += step
             await asyncio.sleep(step / rate)
+        if offset < len(chunk):
+            await response.write(chunk[offset:])
 
 
 def _chunks(body: bytes | None, path: Path | None, start: int, length: int) -> Iterator[bytes]:
