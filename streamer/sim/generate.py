@@ -92,7 +92,9 @@ import argparse
 import datetime as dt
 import json
 import math
+import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -654,14 +656,14 @@ def read_params(out: Path) -> dict[str, Any]:
 
 
 def _map(jobs: int, function: Any, items: list[Any]) -> Iterable[Any]:
+    """``map`` in this process, or over a pool of ``jobs`` processes (forked when this process has no
+    other thread, so workers start at once; spawned otherwise, since forking a threaded process is unsafe)."""
     if jobs <= 1 or len(items) <= 1:
         return map(function, items)
-    executor = ProcessPoolExecutor(max_workers=jobs)
+    context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
     chunksize = max(1, len(items) // (4 * jobs))
-    try:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as executor:
         return list(executor.map(function, items, chunksize=chunksize))
-    finally:
-        executor.shutdown()
 
 
 def generate_night(
