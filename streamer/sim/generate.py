@@ -119,7 +119,7 @@ from .pixels import SATURATION_RAW_ADU, TRAIL_FRACTION, TRAIL_SCALE_COLUMNS, Amp
 
 LEDS: Final = {"zg": (2, 3, 4, 5), "zr": (7, 8, 9, 10), "zi": (11, 12, 13)}
 FILTER_IDS: Final = {"zg": 1, "zr": 2, "zi": 3, "bi": 0}
-FILTER_NAMES: Final = {"zg": "ZTF_g", "zr": "ZTF_r", "zi": "ZTF_i", "bi": "ZTF_r"}
+FILTER_NAMES: Final = {"zg": "ZTF_g", "zr": "ZTF_r", "zi": "ZTF_i", "bi": "NONE"}  # the wheel during biases: not known
 AMP_NAMES: Final = {1: "H", 2: "G", 3: "F", 4: "E"}  # by qid = AMP_ID + 1, as in IPAC's tables
 LED_WAVELENGTHS_NM: Final = {2: 400, 3: 430, 4: 470, 5: 500, 7: 590, 8: 630, 9: 660, 10: 700, 11: 780, 12: 810, 13: 850}
 SKY_ADU: Final = {"zg": (150.0, 260.0), "zr": (200.0, 360.0), "zi": (300.0, 500.0)}

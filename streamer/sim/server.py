@@ -438,9 +438,7 @@ async def serve(
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()
-        server = site._server
-        assert server is not None
-        bound = server.sockets[0].getsockname()  # type: ignore[union-attr]
+        bound = runner.addresses[0]
         url_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         yield RunningServer(f"http://{url_host}:{bound[1]}", int(bound[1]), archive)
     finally:
