@@ -6,15 +6,18 @@ a run is reproducible whatever the interleaving of clients. Transient faults hit
 ``max_faulted_attempts``: with ``flaky``, every request succeeds by attempt ``max_faulted_attempts``
 (the fourth, by default) at the latest.
 
-Kinds (``FaultKind``):
+Kinds (HEAD requests get only the status kinds; ``corrupt`` only FITS files; every injected fault is
+counted once, under its kind and its key, and logged):
 
 - transient: ``http_500``, ``http_503``, ``http_504``, ``http_429`` (with ``Retry-After: 1``),
   ``reset`` (connection reset after part of the body), ``truncated`` (correct Content-Length, part of
   the body, then the connection closes), ``corrupt`` (FITS only: a byte changed in the primary header
   or in the first extension's header, same length), ``html`` (an HTML page with status 200),
   ``drip`` (the body at ``drip_bytes_per_second``; what is left after ``drip_max_seconds`` at full speed);
-- permanent (``hostile``): ``missing`` (404 on every attempt for a fraction of the data files, which
-  the search still lists) and ``stall`` (headers and a few bytes, then nothing until the client leaves).
+- added by ``hostile``: ``missing`` (404 on every attempt for a fraction ``missing_fraction`` of the
+  data files, which the search still lists) and ``stall`` (headers and part of the body, then nothing
+  until the client leaves or the server stops), for a fraction ``stall_rate`` of all attempts, whatever
+  their number: with ``hostile`` a request can fail any number of times.
 
 A TOML profile (``--faults file.toml``) holds any of the ``FaultProfile`` fields at top level, e.g.::
 
