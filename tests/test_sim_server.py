@@ -157,6 +157,8 @@ async def test_paths_escaping_the_root_are_refused(night: NightTruth, tmp_path: 
             async with session.get(server.base_url + DATA + link.relative_to(night.out).as_posix()) as response:
                 assert response.status == 403
                 assert b"secret" not in await response.read()
+            status, _, text = await _search(server.base_url, "raw", WHERE="filefracday = 20200924999999", ct="csv")
+            assert status == 200 and len(_rows(text)) == 0
     finally:
         link.unlink()
         link_dir.rmdir()
