@@ -370,6 +370,14 @@ class Fetcher:
             queue.put_nowait(file_id)
         return await self.run(queue)
 
+    def status(self) -> dict[str, Any]:
+        """For the service's status: outage state, bytes waiting for budget, whether the disk pauses downloads."""
+        return {
+            **self.client.gate.status(),
+            "waiting_for_space_bytes": self.space.bytes_wanted,
+            "disk_paused_for_s": round(max(0.0, self._disk_paused_until - time.monotonic()), 1),
+        }
+
     def due_files(self, *, now: float | None = None) -> list[int]:
         """Ids of files to fetch now: wanted, reserved (after a restart), corrupt, and missing ones due again."""
         now = time.time() if now is None else now
