@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .config import ConsumerConfig, Target
 
@@ -64,6 +65,20 @@ class Footprint:
         out_x = max(0.5 - x, 0.0, x - (self.naxis1 + 0.5))
         out_y = max(0.5 - y, 0.0, y - (self.naxis2 + 0.5))
         return math.hypot(out_x, out_y) * self.pixel_scale_deg <= radius_deg
+
+
+def footprint_from_header(header: Mapping[str, Any]) -> Footprint:
+    """A footprint from an image header's linear WCS (CRVALn, CRPIXn, CDi_j; NAXISn when present).
+
+    For the evictor: a stored sciimg header (``fetch.read_stored_header``) gives the footprint
+    without the search row. The TPV distortion terms are ignored (well under a pixel's worth
+    of arcseconds at the scale of a target radius).
+    """
+    return Footprint(
+        float(header["CRVAL1"]), float(header["CRVAL2"]), float(header["CRPIX1"]), float(header["CRPIX2"]),
+        float(header["CD1_1"]), float(header.get("CD1_2", 0.0)), float(header.get("CD2_1", 0.0)),
+        float(header["CD2_2"]), int(header.get("NAXIS1", QUADRANT_NAXIS1)), int(header.get("NAXIS2", QUADRANT_NAXIS2)),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

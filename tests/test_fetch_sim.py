@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -21,16 +20,14 @@ from astropy.wcs import WCS
 from streamer.archive.auth import AuthError, Credentials
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
 from streamer.archive.fetch import Fetcher, SpaceSignal, read_stored_header
+from streamer.archive.search import RAW_COLUMNS, SearchError, search_night, search_table
 from streamer.config import Config, config_from_dict
 from streamer.ledger import Ledger
 from streamer.plan import plan_night
+from streamer.retention import footprint_from_header
 from streamer.sim.faults import FaultProfile
 from streamer.sim.generate import NightTruth, generate_night
 from streamer.sim.server import serve
-
-# The simulator's server (branch sim) passes shutdown_timeout to TCPSite, deprecated in this aiohttp;
-# only that warning is let through until the simulator changes.
-pytestmark = pytest.mark.filterwarnings("ignore:shutdown_timeout should be set on BaseRunner:DeprecationWarning")
 
 NIGHT = dt.date(2020, 9, 24)
 CCD = 13
@@ -223,6 +220,11 @@ async def test_header_only_fetch_of_a_sciimg(night: NightTruth, tmp_path: Path, 
     full = fits.getheader(night.out / sci)
     assert WCS(header).to_header_string() == WCS(full).to_header_string()
     assert (header["NAXIS1"], header["NAXIS2"]) == (full["NAXIS1"], full["NAXIS2"])
+    # The evictor's footprint from the stored header agrees with the full WCS at the centre.
+    footprint = footprint_from_header(header)
+    ra, dec = WCS(full).all_pix2world([[full["NAXIS1"] / 2, full["NAXIS2"] / 2]], 1)[0]
+    x, y = footprint.pixel_of(ra, dec) or (0.0, 0.0)
+    assert abs(x - full["NAXIS1"] / 2) < 2 and abs(y - full["NAXIS2"] / 2) < 2
 
 
 @pytest.mark.asyncio
@@ -230,7 +232,8 @@ async def test_login_wrong_credentials_and_no_secret_anywhere(
     night: NightTruth, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    async with serve(night.out, require_login=True, username="ztfuser", password=PASSWORD) as server:
+    # flaky: the 'html' faults (a login page with status 200) make the client log in again.
+    async with serve(night.out, faults="flaky", fault_seed=5, require_login=True, username="ztfuser", password=PASSWORD) as server:
         config = _config(server.base_url, tmp_path / "store")
         with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
             with pytest.raises(AuthError, match="'ztfuser' refused") as refused:
@@ -238,6 +241,8 @@ async def test_login_wrong_credentials_and_no_secret_anywhere(
             assert "not the password" not in str(refused.value)
             outcomes = await _plan_and_fetch(config, ledger, credentials=Credentials("ztfuser", PASSWORD))
             assert outcomes and {o.state for o in outcomes} == {"on_disk"}
+            assert server.faults()["by_kind"].get("html", 0) > 0
+            assert "session expired; logged in again as ztfuser" in caplog.text
             dump = "\n".join(
                 repr(ledger.rows(f"SELECT * FROM {table}")) for table in ("files", "events", "meta", "exposures")
             )
@@ -301,3 +306,42 @@ async def test_sigkill_during_downloads_then_restart_completes(night: NightTruth
     _no_partials(root)
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     assert present == on_disk
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_full_size_flaky_night(tmp_path: Path) -> None:
+    """Full-size (3080 x 3072) files: the real header size, real compressed raws, flaky archive."""
+    truth = generate_night(
+        tmp_path / "archive", NIGHT, ccds=(CCD,), n_exposures=2, flats_per_led=1, n_biases=3, seed=9, shape="full"
+    )
+    async with serve(truth.out, faults="flaky", fault_seed=2) as server:
+        config = _config(server.base_url, tmp_path / "store")
+        with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+            async with _client(config, ledger) as client:
+                await plan_night(client, ledger, config, NIGHT, [CCD])
+                fetcher = Fetcher(
+                    client, ledger, config.storage, expected_shapes={"raw": (3080, 3072), "mskimg": (3080, 3072)}
+                )
+                outcomes = await asyncio.wait_for(fetcher.fetch_all(fetcher.due_files()), 900)
+            assert {o.state for o in outcomes} == {"on_disk"}
+            headers = [o for o in outcomes if o.relpath.endswith(".header.fits")]
+            assert headers and max(o.bytes_transferred for o in headers) < 64 * 1024
+            _check_files_match_archive(ledger, config.storage.root, truth.out)
+            _no_partials(config.storage.root)
+
+
+@pytest.mark.asyncio
+async def test_search_errors_are_clear_and_flaky_searches_are_retried(night: NightTruth, tmp_path: Path) -> None:
+    async with serve(night.out, faults="flaky", fault_seed=1) as server:
+        config = _config(server.base_url, tmp_path / "store")
+        with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+            async with _client(config, ledger) as client:
+                with pytest.raises(SearchError, match="nosuch.*HTTP 400"):
+                    await search_table(client, "raw", "nosuch = 1", RAW_COLUMNS)
+                rows = []
+                for seed_night in (NIGHT, NIGHT + dt.timedelta(days=1)):
+                    rows.append(await search_night(client, "raw", seed_night, [CCD], RAW_COLUMNS, max_span_days=0.1))
+            faults = server.faults()
+    assert len(rows[0]) == len(night.raw_relpaths()) and rows[1] == []
+    assert sum(n for path, kinds in faults["by_path"].items() if "/ibe/search/" in path for n in kinds.values()) > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -234,4 +235,44 @@ async def test_outage_pauses_instead_of_burning_attempts(stub: tuple[Stub, str],
     assert '"outage": false' in (ledger.get_meta("archive.outage") or "")
     requests = sum(n for (method, _), n in archive.requests.items() if method == "GET")
     assert sum(r["attempts"] for r in ledger.rows("SELECT attempts FROM files")) == requests > 12 + 3 * 4
+    ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_low_free_space_pauses_downloads(stub: tuple[Stub, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive, base = stub
+    config, storage, ledger = _setup(tmp_path, base)
+    file_id = _want(ledger, base, RAW, "raw")
+    real_usage = shutil.disk_usage
+    calls = {"n": 0}
+
+    def usage(path: object) -> object:
+        calls["n"] += 1
+        found = real_usage(path)  # type: ignore[arg-type]
+        return found._replace(free=0) if calls["n"] <= 2 else found  # another process filled the disk, then left
+
+    monkeypatch.setattr("streamer.archive.fetch.shutil.disk_usage", usage)
+    async with _client(config, ledger) as client:
+        fetcher = Fetcher(client, ledger, storage, disk_pause_s=0.05)
+        assert (await fetcher.fetch(file_id)).state == "on_disk"
+    events = ledger.rows("SELECT kind, message FROM events WHERE kind = 'disk_full'")
+    assert len(events) == 2 and "free" in events[0]["message"] and calls["n"] == 3
+    ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_file_already_at_its_place_is_verified_not_downloaded(stub: tuple[Stub, str], tmp_path: Path) -> None:
+    archive, base = stub
+    config, storage, ledger = _setup(tmp_path, base)
+    good, bad = RAW, RAW.replace("431759", "431760")
+    archive.files[bad] = archive.files[RAW]
+    for relpath, content in ((good, archive.files[RAW]), (bad, archive.files[RAW][:-2880])):
+        (storage.root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (storage.root / relpath).write_bytes(content)
+    ids = [_want(ledger, base, good, "raw"), _want(ledger, base, bad, "raw")]
+    async with _client(config, ledger) as client:
+        outcomes = await Fetcher(client, ledger, storage).fetch_all(ids)
+    assert [o.state for o in outcomes] == ["on_disk", "on_disk"]
+    assert archive.requests[("GET", good)] == 0 and archive.requests[("GET", bad)] == 1
+    assert (storage.root / bad).read_bytes() == archive.files[RAW]
     ledger.close()

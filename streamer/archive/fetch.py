@@ -4,23 +4,30 @@ The way of one file (one ledger transaction per state change)::
 
     wanted --reserve (waits for space)--> reserved --> downloading
       --stream to <final>.part (Range resume on 206, restart on 200)--> verify (structure, checksums)
-      --fsync, rename, fsync dir--> on_disk (disk_bytes = st_blocks * 512)
+      --fsync, rename, fsync dir--> on_disk (disk_bytes = st_blocks * 512, actual_size = bytes stored)
 
-Permanent refusals (404, 403) end ``missing`` with the reason, the HTTP status and a
-``retry_at`` (``archive.missing_retry_hours`` later; ``retry_at`` NULL once
-``archive.missing_max_attempts`` refusals are used up). Transient failures are
-retried by the client's policy; a file whose body fails verification every time ends
-``corrupt``, one that fails otherwise every time ends ``missing`` with a retry date.
-``attempts`` counts every data request made for the file, ``last_error`` the last
-failure's reason.
+Ledger fields: ``attempts`` counts the failed requests for the file's URL (HEAD, GET, header
+reads, the flat LED read at planning) plus the one that brought it to disk, so for a file on
+disk ``attempts - 1`` is its number of failed requests; ``last_error`` and ``http_status`` hold the
+last failure (reasons carry no query strings and no secrets). Permanent refusals (404, 403) end
+``missing`` with the reason, the status and a ``retry_at`` (``archive.missing_retry_hours``
+later; ``retry_at`` NULL once ``archive.missing_max_attempts`` refusals, counted as
+``file_missing`` events, are used up). Transient failures are retried by the client's policy;
+a file whose body fails verification every time ends ``corrupt``, one that fails otherwise every
+time ends ``missing`` with a retry date. ``Fetcher.due_files()`` lists what to fetch now.
+
+Status indicators: the meta key ``archive.outage`` (JSON from
+:meth:`~streamer.archive.client.OutageGate.status`, with ``"outage": true`` while downloads are
+paused) and the events ``archive_outage``, ``archive_back`` and ``disk_full``.
 
 Backpressure: a download whose reservation does not fit the budget waits on
-:class:`SpaceSignal` until the evictor calls :meth:`SpaceSignal.space_freed`.
-ENOSPC/EDQUOT pauses all downloads and keeps the ``.part`` for a resume.
+:class:`SpaceSignal` until the evictor calls :meth:`SpaceSignal.space_freed`. Low free space on
+the filesystem, ENOSPC or EDQUOT pause all downloads and keep the ``.part`` for a resume.
 
-Kinds: ``raw`` and ``sciimg`` are stored as served; ``mskimg`` is verified as served
-then stored tile-compressed (lossless) at its relpath (``..._mskimg.fits.fz``);
-``sciimg_header`` is a header-only read of the sciimg URL stored as a FITS header file.
+Kinds: ``raw`` and ``sciimg`` are stored as served; ``mskimg`` is verified as served, then
+stored tile-compressed (lossless) at its relpath (``..._mskimg.fits.fz``); ``sciimg_header`` is
+a header-only read of the sciimg URL stored as a header-only FITS file
+(``..._sciimg.header.fits``, read it back with :func:`read_stored_header`).
 """
 
 from __future__ import annotations
@@ -363,6 +370,14 @@ class Fetcher:
             queue.put_nowait(file_id)
         return await self.run(queue)
 
+    def status(self) -> dict[str, Any]:
+        """For the service's status: outage state, bytes waiting for budget, whether the disk pauses downloads."""
+        return {
+            **self.client.gate.status(),
+            "waiting_for_space_bytes": self.space.bytes_wanted,
+            "disk_paused_for_s": round(max(0.0, self._disk_paused_until - time.monotonic()), 1),
+        }
+
     def due_files(self, *, now: float | None = None) -> list[int]:
         """Ids of files to fetch now: wanted, reserved (after a restart), corrupt, and missing ones due again."""
         now = time.time() if now is None else now
@@ -405,7 +420,7 @@ class Fetcher:
             return FetchOutcome(file_id, relpath, state)
         if state == "missing" and (row["retry_at"] is None or row["retry_at"] > time.time()):
             return FetchOutcome(file_id, relpath, "missing", error=row["last_error"], http_status=row["http_status"])
-        if final.exists() and await asyncio.to_thread(self._adopt_existing, row, final):
+        if final.exists() and await self._adopt_existing(row, final):
             return FetchOutcome(file_id, relpath, "on_disk")
         try:
             if row["kind"] == "sciimg_header":
@@ -413,6 +428,8 @@ class Fetcher:
             return await self._fetch_file(row, final)
         except PermanentError as err:
             return self._give_up(self.ledger.file(file_id), err.reason, err.status, count_request=err.status is not None)
+        except TransientError as err:  # the size request (HEAD) failed every time
+            return self._give_up(self.ledger.file(file_id), f"gave up: {err.reason}", err.status)
 
     async def probe_size(self, file_id: int) -> int:
         """The size of a planned file from a HEAD request, recorded as its expected size."""
@@ -423,8 +440,8 @@ class Fetcher:
     def _overhead_bytes(self) -> int:
         return self._overhead() if callable(self._overhead) else self._overhead
 
-    def _adopt_existing(self, row: dict[str, Any], final: Path) -> bool:
-        """A complete file already at the final path (a crash after rename, or reconcile): verify and record it."""
+    def _verify_existing(self, row: dict[str, Any], final: Path) -> bool:
+        """Whether a file already at the final path is complete (runs in a thread; no ledger access)."""
         as_served = row["kind"] in ("raw", "sciimg")
         try:
             verify_fits(
@@ -434,6 +451,12 @@ class Fetcher:
         except (VerificationError, OSError) as err:
             log.warning("%s: existing file fails verification (%s); downloading again", row["relpath"], err)
             final.unlink(missing_ok=True)
+            return False
+        return True
+
+    async def _adopt_existing(self, row: dict[str, Any], final: Path) -> bool:
+        """A complete file already at the final path (a crash after rename, or reconcile): verify and record it."""
+        if not await asyncio.to_thread(self._verify_existing, row, final):
             return False
         with self.ledger.transaction() as conn:
             state = conn.execute("SELECT state FROM files WHERE id = ?", (row["id"],)).fetchone()[0]
@@ -475,9 +498,7 @@ class Fetcher:
         return size
 
     def _html_error(self) -> TransientError:
-        if self.client.logged_in:
-            return SessionExpired("HTML page where FITS was expected (session expired?)", outage_like=False)
-        return TransientError("HTML page where FITS was expected", outage_like=False)
+        return html_error(self.client)
 
     def _record_failure(self, row: dict[str, Any], *, requests: list[int] | None = None) -> Callable[[TransientError, FailureCount], None]:
         def record(err: TransientError, count: FailureCount) -> None:
@@ -763,6 +784,13 @@ class Fetcher:
         return FetchOutcome(row["id"], row["relpath"], "on_disk", requests[0] + 1, transferred)
 
 
+def html_error(client: ArchiveClient) -> TransientError:
+    """The error for an HTML page where FITS was expected: an expired session when logged in."""
+    if client.logged_in:
+        return SessionExpired("HTML page where FITS was expected (session expired?)", outage_like=False)
+    return TransientError("HTML page where FITS was expected", outage_like=False)
+
+
 def record_failed_request(ledger: Ledger, file_id: int, err: ArchiveError) -> None:
     """Count one failed request for a file, with its reason and status (one transaction)."""
     with ledger.transaction() as conn:
@@ -801,8 +829,18 @@ async def read_header_once(client: ArchiveClient, url: str) -> tuple[bytes, int]
     """One try at reading a primary header: ask for the first blocks with Range and extend until END;
     if the server answers 200 (Range ignored), read the stream only until END and close it.
 
-    Returns (header bytes, bytes transferred). Raises TransientError/PermanentError.
+    A read that takes longer than ``archive.min_rate_window_s`` counts as stalled (a header is
+    a few tens of kB). Returns (header bytes, bytes transferred). Raises TransientError/PermanentError.
     """
+    window = client.config.min_rate_window_s if client.config.min_rate_bytes_per_s > 0 else None
+    try:
+        async with asyncio.timeout(window):
+            return await _read_header(client, url)
+    except TimeoutError:
+        raise TransientError(f"stalled: no complete header within {window:.0f} s", outage_like=True) from None
+
+
+async def _read_header(client: ArchiveClient, url: str) -> tuple[bytes, int]:
     buffer = bytearray()
     transferred = 0
     want = HEADER_FIRST_BLOCKS * BLOCK
@@ -820,7 +858,7 @@ async def read_header_once(client: ArchiveClient, url: str) -> tuple[bytes, int]
                     body = await response.read()
                     transferred += len(body)
                     if not buffer and _is_html(content_type, body):
-                        raise TransientError("HTML page where FITS was expected", outage_like=False)
+                        raise html_error(client)
                     buffer += body
                     end = header_end(buffer)
                     if end is not None:
@@ -840,7 +878,7 @@ async def read_header_once(client: ArchiveClient, url: str) -> tuple[bytes, int]
                         raise TransientError("the body ends before the END card of its header", outage_like=True)
                     transferred += len(chunk)
                     if not buffer and _is_html(content_type, chunk):
-                        raise TransientError("HTML page where FITS was expected", outage_like=False)
+                        raise html_error(client)
                     buffer += chunk
                     end = header_end(buffer)
                     if end is not None:

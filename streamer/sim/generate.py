@@ -45,9 +45,12 @@ Truth, in the units of the pipeline's output
       science pixels were multiplied by. With ``F`` the pixel response (a smooth large-scale pattern
       times a 0.8 % pixel-to-pixel term) and ``I_led`` a smooth illumination per LED and CCD:
       ``T = mean over the filter's LEDs of F * I_led / median_CCD(F * I_led)`` (equal weights; median
-      over all 4 quadrants of the CCD). Each normalised LED stack has median exactly 1; the median of
-      ``T`` itself is 1 to about 1e-4 and is recorded in ``params.json`` (``flats.<filt>.<ccd>.median``).
-      Dead and hot columns are not in ``T``: compare outside them.
+      over all 4 quadrants of the CCD). Each normalised LED stack has median exactly 1, but averaging
+      LEDs with different illuminations does not keep the median: the CCD-wide median of ``T`` is 1
+      within a few 1e-3, its exact value is in ``params.json`` (``flats.<filt>.<ccd>.median``); ``T`` is
+      not renormalised, so that it stays exactly what the algorithm recovers (and science pixels were
+      multiplied by it). ``F`` and ``I_led`` are the same every night (``instrument_seed``); dead and hot
+      columns are not in ``T``: compare outside them.
     - ``truth/stars.parquet``: one row per star per science quadrant whose centre lies on the quadrant
       (``-0.5 <= x < cols - 0.5``, same for y): ``filefracday`` (str), ``ccdid``, ``qid``, ``source_id``,
       ``x``, ``y`` (0-based, IPAC grid = raw HDU grid, pixel centres at integers), ``flux`` (true total
@@ -60,11 +63,22 @@ Truth, in the units of the pipeline's output
       qid, and ``exposures``: filefracday, imgtype, filtercode, field, obsjd, expid, exptime, led,
       seeing_fwhm_arcsec, sky_adu, magzp, airmass, tangent point, and ``drift`` by ccd then qid).
 
+Science products and geometry
+    ``sciimg.fits``: float32, the noise-free expectation ``sky + stars`` in ADU (what perfect detrending
+    gives, before the flat), with the header keywords of IPAC's (GAIN, READNOI, SATURATE, MAGZP, EXPID,
+    RCID, QID, CCDID, FIELDID, FILTER, OBSJD, OBSMJD, EXPTIME, SEEING = FWHM in pixels, MAGLIM, ...)
+    and a TAN WCS (``streamer.sim.geometry``: 1.012"/px, all quadrants share CRVAL = the exposure's
+    tangent point and the CD matrix, q2|q1 over q3|q4 with no gap inside a CCD, so a sibling quadrant's
+    WCS is CRPIX shifted by the quadrant size). ``mskimg.fits``: int16 with IPAC's BITnn definitions;
+    set bits: 1 (star model above 5 sigma of the sky noise), 4 (hot columns), 8 (saturated), 9 (dead).
+    Stars come from the catalogue of each (field, CCD), carried to the exposure epoch by their proper
+    motions; their brightness through zg, zr, zi is BP, G, RP (``sky.FILTER_MAG_COLUMN``).
+
 Exposures
     Every obsjd lies in [JD(night), JD(night) + 1): ``obsjd = JD(night) + (k + 0.5) / 1e6`` where the
     last 6 digits of ``filefracday`` are k. Biases (field 0, filter code ``bi``) from day fraction 0.06,
     LED flats (field 0; zg LEDs 2-5, zr 7-10, zi 11-13, ``ILUM_LED`` in the primary header) from 0.08,
-    science (30 s) from 0.15. Science exposure i observes ``fields[i % len(fields)]`` through
+    science (30 s) from 0.15; biases have EXPTIME 0, flats 5 s. Science exposure i observes ``fields[i % len(fields)]`` through
     ``filters[(i // len(fields)) % len(filters)]``. All CCDs of an exposure share its times and LED.
 
 Random streams: one ``numpy`` Generator per effect and key (``stream``), from ``SeedSequence``.
@@ -78,8 +92,9 @@ import argparse
 import datetime as dt
 import json
 import math
+import multiprocessing
 import os
-import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -104,7 +119,7 @@ from .pixels import SATURATION_RAW_ADU, TRAIL_FRACTION, TRAIL_SCALE_COLUMNS, Amp
 
 LEDS: Final = {"zg": (2, 3, 4, 5), "zr": (7, 8, 9, 10), "zi": (11, 12, 13)}
 FILTER_IDS: Final = {"zg": 1, "zr": 2, "zi": 3, "bi": 0}
-FILTER_NAMES: Final = {"zg": "ZTF_g", "zr": "ZTF_r", "zi": "ZTF_i", "bi": "ZTF_r"}
+FILTER_NAMES: Final = {"zg": "ZTF_g", "zr": "ZTF_r", "zi": "ZTF_i", "bi": "NONE"}  # the wheel during biases: not known
 AMP_NAMES: Final = {1: "H", 2: "G", 3: "F", 4: "E"}  # by qid = AMP_ID + 1, as in IPAC's tables
 LED_WAVELENGTHS_NM: Final = {2: 400, 3: 430, 4: 470, 5: 500, 7: 590, 8: 630, 9: 660, 10: 700, 11: 780, 12: 810, 13: 850}
 SKY_ADU: Final = {"zg": (150.0, 260.0), "zr": (200.0, 360.0), "zi": (300.0, 500.0)}
@@ -215,7 +230,8 @@ class Instrument:
 
     def led_median(self, ccdid: int, filtercode: str, led: int) -> float:
         """CCD-wide median of ``F * I_led`` (all four quadrants)."""
-        products = [self.pixel_response(ccdid, filtercode, q) * self.illumination(ccdid, led, q) for q in (1, 2, 3, 4)]
+        responses = pixel_responses(self, ccdid, filtercode)
+        products = [responses[q - 1] * self.illumination(ccdid, led, q) for q in (1, 2, 3, 4)]
         return float(np.median(np.concatenate([p.ravel() for p in products])))
 
     def catalogue(self, field: int, ccdid: int) -> sky.Catalogue:
@@ -224,13 +240,22 @@ class Instrument:
         )
 
 
+@lru_cache(maxsize=1)
+def pixel_responses(instrument: Instrument, ccdid: int, filtercode: str) -> tuple[npt.NDArray[np.float32], ...]:
+    """``F`` of the four quadrants of a CCD (cached: one CCD and filter at a time; read-only)."""
+    responses = tuple(instrument.pixel_response(ccdid, filtercode, q) for q in (1, 2, 3, 4))
+    for response in responses:
+        response.flags.writeable = False
+    return responses
+
+
 def truth_flat(instrument: Instrument, ccdid: int, filtercode: str, medians: dict[int, float], qid: int) -> npt.NDArray[np.float32]:
     """``T`` of one quadrant: ``F * mean_led(I_led / median_CCD(F * I_led))``."""
     leds = LEDS[filtercode]
     illumination = np.zeros((instrument.shape.rows, instrument.shape.cols), dtype=np.float32)
     for led in leds:
         illumination += instrument.illumination(ccdid, led, qid) / np.float32(medians[led] * len(leds))
-    return instrument.pixel_response(ccdid, filtercode, qid) * illumination
+    return pixel_responses(instrument, ccdid, filtercode)[qid - 1] * illumination
 
 
 # --------------------------------------------------------------------------- the night plan
@@ -347,7 +372,8 @@ class NightSpec:
 class FileResult:
     relpaths: tuple[str, ...]
     stars: dict[str, npt.NDArray[Any]] | None
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float
 
 
 def _atomic_write(hdus: fits.HDUList, path: Path) -> None:
@@ -437,11 +463,6 @@ def _truth_flats(instrument: Instrument, ccdid: int, filtercode: str, medians: t
     return tuple(truth_flat(instrument, ccdid, filtercode, dict(medians), q) for q in (1, 2, 3, 4))
 
 
-@lru_cache(maxsize=1)
-def _pixel_responses(instrument: Instrument, ccdid: int, filtercode: str) -> tuple[npt.NDArray[np.float32], ...]:
-    return tuple(instrument.pixel_response(ccdid, filtercode, q) for q in (1, 2, 3, 4))
-
-
 def _science_quadrant(
     spec: NightSpec, exposure: Exposure, ccdid: int, qid: int
 ) -> tuple[npt.NDArray[np.float32], dict[str, float | str], dict[str, npt.NDArray[Any]], npt.NDArray[np.bool_]]:
@@ -518,7 +539,7 @@ def _sci_headers(
 
 def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResult:
     """Write one raw CCD file (and for science the sciimg and mskimg of its quadrants)."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     instrument = spec.instrument
     shape = instrument.shape
     name = exposure.raw_name(ccdid)
@@ -534,7 +555,7 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
         signal: npt.NDArray[np.float32] | None = None
         if exposure.imgtype == "flat":
             assert exposure.led is not None
-            signal = _pixel_responses(instrument, ccdid, exposure.filtercode)[qid - 1] * instrument.illumination(ccdid, exposure.led, qid)
+            signal = pixel_responses(instrument, ccdid, exposure.filtercode)[qid - 1] * instrument.illumination(ccdid, exposure.led, qid)
             signal *= np.float32(instrument.led_level(exposure.led))
         elif exposure.imgtype == "object":
             model, wcs_keys, truth, sources = _science_quadrant(spec, exposure, ccdid, qid)
@@ -567,7 +588,7 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
             relpaths += [sci_name.relpath, msk_name.relpath]
     _atomic_write(fits.HDUList([fits.PrimaryHDU(header=primary), *quadrants, *overscans]), spec.out / name.relpath)
     stars = {k: np.concatenate([t[k] for t in star_truth]) for k in star_truth[0]} if star_truth else None
-    return FileResult(tuple(relpaths), stars, time.perf_counter() - start)
+    return FileResult(tuple(relpaths), stars, time.perf_counter() - start, time.process_time() - cpu_start)
 
 
 def _write_ccd_file_job(job: tuple[NightSpec, Exposure, int]) -> FileResult:
@@ -616,7 +637,8 @@ class NightTruth:
     relpaths: list[str]
     params: dict[str, Any]
     stars: pa.Table
-    seconds_per_file: list[float] = field(default_factory=list)
+    seconds_per_file: list[float] = field(default_factory=list)  # wall clock, in the worker
+    cpu_seconds_per_file: list[float] = field(default_factory=list)
 
     def raw_relpaths(self, imgtype: str | None = None) -> list[str]:
         """Relative paths of the raw files written, optionally of one image type ('bias', 'flat', 'object')."""
@@ -634,14 +656,14 @@ def read_params(out: Path) -> dict[str, Any]:
 
 
 def _map(jobs: int, function: Any, items: list[Any]) -> Iterable[Any]:
+    """``map`` in this process, or over a pool of ``jobs`` processes (forked when this process has no
+    other thread, so workers start at once; spawned otherwise, since forking a threaded process is unsafe)."""
     if jobs <= 1 or len(items) <= 1:
         return map(function, items)
-    executor = ProcessPoolExecutor(max_workers=jobs)
+    context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
     chunksize = max(1, len(items) // (4 * jobs))
-    try:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as executor:
         return list(executor.map(function, items, chunksize=chunksize))
-    finally:
-        executor.shutdown()
 
 
 def generate_night(
@@ -711,7 +733,9 @@ def generate_night(
     params = _night_params(params, instrument, night, seed, ccds, exposures, flats_params)
     _write_json(out / "truth" / "params.json", params)
     relpaths = sorted(p for r in results for p in r.relpaths)
-    return NightTruth(out, night, exposures, relpaths, params, stars, [r.seconds for r in results])
+    return NightTruth(
+        out, night, exposures, relpaths, params, stars, [r.seconds for r in results], [r.cpu_seconds for r in results]
+    )
 
 
 def _check_arguments(
@@ -807,11 +831,11 @@ def main(args: argparse.Namespace, ccds: tuple[int, ...]) -> int:
         n_biases=args.biases, seed=args.seed, shape=args.shape, jobs=args.jobs,
     )
     elapsed = time.perf_counter() - start
-    per_file = truth.seconds_per_file
+    cpu = truth.cpu_seconds_per_file
     print(
         f"wrote {len(truth.raw_relpaths())} raw files ({len(truth.relpaths)} files in all) for {args.night} "
-        f"under {args.out} in {elapsed:.1f} s; {np.mean(per_file):.2f} s per CCD file on one core",
+        f"under {args.out} in {elapsed:.1f} s; CPU per CCD file: mean {np.mean(cpu) if cpu else 0:.2f} s, "
+        f"median {np.median(cpu) if cpu else 0:.2f} s",
         flush=True,
     )
-    sys.stdout.flush()
     return 0
