@@ -263,6 +263,8 @@ class Service:
                 await self._wait_change(5.0)
                 continue
             for row in candidates:
+                if row.get("first_job") is not None and not self._reserve_outputs_through(row["first_job"]):
+                    break  # what earlier jobs will write comes first; the evictor has been asked for room
                 await slots.acquire()
                 if self.stopping.is_set():
                     slots.release()
@@ -316,33 +318,35 @@ class Service:
             free = self.executor.slots - len(self.running_jobs)
             if free > 0:
                 for job in self._ready_jobs(free):
-                    if not self._reserve_outputs(job):
-                        self.output_bytes_wanted = self._output_estimate(job)
+                    if not self._reserve_outputs_through(job["id"]):
                         break
-                    self.output_bytes_wanted = 0
                     self._submit(job)
             await self._wait_change(2.0)
 
-    def _output_estimate(self, job: dict[str, Any]) -> int:
-        """Bytes a job is expected to write: the largest product of its kind so far, or an estimate."""
-        outputs = self.ledger.rows(
-            "SELECT relpath, kind FROM files WHERE producer_job = ? AND state != 'on_disk'", (job["id"],)
-        )
-        return sum(estimate_product_bytes(self.ledger, row["relpath"], row["kind"]) for row in outputs)
+    def _reserve_outputs_through(self, last_job: int) -> bool:
+        """Reserve, in job order, the bytes that unfinished jobs up to ``last_job`` will write.
 
-    def _reserve_outputs(self, job: dict[str, Any]) -> bool:
-        """Reserve the bytes a job will write against the budget (False when they do not fit yet)."""
-        outputs = self.ledger.rows(
-            "SELECT id, relpath, kind, reserved_bytes FROM files WHERE producer_job = ? AND state != 'on_disk'",
-            (job["id"],),
+        Outputs are reserved in the same order as downloads, so a budget filled with inputs of later
+        jobs can never keep an earlier job from writing the masters those later jobs wait for.
+        False when the next reservation does not fit yet (the evictor is asked for the room).
+        """
+        jobs = self.ledger.rows(
+            "SELECT j.id, f.id AS file_id, f.relpath, f.kind, f.reserved_bytes FROM jobs j "
+            "JOIN files f ON f.producer_job = j.id "
+            "WHERE j.id <= ? AND j.state IN ('waiting', 'ready', 'failed') AND f.state != 'on_disk' "
+            "AND f.reserved_bytes = 0 ORDER BY j.id, f.id",
+            (last_job,),
         )
-        sizes = {row["id"]: estimate_product_bytes(self.ledger, row["relpath"], row["kind"]) for row in outputs}
-        with self.ledger.transaction() as conn:
-            used = conn.execute("SELECT COALESCE(SUM(disk_bytes + reserved_bytes), 0) FROM file_totals").fetchone()[0]
-            held = sum(row["reserved_bytes"] for row in outputs)
-            if used - held + sum(sizes.values()) + self._overhead() > self.config.storage.budget:
-                return False
-            conn.executemany("UPDATE files SET reserved_bytes = ? WHERE id = ?", [(n, i) for i, n in sizes.items()])
+        for row in jobs:
+            size = estimate_product_bytes(self.ledger, row["relpath"], row["kind"])
+            with self.ledger.transaction() as conn:
+                used = conn.execute("SELECT COALESCE(SUM(disk_bytes + reserved_bytes), 0) FROM file_totals").fetchone()[0]
+                if used + size + self._overhead() > self.config.storage.budget:
+                    self.output_bytes_wanted = size
+                    self.poke()
+                    return False
+                conn.execute("UPDATE files SET reserved_bytes = ? WHERE id = ?", (size, row["file_id"]))
+        self.output_bytes_wanted = 0
         return True
 
     def _release_outputs(self, conn: Any, job_id: int) -> None:
@@ -547,15 +551,20 @@ class Service:
     # --- eviction ----------------------------------------------------------------------
 
     async def _evictor(self) -> None:
+        still_stuck = 0
         while not self.stopping.is_set():
             need = (self.space.bytes_wanted if self.space.space_wanted.is_set() else 0) + self.output_bytes_wanted
             freed = self._evict(need=need)
+            if freed or not need:
+                still_stuck = 0
             if freed:
                 self.space.space_freed()
             elif need and self._nothing_moves():
-                self._report_stuck(need)
-                if self.burst:
-                    raise _Finished
+                still_stuck += 1
+                if still_stuck >= 3:  # seen three times in a row, not a moment between two steps
+                    self._report_stuck(need)
+                    if self.burst:
+                        raise _Finished
             elif self.stuck_reason is not None and not need:
                 self.ledger.event("unstuck", "downloads resumed: space was freed")
                 self.stuck_reason = None
@@ -563,8 +572,9 @@ class Service:
 
     def _nothing_moves(self) -> bool:
         """Every download waits for budget, no task runs, and none could start."""
-        waiting = len(self.space._waiting) if hasattr(self.space, "_waiting") else 0
-        return not self.running_jobs and waiting >= len(self.downloading) and not self._ready_jobs(1)
+        waiting = self.space.bytes_wanted > 0 or self.output_bytes_wanted > 0
+        transfers = len(self.downloading) - len(self.space.waiting_files)
+        return waiting and transfers <= 0 and not self.running_jobs
 
     def _evict(self, *, need: int = 0, force: bool = False) -> int:
         """Free erasable files as the watermarks (or a pending reservation) ask; return bytes freed."""

@@ -227,6 +227,11 @@ class SpaceSignal:
     def bytes_wanted(self) -> int:
         return sum(self._waiting.values())
 
+    @property
+    def waiting_files(self) -> frozenset[int]:
+        """Ids of the downloads waiting for budget now."""
+        return frozenset(self._waiting)
+
     def space_freed(self) -> None:
         """Wake every download waiting for space (call from the service's event loop)."""
         self._freed.set()
