@@ -35,6 +35,11 @@ from .masterio import MasterReadError, read_master, read_master_header, write_ma
 from .rawio import QuadrantReadError, RawFile, RawFileError, open_raw
 
 BLOCK_ROWS = 128
+RAW_BUDGET_BYTES = 512 * 2**20
+"""Decoded raw quadrants (as stored, e.g. uint16) held at once while combining. Decoding a whole
+quadrant costs half as much as decoding it band by band (astropy's tile sections), so frames are
+decoded whole while n_frames x quadrant bytes fits this budget (about 27 uint16 quadrants), and
+band by band beyond: memory stays bounded whatever the number of frames."""
 FILTER_LEDS: Mapping[str, tuple[int, ...]] = {"zg": (2, 3, 4, 5), "zr": (7, 8, 9, 10), "zi": (11, 12, 13)}
 
 
@@ -128,6 +133,8 @@ class _Frame:
     raw: RawFile
     overscan: npt.NDArray[np.number]
     level: npt.NDArray[np.float64]
+    nbytes: int  # of the decoded quadrant
+    data: npt.NDArray[np.number] | None = None  # the whole quadrant, when the raw budget allows
 
 
 class _FrameFailed(Exception):
@@ -166,6 +173,7 @@ def _combine_quadrant(
                 rejected.append((name, problem))
                 continue
             frame_shape = raw.data_shape(qid)
+            frame_nbytes = raw.data_nbytes(qid)
             overscan = raw.overscan(qid)
             if gain is None:
                 gain, read_noise = raw.amplifier(qid)
@@ -185,9 +193,10 @@ def _combine_quadrant(
             rejected.append((name, f"quadrant {qid}: overscan unusable: {err}"))
             continue
         timer.add("correct", started)
-        frames.append(_Frame(name, raw, overscan, model.level_stored))
+        frames.append(_Frame(name, raw, overscan, model.level_stored, frame_nbytes))
     if subtract is not None and shape is not None and subtract.shape != shape:
         raise QuadrantReadError("", qid, f"master bias quadrant {subtract.shape} does not match the frames' {shape}")
+    decode_whole = sum(frame.nbytes for frame in frames) <= RAW_BUDGET_BYTES
 
     while True:
         if len(frames) < minimum or shape is None:
@@ -201,7 +210,9 @@ def _combine_quadrant(
             for i, frame in enumerate(frames):
                 started = time.perf_counter()
                 try:
-                    rows = frame.raw.data_rows(qid, start, stop)
+                    if decode_whole and frame.data is None:
+                        frame.data = frame.raw.data(qid)
+                    rows = frame.data[start:stop] if frame.data is not None else frame.raw.data_rows(qid, start, stop)
                 except QuadrantReadError as err:
                     raise _FrameFailed(i, err.reason) from err
                 started = timer.add("read", started)

@@ -258,3 +258,12 @@ def test_a_corrupt_quadrant_loses_that_quadrant_only(built: Built, tmp_path: Pat
     assert result.quadrants == (1, 2, 4)
     assert [qid for qid, _ in result.failed_quadrants] == [3]
     assert master_quadrants(result.path) == (1, 2, 4)
+
+
+def test_band_by_band_decoding_gives_the_same_master(built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamer.work_masters as work_masters
+
+    monkeypatch.setattr(work_masters, "RAW_BUDGET_BYTES", 0)  # no whole quadrant held: row bands only
+    result = build_master_bias(built.raws["b"], str(tmp_path / "b.fits"), night=NIGHT, ccdid=CCD, detrend=CONFIG)
+    for qid in (1, 4):
+        np.testing.assert_array_equal(read_master(result.path, qid).data, read_master(built.bias.path, qid).data)
