@@ -205,8 +205,10 @@ def _combine_quadrant(
             )
         columns = shape[1]
 
+        buffer = np.empty((len(frames), BLOCK_ROWS, columns), dtype=np.float32)  # reused: combine copies
+
         def read_rows(start: int, stop: int) -> npt.NDArray[np.float32]:
-            block = np.empty((len(frames), stop - start, columns), dtype=np.float32)
+            block = buffer[:, : stop - start]
             for i, frame in enumerate(frames):
                 started = time.perf_counter()
                 try:
@@ -216,7 +218,7 @@ def _combine_quadrant(
                 except QuadrantReadError as err:
                     raise _FrameFailed(i, err.reason) from err
                 started = timer.add("read", started)
-                block[i] = correct_rows(
+                correct_rows(
                     rows,
                     frame.overscan[start:stop],
                     frame.level[start:stop],
@@ -224,6 +226,7 @@ def _combine_quadrant(
                     nonlinearity=detrend.nonlinearity,
                     nonlinearity_coefficients=coefficients,
                     row_corrections=row_corrections,
+                    out=block[i],
                 )
                 if subtract is not None:
                     block[i] -= subtract[start:stop]
