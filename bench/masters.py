@@ -11,7 +11,8 @@ masters: decompressing every quadrant and overscan of the same files, once. It p
   per LED, then ``combine_master_flat``);
 - the workers' own split of their time: reading (decompression, row bands), correcting (overscan,
   nonlinearity, bias), combining (sorting network and clipping), masks, writing;
-- the ratio combine time / decompression time, from the same run.
+- the ratio combine time / decompression time, from the same run;
+- the science chain's time per quadrant with these masters (when the night has a science frame).
 """
 
 from __future__ import annotations
@@ -79,6 +80,33 @@ def _flat_job(args: tuple[dict[int, list[str]], str, str, str]) -> dict[str, Any
             "n_frames": sum(len(p) for p in by_led.values()), "bytes": master.n_bytes}
 
 
+def _science_job(args: tuple[str, str, str]) -> dict[str, Any]:
+    """The science chain (detrend_science) on each quadrant of one raw file, 5 times; decoding apart."""
+    import statistics
+
+    from streamer.config import DetrendConfig
+    from streamer.detrend.calibrate import detrend_science
+    from streamer.detrend.nonlinearity import coefficients
+    from streamer.masterio import read_master
+    from streamer.rawio import open_raw
+
+    raw_path, bias_path, flat_path = args
+    seconds = []
+    with open_raw(raw_path) as raw:
+        for qid in (1, 2, 3, 4):
+            quadrant = raw.quadrant(qid)
+            bias, flat = read_master(bias_path, qid), read_master(flat_path, qid)
+            for _ in range(5):
+                started = time.perf_counter()
+                detrend_science(
+                    quadrant.data, quadrant.overscan, qid, config=DetrendConfig(),
+                    nonlinearity_coefficients=coefficients(NIGHT, CCD, qid), master_bias=bias, master_flat=flat,
+                    gain=quadrant.gain or 6.0, read_noise=quadrant.read_noise or 9.0, saturate=58000.0,
+                )
+                seconds.append(time.perf_counter() - started)
+    return {"seconds": statistics.median(seconds), "rss_mb": _peak_rss_mb()}
+
+
 def _decompress_job(paths: list[str]) -> dict[str, Any]:
     import numpy as np
     from astropy.io import fits
@@ -141,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         used_biases = sorted(biases, key=os.path.basename)[DetrendConfig().bias_skip_first :]
         floor_bias = _in_fresh_process(_decompress_job, used_biases)
         floor_flat = _in_fresh_process(_decompress_job, [p for paths in by_led.values() for p in paths])
+        science = [p for p in raws if p.endswith("_o.fits.fz") and f"_{args.filter}_" in os.path.basename(p)]
+        chain = (
+            _in_fresh_process(_science_job, (science[0], os.path.join(workdir, "bias.fits"), os.path.join(workdir, "flat.fits")))
+            if science
+            else None
+        )
 
     print(f"## Masters (python -m bench.masters, {os.cpu_count()} cores, one process per build)\n")
     print(f"Idle worker process (imports only): {idle['rss_mb']:.0f} MB peak RSS.\n")
@@ -156,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, run in (("master bias", bias), ("master flat", flat)):
         split = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in sorted(run["timing"].items()))
         print(f"- {name}, the worker's own split: {split}")
+    if chain is not None:
+        print(f"- science chain (detrend_science: overscan to mask, decoding apart), median per full quadrant: {1000 * chain['seconds']:.0f} ms")
     return 0
 
 

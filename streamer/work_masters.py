@@ -11,6 +11,7 @@ release them: :func:`build_led_flat` per LED, then :func:`combine_master_flat` p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -641,3 +642,52 @@ def focalplane_factors(flats: Sequence[MasterResult]) -> dict[int, float]:
             raise ValueError(f"{flat.path}: no LED levels recorded")
         factors[flat.ccdid] = sum(w * r for w, r in relative) / total
     return factors
+
+
+def build_master_flat(
+    flat_paths_by_led: Mapping[int, Sequence[str]],
+    master_bias_path: str,
+    out_path: str,
+    *,
+    night: str | dt.date,
+    ccdid: int,
+    filtercode: str,
+    detrend: DetrendConfig,
+    weights: Mapping[int, float] | None = None,
+    provenance: Mapping[str, str] | None = None,
+    row_corrections: Sequence[RowCorrection] = (),
+) -> MasterResult:
+    """A filter's master flat in one call, when all its LEDs' frames are on disk at once:
+    :func:`build_led_flat` per LED (temporary files beside ``out_path``, removed afterwards), then
+    :func:`combine_master_flat`. LEDs with too few usable frames are left out and listed in
+    ``frames_rejected`` as ("LED n", reason); IncompleteCalibration when no LED is left."""
+    led_paths: dict[int, str] = {}
+    skipped: list[tuple[str, str]] = []
+    directory = os.path.dirname(os.path.abspath(out_path))
+    base = os.path.basename(out_path)
+    try:
+        for led, paths in sorted(flat_paths_by_led.items()):
+            temporary = os.path.join(directory, f".{base}.led{led:02d}.part")
+            try:
+                build_led_flat(
+                    paths, master_bias_path, temporary, led=led, night=night, ccdid=ccdid, filtercode=filtercode,
+                    detrend=detrend, provenance=provenance, row_corrections=row_corrections,
+                )  # fmt: skip
+            except IncompleteCalibration as err:
+                skipped.append((f"LED {led}", err.reason))
+                continue
+            led_paths[led] = temporary
+        if not led_paths:
+            raise IncompleteCalibration(
+                f"CCD {ccdid} night {_night(night)} filter {filtercode}: no LED with at least {detrend.min_flats_per_led} usable "
+                f"frames: " + "; ".join(reason for _, reason in skipped)
+            )
+        result = combine_master_flat(
+            led_paths, out_path, night=night, ccdid=ccdid, filtercode=filtercode, detrend=detrend, weights=weights,
+            provenance=provenance,
+        )  # fmt: skip
+    finally:
+        for path in led_paths.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    return dataclasses.replace(result, frames_rejected=tuple(skipped))
