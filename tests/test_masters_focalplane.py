@@ -41,3 +41,17 @@ def test_weights_and_refusals() -> None:
     assert focalplane_factors([]) == {}
     with pytest.raises(ValueError, match="same CCD"):
         focalplane_factors([flat(1, {7: 1.0}), flat(1, {7: 2.0})])
+
+
+def test_ccd_wide_median_is_exact_over_the_quadrants() -> None:
+    import numpy as np
+
+    from streamer.work_masters import _ccd_median
+
+    rng = np.random.default_rng(0)
+    for n in (5, 6, 1000, 1001):
+        quadrants = [rng.normal(size=(2, n)).astype(np.float32), rng.normal(size=(3, n)).astype(np.float32)]
+        quadrants[1][0, 0] = np.nan
+        expected = np.median(np.concatenate([quadrants[0].ravel(), quadrants[1][np.isfinite(quadrants[1])]]))
+        assert _ccd_median(quadrants) == pytest.approx(float(expected), abs=1e-6)
+        assert np.isnan(quadrants[1][0, 0])  # inputs untouched
