@@ -225,7 +225,8 @@ class Instrument:
         """``I_led``: the smooth illumination of an LED across a CCD (about 1, a few percent of slope)."""
         c = stream(self.seed, "illumination", ccdid, led).normal(0.0, 0.02, 3)
         u, v = ccd_unit_coordinates(self.shape, qid)
-        return (1.0 + c[0] * u + c[1] * v + c[2] * (u * u + v * v)).astype(np.float32)
+        # 1 + c0 u + c1 v + c2 (u^2 + v^2), as one broadcast sum of a row and a column
+        return ((c[0] * u + c[2] * u * u).astype(np.float32) + (1.0 + c[1] * v + c[2] * v * v).astype(np.float32))
 
     def led_level(self, led: int) -> float:
         """Linear ADU of an LED flat at the pixel response 1."""
