@@ -481,7 +481,7 @@ def _truth_flats(instrument: Instrument, ccdid: int, filtercode: str, medians: t
 
 
 def _science_quadrant(
-    spec: NightSpec, exposure: Exposure, ccdid: int, qid: int
+    spec: NightSpec, exposure: Exposure, ccdid: int, qid: int, gain: float
 ) -> tuple[npt.NDArray[np.float32], dict[str, float | str], dict[str, npt.NDArray[Any]], npt.NDArray[np.bool_]]:
     """Noise-free linear model ``sky + stars`` (ADU, before the flat), its WCS keywords, its star truth,
     and the pixels where stars stand above the sky noise."""
@@ -498,7 +498,7 @@ def _science_quadrant(
     sigma = exposure.seeing_fwhm_arcsec / PIXEL_SCALE_ARCSEC / (2.0 * math.sqrt(2.0 * math.log(2.0)))
     stars = np.zeros((shape.rows, shape.cols), dtype=np.float32)
     sky.render_stars(stars, x[near], y[near], flux[near], sigma)
-    sky_noise = math.sqrt(exposure.sky_adu / 6.0)
+    sky_noise = math.sqrt(exposure.sky_adu / gain)
     sources = stars > np.float32(SOURCE_MASK_SIGMA * sky_noise)
     on = (x >= -0.5) & (x < shape.cols - 0.5) & (y >= -0.5) & (y < shape.rows - 0.5)
     truth = {
@@ -519,8 +519,7 @@ def _sci_headers(
 ) -> tuple[fits.Header, fits.Header]:
     assert exposure.magzp is not None and exposure.seeing_fwhm_arcsec is not None
     header = primary.copy()
-    for key in ("NFRAMES",):
-        header.remove(key, ignore_missing=True)
+    header.remove("NFRAMES", ignore_missing=True)
     header.update(amplifier_header(amp, str(amp.qid)))
     header.remove("EXTNAME")
     header["WCSVERS"] = ("2.1", "WCS version number")
@@ -575,7 +574,7 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
             signal = instrument.led_flat(ccdid, exposure.filtercode, exposure.led, qid)
             signal *= np.float32(instrument.led_level(exposure.led))
         elif exposure.imgtype == "object":
-            model, wcs_keys, truth, sources = _science_quadrant(spec, exposure, ccdid, qid)
+            model, wcs_keys, truth, sources = _science_quadrant(spec, exposure, ccdid, qid, amp.gain)
             medians = tuple(sorted(spec.flat_medians[(ccdid, exposure.filtercode)].items()))
             signal = model * _truth_flats(instrument, ccdid, exposure.filtercode, medians)[qid - 1]
             star_truth.append(truth)
