@@ -20,7 +20,7 @@ Raw files
     Readout order per quadrant is ``streamer.detrend.readout.to_readout`` (the only orientation convention).
 
 Physical order of effects, per pixel of a quadrant (ADU unless stated):
-    1. true linear signal ``S``: science ``(sky + stars) * T``; LED flat ``level_led * F * I_led``; bias 0.
+    1. true linear signal ``S``: science ``(sky + stars) * T``; LED flat ``level_led * F_led * I_led``; bias 0.
        ``stars``: pixel-integrated circular Gaussians of FWHM ``seeing_fwhm_arcsec / 1.012`` px.
     2. photon noise in electrons (``S * GAIN``), back to ADU (Gaussian approximation above 20 e-).
     3. nonlinearity: ``uncorrect(S_noisy, A, B)`` (``streamer.detrend.nonlinearity``; evaluated in float32,
@@ -42,14 +42,16 @@ Truth, in the units of the pipeline's output
     - ``truth/bias_cNN.fits``: HDU q (1-4) = what a master bias recovers after overscan subtraction and
       ``correct()``: the fixed bias structure plus the hot-column excess (float32, ADU, IPAC grid).
     - ``truth/flat_<filt>_cNN.fits``: HDU q = the flat ``T`` that the IN2P3 algorithm recovers and that
-      science pixels were multiplied by. With ``F`` the pixel response (a smooth large-scale pattern
-      times a 0.8 % pixel-to-pixel term) and ``I_led`` a smooth illumination per LED and CCD:
-      ``T = mean over the filter's LEDs of F * I_led / median_CCD(F * I_led)`` (equal weights; median
-      over all 4 quadrants of the CCD). Each normalised LED stack has median exactly 1, but averaging
+      science pixels were multiplied by. With ``F`` the pixel response of the filter (a smooth
+      large-scale pattern times a 0.8 % pixel-to-pixel term), ``F_led = F * (1 + 0.3 % pixel term of
+      the LED)`` (the response differs with the LED's wavelength) and ``I_led`` a smooth illumination
+      per LED and CCD (a few % across the CCD):
+      ``T = mean over the filter's LEDs of F_led * I_led / median_CCD(F_led * I_led)`` (equal weights;
+      median over all 4 quadrants of the CCD). Each normalised LED stack has median exactly 1, but averaging
       LEDs with different illuminations does not keep the median: the CCD-wide median of ``T`` is 1
       within a few 1e-3, its exact value is in ``params.json`` (``flats.<filt>.<ccd>.median``); ``T`` is
       not renormalised, so that it stays exactly what the algorithm recovers (and science pixels were
-      multiplied by it). ``F`` and ``I_led`` are the same every night (``instrument_seed``); dead and hot
+      multiplied by it). ``F``, ``F_led`` and ``I_led`` are the same every night (``instrument_seed``); dead and hot
       columns are not in ``T``: compare outside them.
     - ``truth/stars.parquet``: one row per star per science quadrant whose centre lies on the quadrant
       (``-0.5 <= x < cols - 0.5``, same for y): ``filefracday`` (str), ``ccdid``, ``qid``, ``source_id``,
@@ -131,6 +133,7 @@ DEFAULT_FILTERS: Final = ("zg", "zr", "zi")
 STARS_PER_QUADRANT: Final = {"full": 4500, "small": 120}
 NID_ORIGIN: Final = dt.date(2016, 12, 27)
 FLAT_PIXEL_RMS: Final = 0.008
+LED_PIXEL_RMS: Final = 0.003
 BIAS_STRUCTURE_RMS: Final = 0.5
 SOURCE_MASK_SIGMA: Final = 5.0
 
@@ -145,7 +148,7 @@ MASK_SOURCE, MASK_NOISY, MASK_SATURATED, MASK_DEAD = 1 << 1, 1 << 4, 1 << 8, 1 <
 
 EFFECTS: Final = (
     "plan", "catalogue", "amplifier", "columns", "bias_structure", "flat_shape", "flat_pixels",
-    "illumination", "led_level", "drift", "poisson", "read_noise",
+    "illumination", "led_level", "drift", "poisson", "read_noise", "led_pixels",
 )
 
 
@@ -222,16 +225,28 @@ class Instrument:
         """``I_led``: the smooth illumination of an LED across a CCD (about 1, a few percent of slope)."""
         c = stream(self.seed, "illumination", ccdid, led).normal(0.0, 0.02, 3)
         u, v = ccd_unit_coordinates(self.shape, qid)
-        return (1.0 + c[0] * u + c[1] * v + c[2] * (u * u + v * v)).astype(np.float32)
+        # 1 + c0 u + c1 v + c2 (u^2 + v^2), as one broadcast sum of a row and a column
+        return ((c[0] * u + c[2] * u * u).astype(np.float32) + (1.0 + c[1] * v + c[2] * v * v).astype(np.float32))
 
     def led_level(self, led: int) -> float:
         """Linear ADU of an LED flat at the pixel response 1."""
         return round(float(stream(self.seed, "led_level", led).uniform(8000.0, 20000.0)), 1)
 
+    def led_flat(self, ccdid: int, filtercode: str, led: int, qid: int) -> npt.NDArray[np.float32]:
+        """``F_led * I_led``: the noise-free LED flat of a quadrant at level 1, where the pixel response
+        under this LED's light is ``F_led = F * (1 + LED_PIXEL_RMS * N(0, 1))`` (its own pixel term)."""
+        response = stream(self.seed, "led_pixels", ccdid, led, qid).standard_normal(
+            (self.shape.rows, self.shape.cols), dtype=np.float32
+        )
+        response *= np.float32(LED_PIXEL_RMS)
+        response += np.float32(1.0)
+        response *= pixel_responses(self, ccdid, filtercode)[qid - 1]
+        response *= self.illumination(ccdid, led, qid)
+        return response
+
     def led_median(self, ccdid: int, filtercode: str, led: int) -> float:
-        """CCD-wide median of ``F * I_led`` (all four quadrants)."""
-        responses = pixel_responses(self, ccdid, filtercode)
-        products = [responses[q - 1] * self.illumination(ccdid, led, q) for q in (1, 2, 3, 4)]
+        """CCD-wide median of ``F_led * I_led`` (all four quadrants)."""
+        products = [self.led_flat(ccdid, filtercode, led, q) for q in (1, 2, 3, 4)]
         return float(np.median(np.concatenate([p.ravel() for p in products])))
 
     def catalogue(self, field: int, ccdid: int) -> sky.Catalogue:
@@ -250,12 +265,14 @@ def pixel_responses(instrument: Instrument, ccdid: int, filtercode: str) -> tupl
 
 
 def truth_flat(instrument: Instrument, ccdid: int, filtercode: str, medians: dict[int, float], qid: int) -> npt.NDArray[np.float32]:
-    """``T`` of one quadrant: ``F * mean_led(I_led / median_CCD(F * I_led))``."""
+    """``T`` of one quadrant: ``mean_led(F_led * I_led / median_CCD(F_led * I_led))``."""
     leds = LEDS[filtercode]
-    illumination = np.zeros((instrument.shape.rows, instrument.shape.cols), dtype=np.float32)
+    flat = np.zeros((instrument.shape.rows, instrument.shape.cols), dtype=np.float32)
     for led in leds:
-        illumination += instrument.illumination(ccdid, led, qid) / np.float32(medians[led] * len(leds))
-    return pixel_responses(instrument, ccdid, filtercode)[qid - 1] * illumination
+        led_flat = instrument.led_flat(ccdid, filtercode, led, qid)
+        led_flat /= np.float32(medians[led] * len(leds))
+        flat += led_flat
+    return flat
 
 
 # --------------------------------------------------------------------------- the night plan
@@ -464,7 +481,7 @@ def _truth_flats(instrument: Instrument, ccdid: int, filtercode: str, medians: t
 
 
 def _science_quadrant(
-    spec: NightSpec, exposure: Exposure, ccdid: int, qid: int
+    spec: NightSpec, exposure: Exposure, ccdid: int, qid: int, gain: float
 ) -> tuple[npt.NDArray[np.float32], dict[str, float | str], dict[str, npt.NDArray[Any]], npt.NDArray[np.bool_]]:
     """Noise-free linear model ``sky + stars`` (ADU, before the flat), its WCS keywords, its star truth,
     and the pixels where stars stand above the sky noise."""
@@ -481,7 +498,7 @@ def _science_quadrant(
     sigma = exposure.seeing_fwhm_arcsec / PIXEL_SCALE_ARCSEC / (2.0 * math.sqrt(2.0 * math.log(2.0)))
     stars = np.zeros((shape.rows, shape.cols), dtype=np.float32)
     sky.render_stars(stars, x[near], y[near], flux[near], sigma)
-    sky_noise = math.sqrt(exposure.sky_adu / 6.0)
+    sky_noise = math.sqrt(exposure.sky_adu / gain)
     sources = stars > np.float32(SOURCE_MASK_SIGMA * sky_noise)
     on = (x >= -0.5) & (x < shape.cols - 0.5) & (y >= -0.5) & (y < shape.rows - 0.5)
     truth = {
@@ -502,8 +519,7 @@ def _sci_headers(
 ) -> tuple[fits.Header, fits.Header]:
     assert exposure.magzp is not None and exposure.seeing_fwhm_arcsec is not None
     header = primary.copy()
-    for key in ("NFRAMES",):
-        header.remove(key, ignore_missing=True)
+    header.remove("NFRAMES", ignore_missing=True)
     header.update(amplifier_header(amp, str(amp.qid)))
     header.remove("EXTNAME")
     header["WCSVERS"] = ("2.1", "WCS version number")
@@ -555,10 +571,10 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
         signal: npt.NDArray[np.float32] | None = None
         if exposure.imgtype == "flat":
             assert exposure.led is not None
-            signal = pixel_responses(instrument, ccdid, exposure.filtercode)[qid - 1] * instrument.illumination(ccdid, exposure.led, qid)
+            signal = instrument.led_flat(ccdid, exposure.filtercode, exposure.led, qid)
             signal *= np.float32(instrument.led_level(exposure.led))
         elif exposure.imgtype == "object":
-            model, wcs_keys, truth, sources = _science_quadrant(spec, exposure, ccdid, qid)
+            model, wcs_keys, truth, sources = _science_quadrant(spec, exposure, ccdid, qid, amp.gain)
             medians = tuple(sorted(spec.flat_medians[(ccdid, exposure.filtercode)].items()))
             signal = model * _truth_flats(instrument, ccdid, exposure.filtercode, medians)[qid - 1]
             star_truth.append(truth)
