@@ -57,7 +57,7 @@ class Apertures:
     flux_err: npt.NDArray[np.float64]
     flags: npt.NDArray[np.int32]
     mask_bits: npt.NDArray[np.int32]
-    """OR of the rejected mask bits on pixels whose centre lies within the largest radius + 0.5 px."""
+    """OR of the rejected mask bits on the pixels that the largest aperture overlaps."""
 
 
 # --- WCS ----------------------------------------------------------------------------------------
@@ -206,21 +206,22 @@ def _may_touch_rejected(table: npt.NDArray[np.int32], x: FloatArray, y: FloatArr
     return count > 0
 
 
-def _mask_bits_near(
+def _mask_bits_in_circle(
     rejected_bits: npt.NDArray[np.integer], x: FloatArray, y: FloatArray, radius: float
 ) -> npt.NDArray[np.int32]:
-    """OR of ``rejected_bits`` over pixels whose centre is within ``radius + 0.5`` of each position."""
+    """OR of ``rejected_bits`` over the pixels that a circle of ``radius`` around each position overlaps."""
     ny, nx = rejected_bits.shape
-    reach = radius + 0.5
     out = np.zeros(len(x), dtype=np.int32)
     for i, (xc, yc) in enumerate(zip(x, y, strict=True)):
-        i0, i1 = max(int(np.floor(yc - reach)), 0), min(int(np.ceil(yc + reach)) + 1, ny)
-        j0, j1 = max(int(np.floor(xc - reach)), 0), min(int(np.ceil(xc + reach)) + 1, nx)
+        i0, i1 = max(int(np.floor(yc - radius - 0.5)), 0), min(int(np.ceil(yc + radius + 0.5)) + 1, ny)
+        j0, j1 = max(int(np.floor(xc - radius - 0.5)), 0), min(int(np.ceil(xc + radius + 0.5)) + 1, nx)
         if i0 >= i1 or j0 >= j1:
             continue
-        rows = np.arange(i0, i1)[:, None]
-        cols = np.arange(j0, j1)[None, :]
-        inside = (rows - yc) ** 2 + (cols - xc) ** 2 <= reach**2
+        rows = np.arange(i0, i1, dtype=np.float64)[:, None]
+        cols = np.arange(j0, j1, dtype=np.float64)[None, :]
+        nearest_dy = np.clip(yc, rows - 0.5, rows + 0.5) - yc  # nearest point of each pixel's square
+        nearest_dx = np.clip(xc, cols - 0.5, cols + 0.5) - xc
+        inside = nearest_dx**2 + nearest_dy**2 < radius**2
         out[i] = int(np.bitwise_or.reduce(rejected_bits[i0:i1, j0:j1][inside], initial=0))
     return out
 
@@ -314,7 +315,7 @@ def measure_apertures(
         flags[candidates] |= np.where(touched, FLAG_MASKED, 0).astype(np.int32)
         hit = candidates[touched.any(axis=1)]
         if hit.size:
-            mask_bits[hit] = _mask_bits_near(rejected_bits, x[hit], y[hit], r_max)
+            mask_bits[hit] = _mask_bits_in_circle(rejected_bits, x[hit], y[hit], r_max)
 
     ny, nx = image.shape
     reach = radii_arr[None, :] + edge_margin_px

@@ -14,7 +14,8 @@ configured radii), then ``EXPOSURE_COLUMNS`` and ``MASK_COLUMNS``:
 - ``f_k``, ``f_k_e``: background-subtracted sum and its error in ADU (detrended, no
   aperture correction); ``f_k_f``: flags (see :mod:`streamer.photometry`); ``r_k``: radius, px;
 - ``isolated``: no other catalogue source within ``photometry.isolation_arcsec``;
-- ``mask_bits``: OR of the rejected mask bits on pixels within the largest radius;
+- ``mask_bits``: OR of the rejected mask bits (IPAC's and ours) on the pixels that the largest
+  aperture overlaps (non-zero exactly when ``f_<last>_f`` has ``FLAG_MASKED``);
 - ``ipac_mask``: False when the quadrant's IPAC mask was missing and only our own mask was used;
 - ``wcs_from_qid``: the quadrant whose IPAC header gave the WCS (differs from ``qid`` when
   the quadrant's own header was missing).
