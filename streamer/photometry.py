@@ -282,40 +282,39 @@ def measure_apertures(
         var = np.where(nonfinite, np.float32(0.0), var)
         rejected |= nonfinite
 
-    background_mask = rejected.copy()
-    if n:
-        sep.mask_ellipse(background_mask, x, y, r_max, r_max, 0.0)
-    bw, bh = background_box
-    background = sep.Background(work, mask=background_mask, bw=int(bw), bh=int(bh))
-    background.subfrom(work)
-
     flux = np.zeros((n, k), dtype=np.float64)
     flux_err = np.zeros((n, k), dtype=np.float64)
     flags = np.zeros((n, k), dtype=np.int32)
     mask_bits = np.zeros(n, dtype=np.int32)
-    if n == 0:
-        return Apertures(flux, flux_err, flags, mask_bits)
-
-    x_flat = np.repeat(x, k)
-    y_flat = np.repeat(y, k)
-    r_flat = np.tile(radii_arr, n)
-    total, total_err, sep_flags = sep.sum_circle(work, x_flat, y_flat, r_flat, var=var, subpix=0)
-    flux[:] = total.reshape(n, k)
-    flux_err[:] = total_err.reshape(n, k)
-    flags[:] = sep_flags.reshape(n, k)
 
     # Rejected pixels are rare: a coarse map rules most sources out; the rest get exact overlaps.
-    candidates = np.flatnonzero(_may_touch_rejected(_block_any(rejected), x, y, r_max))
+    candidates = np.flatnonzero(_may_touch_rejected(_block_any(rejected), x, y, r_max)) if n else np.zeros(0, int)
     if candidates.size:
-        rejected_u8 = rejected.view(np.uint8)
         counts, _, _ = sep.sum_circle(
-            rejected_u8, np.repeat(x[candidates], k), np.repeat(y[candidates], k), np.tile(radii_arr, candidates.size), subpix=0
-        )
+            rejected.view(np.uint8), np.repeat(x[candidates], k), np.repeat(y[candidates], k),
+            np.tile(radii_arr, candidates.size), subpix=0,
+        )  # fmt: skip
         touched = counts.reshape(candidates.size, k) > 0
         flags[candidates] |= np.where(touched, FLAG_MASKED, 0).astype(np.int32)
         hit = candidates[touched.any(axis=1)]
         if hit.size:
             mask_bits[hit] = _mask_bits_in_circle(rejected_bits, x[hit], y[hit], r_max)
+
+    background_mask = rejected  # its last use: the source discs go straight into it
+    if n:
+        sep.mask_ellipse(background_mask, x, y, r_max, r_max, 0.0)
+    bw, bh = background_box
+    background = sep.Background(work, mask=background_mask, bw=int(bw), bh=int(bh))
+    background.subfrom(work)
+    if n == 0:
+        return Apertures(flux, flux_err, flags, mask_bits)
+
+    total, total_err, sep_flags = sep.sum_circle(
+        work, np.repeat(x, k), np.repeat(y, k), np.tile(radii_arr, n), var=var, subpix=0
+    )
+    flux[:] = total.reshape(n, k)
+    flux_err[:] = total_err.reshape(n, k)
+    flags |= sep_flags.reshape(n, k).astype(np.int32)
 
     ny, nx = image.shape
     reach = radii_arr[None, :] + edge_margin_px

@@ -82,14 +82,13 @@ def read_ipac_mask(path: Path | str, shape: tuple[int, int]) -> npt.NDArray[np.i
             data = next((hdu.data for hdu in hdus if hdu.is_image and hdu.data is not None), None)
             if data is None:
                 raise InputFileError(f"{path}: no image HDU")
-            mask = np.array(data)
+            if data.shape != shape:
+                raise InputFileError(f"{path}: mask of shape {data.shape}, expected {shape}")
+            if not np.issubdtype(data.dtype, np.integer):
+                raise InputFileError(f"{path}: mask of type {data.dtype}, expected integers")
+            return data.astype(np.int16)  # one pass: native byte order, a new array
     except (OSError, ValueError, TypeError) as err:
         raise InputFileError(f"{path}: unreadable IPAC mask: {err}") from err
-    if mask.shape != shape:
-        raise InputFileError(f"{path}: mask of shape {mask.shape}, expected {shape}")
-    if not np.issubdtype(mask.dtype, np.integer):
-        raise InputFileError(f"{path}: mask of type {mask.dtype}, expected integers")
-    return mask.astype(np.int16, copy=False)
 
 
 @dataclass(frozen=True)
