@@ -174,10 +174,11 @@ def isolated(ra: FloatArray, dec: FloatArray, radius_arcsec: float) -> npt.NDArr
     if n == 0:
         return np.zeros(0, dtype=bool)
     vectors = unit_vectors(ra, dec)
+    if n == 1:
+        return np.ones(1, dtype=bool)
     chord = 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
-    tree = cKDTree(vectors)
-    counts = tree.query_ball_point(vectors, r=chord * (1 + 1e-12), return_length=True)
-    return np.asarray(counts) <= 1
+    distance, _ = cKDTree(vectors).query(vectors, k=2)  # the source itself, then its nearest neighbour
+    return np.asarray(distance[:, 1] > chord * (1 + 1e-12))
 
 
 # --- apertures ----------------------------------------------------------------------------------
