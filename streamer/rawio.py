@@ -110,7 +110,11 @@ class RawFile:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", AstropyWarning)
                 hdu = self._hdu(qid, index, what)
-                array = hdu.data if rows is None else hdu.section[rows, :]
+                if rows is None:
+                    array = hdu.data
+                    del hdu.data  # astropy would keep the decoded array as long as the file is open
+                else:
+                    array = hdu.section[rows, :]
         except QuadrantReadError:
             raise
         except Exception as err:  # the C tile decoder raises its own classes (CfitsioException) on corrupt bytes
@@ -138,11 +142,19 @@ class RawFile:
 
     def data_shape(self, qid: int) -> tuple[int, int]:
         """(rows, columns) of quadrant ``qid`` from its header, without decoding pixels."""
+        return self._data_layout(qid)[:2]
+
+    def data_nbytes(self, qid: int) -> int:
+        """Bytes of quadrant ``qid`` once decoded, from its header (BITPIX), without decoding pixels."""
+        rows, columns, itemsize = self._data_layout(qid)
+        return rows * columns * itemsize
+
+    def _data_layout(self, qid: int) -> tuple[int, int, int]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", AstropyWarning)
                 header = self._hdu(qid, qid, "data").header
-            return (int(header["NAXIS2"]), int(header["NAXIS1"]))
+            return (int(header["NAXIS2"]), int(header["NAXIS1"]), abs(int(header["BITPIX"])) // 8)
         except QuadrantReadError:
             raise
         except _READ_ERRORS as err:

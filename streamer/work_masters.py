@@ -11,6 +11,7 @@ release them: :func:`build_led_flat` per LED, then :func:`combine_master_flat` p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -35,6 +36,11 @@ from .masterio import MasterReadError, read_master, read_master_header, write_ma
 from .rawio import QuadrantReadError, RawFile, RawFileError, open_raw
 
 BLOCK_ROWS = 128
+RAW_BUDGET_BYTES = 512 * 2**20
+"""Decoded raw quadrants (as stored, e.g. uint16) held at once while combining. Decoding a whole
+quadrant costs half as much as decoding it band by band (astropy's tile sections), so frames are
+decoded whole while n_frames x quadrant bytes fits this budget (about 27 uint16 quadrants), and
+band by band beyond: memory stays bounded whatever the number of frames."""
 FILTER_LEDS: Mapping[str, tuple[int, ...]] = {"zg": (2, 3, 4, 5), "zr": (7, 8, 9, 10), "zi": (11, 12, 13)}
 
 
@@ -128,6 +134,8 @@ class _Frame:
     raw: RawFile
     overscan: npt.NDArray[np.number]
     level: npt.NDArray[np.float64]
+    nbytes: int  # of the decoded quadrant
+    data: npt.NDArray[np.number] | None = None  # the whole quadrant, when the raw budget allows
 
 
 class _FrameFailed(Exception):
@@ -166,6 +174,7 @@ def _combine_quadrant(
                 rejected.append((name, problem))
                 continue
             frame_shape = raw.data_shape(qid)
+            frame_nbytes = raw.data_nbytes(qid)
             overscan = raw.overscan(qid)
             if gain is None:
                 gain, read_noise = raw.amplifier(qid)
@@ -185,9 +194,10 @@ def _combine_quadrant(
             rejected.append((name, f"quadrant {qid}: overscan unusable: {err}"))
             continue
         timer.add("correct", started)
-        frames.append(_Frame(name, raw, overscan, model.level_stored))
+        frames.append(_Frame(name, raw, overscan, model.level_stored, frame_nbytes))
     if subtract is not None and shape is not None and subtract.shape != shape:
         raise QuadrantReadError("", qid, f"master bias quadrant {subtract.shape} does not match the frames' {shape}")
+    decode_whole = sum(frame.nbytes for frame in frames) <= RAW_BUDGET_BYTES
 
     while True:
         if len(frames) < minimum or shape is None:
@@ -196,16 +206,20 @@ def _combine_quadrant(
             )
         columns = shape[1]
 
+        buffer = np.empty((len(frames), BLOCK_ROWS, columns), dtype=np.float32)  # reused: combine copies
+
         def read_rows(start: int, stop: int) -> npt.NDArray[np.float32]:
-            block = np.empty((len(frames), stop - start, columns), dtype=np.float32)
+            block = buffer[:, : stop - start]
             for i, frame in enumerate(frames):
                 started = time.perf_counter()
                 try:
-                    rows = frame.raw.data_rows(qid, start, stop)
+                    if decode_whole and frame.data is None:
+                        frame.data = frame.raw.data(qid)
+                    rows = frame.data[start:stop] if frame.data is not None else frame.raw.data_rows(qid, start, stop)
                 except QuadrantReadError as err:
                     raise _FrameFailed(i, err.reason) from err
                 started = timer.add("read", started)
-                block[i] = correct_rows(
+                correct_rows(
                     rows,
                     frame.overscan[start:stop],
                     frame.level[start:stop],
@@ -213,6 +227,7 @@ def _combine_quadrant(
                     nonlinearity=detrend.nonlinearity,
                     nonlinearity_coefficients=coefficients,
                     row_corrections=row_corrections,
+                    out=block[i],
                 )
                 if subtract is not None:
                     block[i] -= subtract[start:stop]
@@ -362,10 +377,15 @@ def build_master_bias(
 
 def _ccd_median(arrays: Sequence[npt.NDArray[np.float32]]) -> float:
     """Median of the finite values of several quadrants together (exact)."""
-    values = np.concatenate([a[np.isfinite(a)] for a in arrays])
+    values = np.concatenate([a.ravel() if np.isfinite(a).all() else a[np.isfinite(a)] for a in arrays])
     if values.size == 0:
         return float("nan")
-    return float(np.median(values))
+    half = values.size // 2
+    if values.size % 2:
+        values.partition(half)
+        return float(values[half])
+    values.partition((half - 1, half))  # in place on our own copy (np.median would copy again)
+    return 0.5 * (float(values[half - 1]) + float(values[half]))
 
 
 def build_led_flat(
@@ -627,3 +647,52 @@ def focalplane_factors(flats: Sequence[MasterResult]) -> dict[int, float]:
             raise ValueError(f"{flat.path}: no LED levels recorded")
         factors[flat.ccdid] = sum(w * r for w, r in relative) / total
     return factors
+
+
+def build_master_flat(
+    flat_paths_by_led: Mapping[int, Sequence[str]],
+    master_bias_path: str,
+    out_path: str,
+    *,
+    night: str | dt.date,
+    ccdid: int,
+    filtercode: str,
+    detrend: DetrendConfig,
+    weights: Mapping[int, float] | None = None,
+    provenance: Mapping[str, str] | None = None,
+    row_corrections: Sequence[RowCorrection] = (),
+) -> MasterResult:
+    """A filter's master flat in one call, when all its LEDs' frames are on disk at once:
+    :func:`build_led_flat` per LED (temporary files beside ``out_path``, removed afterwards), then
+    :func:`combine_master_flat`. LEDs with too few usable frames are left out and listed in
+    ``frames_rejected`` as ("LED n", reason); IncompleteCalibration when no LED is left."""
+    led_paths: dict[int, str] = {}
+    skipped: list[tuple[str, str]] = []
+    directory = os.path.dirname(os.path.abspath(out_path))
+    base = os.path.basename(out_path)
+    try:
+        for led, paths in sorted(flat_paths_by_led.items()):
+            temporary = os.path.join(directory, f".{base}.led{led:02d}.part")
+            try:
+                build_led_flat(
+                    paths, master_bias_path, temporary, led=led, night=night, ccdid=ccdid, filtercode=filtercode,
+                    detrend=detrend, provenance=provenance, row_corrections=row_corrections,
+                )  # fmt: skip
+            except IncompleteCalibration as err:
+                skipped.append((f"LED {led}", err.reason))
+                continue
+            led_paths[led] = temporary
+        if not led_paths:
+            raise IncompleteCalibration(
+                f"CCD {ccdid} night {_night(night)} filter {filtercode}: no LED with at least {detrend.min_flats_per_led} usable "
+                f"frames: " + "; ".join(reason for _, reason in skipped)
+            )
+        result = combine_master_flat(
+            led_paths, out_path, night=night, ccdid=ccdid, filtercode=filtercode, detrend=detrend, weights=weights,
+            provenance=provenance,
+        )  # fmt: skip
+    finally:
+        for path in led_paths.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    return dataclasses.replace(result, frames_rejected=tuple(skipped))

@@ -23,6 +23,7 @@ def reference_clipped_median(stack: np.ndarray, clip_sigma: float, max_iteration
     complete = np.all(np.isfinite(stack), axis=0)
     if n >= 2 and complete.any():
         variances = np.var(stack[:, complete].astype(np.float64), axis=0, ddof=1)
+        variances = variances[:: max(1, variances.size // 65536)]
         sigma_floor = math.sqrt(float(np.median(variances)) / chi2_median_ratio(n - 1))
     else:
         sigma_floor = 0.0

@@ -62,7 +62,14 @@ def test_science_saturation_and_nan() -> None:
 
 
 def test_local_median_is_the_tile_median() -> None:
-    image = np.arange(16 * 12, dtype=np.float32).reshape(16, 12)
-    background = masks.local_median(image, box=8)
-    assert background[0, 0] == pytest.approx(np.median(image[:8, :8]))
-    assert background[15, 11] == pytest.approx(np.median(image[8:, 8:]))
+    image = np.random.default_rng(5).normal(size=(16, 12)).astype(np.float32)
+    background = masks.local_median(image, box=4)
+    assert background[0, 0] == pytest.approx(np.median(image[:4, :4]))
+    assert background[15, 11] == pytest.approx(np.median(image[12:, 8:]))
+    # partial tiles are completed by reflection
+    partial = masks.local_median(image, box=8)
+    reflected = np.pad(image, ((0, 0), (0, 4)), mode="reflect")
+    assert partial[15, 11] == pytest.approx(np.median(reflected[8:, 8:]))
+    with_nan = image.copy()
+    with_nan[0, 0] = np.nan
+    assert masks.local_median(with_nan, box=8)[15, 11] == pytest.approx(np.median(image[8:, 8:]))

@@ -258,3 +258,29 @@ def test_a_corrupt_quadrant_loses_that_quadrant_only(built: Built, tmp_path: Pat
     assert result.quadrants == (1, 2, 4)
     assert [qid for qid, _ in result.failed_quadrants] == [3]
     assert master_quadrants(result.path) == (1, 2, 4)
+
+
+def test_band_by_band_decoding_gives_the_same_master(built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamer.work_masters as work_masters
+
+    monkeypatch.setattr(work_masters, "RAW_BUDGET_BYTES", 0)  # no whole quadrant held: row bands only
+    result = build_master_bias(built.raws["b"], str(tmp_path / "b.fits"), night=NIGHT, ccdid=CCD, detrend=CONFIG)
+    for qid in (1, 4):
+        np.testing.assert_array_equal(read_master(result.path, qid).data, read_master(built.bias.path, qid).data)
+
+
+def test_build_master_flat_in_one_call_skips_short_leds(built: Built, tmp_path: Path) -> None:
+    from streamer.work_masters import build_master_flat
+
+    by_led = {led: paths for led, paths in built.by_led.items()}
+    by_led[5] = by_led[5][:1]  # too few frames for LED 5
+    result = build_master_flat(by_led, built.bias.path, str(tmp_path / "f.fits"), night=NIGHT, ccdid=CCD, filtercode=FILTER, detrend=CONFIG)
+    assert result.leds_used == (2, 3, 4)
+    assert result.frames_rejected[0][0] == "LED 5" and "fewer than the 2 required" in result.frames_rejected[0][1]
+    assert sorted(os.listdir(tmp_path)) == ["f.fits"]
+    with pytest.raises(IncompleteCalibration, match="no LED with at least 2 usable frames"):
+        build_master_flat(
+            {led: paths[:1] for led, paths in built.by_led.items()}, built.bias.path, str(tmp_path / "g.fits"),
+            night=NIGHT, ccdid=CCD, filtercode=FILTER, detrend=CONFIG,
+        )
+    assert sorted(os.listdir(tmp_path)) == ["f.fits"]

@@ -59,26 +59,45 @@ LOW_BELOW = 0.9
 HIGH_ABOVE = 1.1
 
 
+SAMPLE_LIMIT = 1_000_000  # pixels: typical values (NMAD, median variance) come from a regular subsample
+
+
+def _subsample(values: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+    """Every k-th value of a 1-D selection, at most about SAMPLE_LIMIT of them (a fixed, regular pick)."""
+    step = max(1, values.size // SAMPLE_LIMIT)
+    return values[::step]
+
+
 def local_median(image: npt.NDArray[np.floating], box: int = DEFAULT_BOX) -> npt.NDArray[np.float32]:
     """Median of the finite values in ``box`` x ``box`` tiles, expanded back to the image's shape.
 
-    A cheap background for relative tests; the last tiles are smaller when the shape does not divide.
+    A cheap background for relative tests. When the shape does not divide, the last tiles are
+    completed by reflection (all values finite) or are smaller (otherwise).
     """
     if image.ndim != 2:
         raise ValueError(f"image of shape {image.shape}: expected 2-D")
     rows, columns = image.shape
     n_r, n_c = -(-rows // box), -(-columns // box)
-    padded = np.full((n_r * box, n_c * box), np.nan, dtype=np.float32)
-    padded[:rows, :columns] = image
-    tiles = padded.reshape(n_r, box, n_c, box).transpose(0, 2, 1, 3).reshape(n_r, n_c, box * box)
-    with np.errstate(all="ignore"):
-        finite = np.isfinite(tiles)
-        counts = finite.sum(axis=2)
-        tiles = np.where(finite, tiles, np.inf)
-        tiles.sort(axis=2)
-        lower = np.take_along_axis(tiles, np.maximum((counts - 1) // 2, 0)[..., np.newaxis], axis=2)[..., 0]
-        upper = np.take_along_axis(tiles, np.maximum(counts // 2, 0)[..., np.newaxis], axis=2)[..., 0]
-        medians = np.where(counts > 0, 0.5 * (lower + upper), np.nan).astype(np.float32)
+    if np.isfinite(image).all():
+        # the common case: a partition instead of a sort; the last, partial tiles are filled by
+        # reflecting the image, i.e. with pixels of their own neighbourhood
+        padded = np.pad(np.asarray(image, dtype=np.float32), ((0, n_r * box - rows), (0, n_c * box - columns)), mode="reflect")
+        tiles = padded.reshape(n_r, box, n_c, box).transpose(0, 2, 1, 3).reshape(n_r, n_c, box * box)
+        half = box * box // 2
+        tiles.partition((half - 1, half), axis=2)
+        medians = (0.5 * (tiles[..., half - 1] + tiles[..., half])).astype(np.float32)
+    else:
+        padded = np.full((n_r * box, n_c * box), np.nan, dtype=np.float32)
+        padded[:rows, :columns] = image
+        tiles = padded.reshape(n_r, box, n_c, box).transpose(0, 2, 1, 3).reshape(n_r, n_c, box * box)
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(tiles)
+            counts = finite.sum(axis=2)
+            tiles = np.where(finite, tiles, np.inf)
+            tiles.sort(axis=2)
+            lower = np.take_along_axis(tiles, np.maximum((counts - 1) // 2, 0)[..., np.newaxis], axis=2)[..., 0]
+            upper = np.take_along_axis(tiles, np.maximum(counts // 2, 0)[..., np.newaxis], axis=2)[..., 0]
+            medians = np.where(counts > 0, 0.5 * (lower + upper), np.nan).astype(np.float32)
     expanded = np.repeat(np.repeat(medians, box, axis=0), box, axis=1)
     return np.ascontiguousarray(expanded[:rows, :columns])
 
@@ -95,7 +114,8 @@ def flag_bias_pixels(
     """HOT, NOISY and NO_CALIBRATION bits from a master bias (ADU), the sample variance of its frames
     (ADU^2, per pixel) and the number of frames kept per pixel.
 
-    HOT: ``|bias - local median| > hot_nsigma x NMAD`` of that residual over the quadrant.
+    HOT: ``|bias - local median| > hot_nsigma x NMAD`` of that residual over the quadrant
+    (NMAD and typical variance from a regular subsample of at most a million pixels).
     NOISY: sample variance above the typical variance times the upper p ~ 1e-6 quantile of
     chi2(k - 1) / (k - 1) (Wilson-Hilferty), k the frames kept; needs k >= 3.
     """
@@ -106,21 +126,23 @@ def flag_bias_pixels(
     mask[~usable] |= NO_CALIBRATION
 
     residual = np.asarray(master_bias, dtype=np.float32) - local_median(master_bias, box)
-    scatter = nmad(residual[usable])
+    scatter = nmad(_subsample(residual[usable]))
     if math.isfinite(scatter) and scatter > 0:
         with np.errstate(invalid="ignore"):
             mask[usable & (np.abs(residual) > hot_nsigma * scatter)] |= HOT
 
-    k = np.asarray(n_used, dtype=np.int64)
-    testable = usable & (k >= 3) & np.isfinite(sample_variance)
+    testable = usable & (n_used >= 3) & np.isfinite(sample_variance)
     if testable.any():
-        dof_typical = int(np.median(k[testable])) - 1
-        typical = float(np.median(sample_variance[testable])) / chi2_median_ratio(dof_typical)
-        dof = np.maximum(k - 1, 1).astype(np.float64)
+        k_max = int(n_used.max())
+        dof_typical = int(np.median(_subsample(n_used[testable]))) - 1
+        typical = float(np.median(_subsample(sample_variance[testable]))) / chi2_median_ratio(dof_typical)
+        # the upper p ~ 1e-6 quantile of chi2(k - 1) / (k - 1), tabulated by k
+        dof = np.maximum(np.arange(k_max + 1) - 1, 1).astype(np.float64)
         h = 2.0 / (9.0 * dof)
-        upper_ratio = (1.0 - h + noisy_z * np.sqrt(h)) ** 3
+        threshold = (typical * (1.0 - h + noisy_z * np.sqrt(h)) ** 3).astype(np.float32)
         with np.errstate(invalid="ignore"):
-            mask[testable & (sample_variance > typical * upper_ratio)] |= NOISY
+            noisy = sample_variance > threshold[np.clip(n_used, 0, k_max)]
+        mask[testable & noisy] |= NOISY
     return mask
 
 
