@@ -23,9 +23,11 @@ NIGHT = dt.date(2020, 9, 24)
 
 
 def small_night(out: Path, **overrides: Any) -> NightTruth:
-    """A small-shape night of CCD 13: 6 biases, 2 flats per LED, 3 science exposures (seed 7)."""
+    """A small-shape night of CCD 13: 6 biases, 2 flats per LED of zr, 3 science exposures (seed 7)."""
     night = overrides.pop("night", NIGHT)
-    arguments: dict[str, Any] = dict(ccds=(13,), n_exposures=3, flats_per_led=2, n_biases=6, seed=7, shape="small")
+    arguments: dict[str, Any] = dict(
+        ccds=(13,), n_exposures=3, flats_per_led=2, n_biases=6, seed=7, shape="small", flat_filters=("zr",)
+    )
     arguments.update(overrides)
     return generate_night(out, night, **arguments)
 

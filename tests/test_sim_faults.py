@@ -211,3 +211,42 @@ def test_toml_profiles(tmp_path: Path) -> None:
         load_profile(str(path))
     with pytest.raises(UsageError, match="expected none, flaky, hostile"):
         load_profile("chaotic")
+
+
+@pytest.mark.asyncio
+async def test_faults_are_counted_only_when_delivered(night: NightTruth) -> None:
+    """A request answered 404 or with the login page carries no fault, so counts match what clients saw."""
+    relpath = night.raw_relpaths("bias")[0]
+    absent = DATA + relpath.replace("_c13_", "_c09_")
+    async with serve(night.out, faults=only("http_503"), require_login=True, password="pw") as server, aiohttp.ClientSession() as session:
+        status, headers, _ = await fetch(session, server.base_url + DATA + relpath)
+        assert status == 200 and headers["Content-Type"].startswith("text/html")
+        assert server.faults()["total"] == 0 and server.faults()["attempts_by_path"] == {DATA + relpath: 1}
+    async with serve(night.out, faults=only("http_503")) as server, aiohttp.ClientSession() as session:
+        assert (await fetch(session, server.base_url + absent))[0] == 404
+        assert server.faults()["total"] == 0
+        status, _, _ = await fetch(session, server.base_url + SEARCH, params={"WHERE": "ccdid IN (", "ct": "csv"})
+        assert status == 503
+        status, _, body = await fetch(session, server.base_url + SEARCH, params={"WHERE": "ccdid IN (", "ct": "csv"})
+        assert status == 400 and b'value="ERROR"' in body
+        assert server.faults()["by_kind"] == {"http_503": 1}
+
+
+@pytest.mark.asyncio
+async def test_stall_on_a_small_search_answer_still_stalls(night: NightTruth) -> None:
+    async with serve(night.out, faults=FaultProfile("stalls", stall_rate=1.0)) as server:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=0.5)) as session:
+            with pytest.raises(asyncio.TimeoutError):
+                await fetch(session, server.base_url + SEARCH, params={"WHERE": "ccdid=99", "ct": "csv"})
+        assert server.faults()["by_kind"] == {"stall": 1}
+
+
+@pytest.mark.asyncio
+async def test_drip_is_bounded_in_time(night: NightTruth) -> None:
+    relpath = night.raw_relpaths("object")[0]
+    content = (night.out / relpath).read_bytes()
+    profile = only("drip", drip_bytes_per_second=20_000, drip_max_seconds=0.3)
+    async with serve(night.out, faults=profile) as server, aiohttp.ClientSession() as session:
+        start = time.perf_counter()
+        assert (await fetch(session, server.base_url + DATA + relpath))[2] == content
+        assert 0.3 < time.perf_counter() - start < 0.3 + len(content) / 20_000 / 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 from yarl import URL
 
 from simhelpers import small_night
+from streamer import cli
 from streamer.errors import UsageError
 from streamer.sim.faults import FaultProfile
 from streamer.sim.generate import NightTruth
@@ -93,6 +93,8 @@ async def test_unknown_table_and_format_are_xml_errors(night: NightTruth) -> Non
         assert (status, content_type) == (404, "text/xml")
         status, content_type, _ = await _search(server.base_url, "raw", ct="votable")
         assert (status, content_type) == (400, "text/xml")
+        status, content_type, text = await _search(server.base_url, "sci", POS="55.0,33.3", SIZE="0.1", ct="csv")
+        assert (status, content_type) == (400, "text/xml") and "POS" in text
 
 
 @pytest.mark.asyncio
@@ -155,6 +157,8 @@ async def test_paths_escaping_the_root_are_refused(night: NightTruth, tmp_path: 
             async with session.get(server.base_url + DATA + link.relative_to(night.out).as_posix()) as response:
                 assert response.status == 403
                 assert b"secret" not in await response.read()
+            status, _, text = await _search(server.base_url, "raw", WHERE="filefracday = 20200924999999", ct="csv")
+            assert status == 200 and len(_rows(text)) == 0
     finally:
         link.unlink()
         link_dir.rmdir()
@@ -225,11 +229,11 @@ def test_cli_serves_and_stops_on_sigterm(night: NightTruth) -> None:
     "arguments, message",
     [(["--root", "/nonexistent-dir"], "--root"), (["--faults", "wild"], "--faults"), (["--require-login"], "STREAMER_SIM_PASSWORD")],
 )
-def test_cli_usage_errors(night: NightTruth, arguments: list[str], message: str) -> None:
+def test_cli_usage_errors(
+    night: NightTruth, arguments: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STREAMER_SIM_PASSWORD", raising=False)
     argv = ["--root", str(night.out)] if "--root" not in arguments else []
-    environment = {k: v for k, v in os.environ.items() if k != "STREAMER_SIM_PASSWORD"}
-    result = subprocess.run(
-        [sys.executable, "-m", "streamer.cli", "sim", "serve", *argv, *arguments], capture_output=True, text=True, timeout=30, env=environment,
-    )
-    assert result.returncode == 2 and message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert cli.main(["sim", "serve", *argv, *arguments]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1 and captured.out == ""

@@ -6,15 +6,18 @@ a run is reproducible whatever the interleaving of clients. Transient faults hit
 ``max_faulted_attempts``: with ``flaky``, every request succeeds by attempt ``max_faulted_attempts``
 (the fourth, by default) at the latest.
 
-Kinds (``FaultKind``):
+Kinds (HEAD requests get only the status kinds; ``corrupt`` only FITS files; every injected fault is
+counted once, under its kind and its key, and logged):
 
 - transient: ``http_500``, ``http_503``, ``http_504``, ``http_429`` (with ``Retry-After: 1``),
   ``reset`` (connection reset after part of the body), ``truncated`` (correct Content-Length, part of
   the body, then the connection closes), ``corrupt`` (FITS only: a byte changed in the primary header
   or in the first extension's header, same length), ``html`` (an HTML page with status 200),
-  ``drip`` (the body at ``drip_bytes_per_second``);
-- permanent (``hostile``): ``missing`` (404 on every attempt for a fraction of the data files, which
-  the search still lists) and ``stall`` (headers and a few bytes, then nothing until the client leaves).
+  ``drip`` (the body at ``drip_bytes_per_second``; what is left after ``drip_max_seconds`` at full speed);
+- added by ``hostile``: ``missing`` (404 on every attempt for a fraction ``missing_fraction`` of the
+  data files, which the search still lists) and ``stall`` (headers and part of the body, then nothing
+  until the client leaves or the server stops), for a fraction ``stall_rate`` of all attempts, whatever
+  their number: with ``hostile`` a request can fail any number of times.
 
 A TOML profile (``--faults file.toml``) holds any of the ``FaultProfile`` fields at top level, e.g.::
 
@@ -24,6 +27,7 @@ A TOML profile (``--faults file.toml``) holds any of the ``FaultProfile`` fields
     missing_fraction = 0.0
     stall_rate = 0.0
     drip_bytes_per_second = 200000
+    drip_max_seconds = 10.0
     ignore_range = false        # answer Range requests with 200 and the whole file
 """
 
@@ -59,6 +63,7 @@ class FaultProfile:
     missing_fraction: float = 0.0
     stall_rate: float = 0.0
     drip_bytes_per_second: int = 200_000
+    drip_max_seconds: float = 10.0
     ignore_range: bool = False
 
     def __post_init__(self) -> None:
@@ -102,7 +107,7 @@ def load_profile(spec: str) -> FaultProfile:
         raise UsageError(f"--faults {spec}: {err}") from None
 
 
-def _uniform(seed: int, *parts: object) -> float:
+def uniform(seed: int, *parts: object) -> float:
     digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
 
@@ -147,11 +152,11 @@ class FaultCounter:
 
 def choose_fault(profile: FaultProfile, seed: int, key: str, attempt: int, *, is_data: bool, is_fits: bool, is_head: bool) -> str | None:
     """The fault for attempt ``attempt`` of ``key``, or None. Pure: the same arguments give the same answer."""
-    if is_data and _uniform(seed, "missing", key) < profile.missing_fraction:
+    if is_data and uniform(seed, "missing", key) < profile.missing_fraction:
         return "missing"
-    if not is_head and _uniform(seed, "stall", key, attempt) < profile.stall_rate:
+    if not is_head and uniform(seed, "stall", key, attempt) < profile.stall_rate:
         return "stall"
-    if attempt >= profile.max_faulted_attempts or _uniform(seed, "transient", key, attempt) >= profile.rate:
+    if attempt >= profile.max_faulted_attempts or uniform(seed, "transient", key, attempt) >= profile.rate:
         return None
     kinds = [
         k for k in profile.kinds
@@ -159,4 +164,4 @@ def choose_fault(profile: FaultProfile, seed: int, key: str, attempt: int, *, is
     ]
     if not kinds:
         return None
-    return kinds[int(_uniform(seed, "kind", key, attempt) * len(kinds))]
+    return kinds[int(uniform(seed, "kind", key, attempt) * len(kinds))]

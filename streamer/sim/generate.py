@@ -20,7 +20,7 @@ Raw files
     Readout order per quadrant is ``streamer.detrend.readout.to_readout`` (the only orientation convention).
 
 Physical order of effects, per pixel of a quadrant (ADU unless stated):
-    1. true linear signal ``S``: science ``(sky + stars) * T``; LED flat ``level_led * F * I_led``; bias 0.
+    1. true linear signal ``S``: science ``(sky + stars) * T``; LED flat ``level_led * F_led * I_led``; bias 0.
        ``stars``: pixel-integrated circular Gaussians of FWHM ``seeing_fwhm_arcsec / 1.012`` px.
     2. photon noise in electrons (``S * GAIN``), back to ADU (Gaussian approximation above 20 e-).
     3. nonlinearity: ``uncorrect(S_noisy, A, B)`` (``streamer.detrend.nonlinearity``; evaluated in float32,
@@ -42,12 +42,17 @@ Truth, in the units of the pipeline's output
     - ``truth/bias_cNN.fits``: HDU q (1-4) = what a master bias recovers after overscan subtraction and
       ``correct()``: the fixed bias structure plus the hot-column excess (float32, ADU, IPAC grid).
     - ``truth/flat_<filt>_cNN.fits``: HDU q = the flat ``T`` that the IN2P3 algorithm recovers and that
-      science pixels were multiplied by. With ``F`` the pixel response (a smooth large-scale pattern
-      times a 0.8 % pixel-to-pixel term) and ``I_led`` a smooth illumination per LED and CCD:
-      ``T = mean over the filter's LEDs of F * I_led / median_CCD(F * I_led)`` (equal weights; median
-      over all 4 quadrants of the CCD). Each normalised LED stack has median exactly 1; the median of
-      ``T`` itself is 1 to about 1e-4 and is recorded in ``params.json`` (``flats.<filt>.<ccd>.median``).
-      Dead and hot columns are not in ``T``: compare outside them.
+      science pixels were multiplied by. With ``F`` the pixel response of the filter (a smooth
+      large-scale pattern times a 0.8 % pixel-to-pixel term), ``F_led = F * (1 + 0.3 % pixel term of
+      the LED)`` (the response differs with the LED's wavelength) and ``I_led`` a smooth illumination
+      per LED and CCD (a few % across the CCD):
+      ``T = mean over the filter's LEDs of F_led * I_led / median_CCD(F_led * I_led)`` (equal weights;
+      median over all 4 quadrants of the CCD). Each normalised LED stack has median exactly 1, but averaging
+      LEDs with different illuminations does not keep the median: the CCD-wide median of ``T`` is 1
+      within a few 1e-3, its exact value is in ``params.json`` (``flats.<filt>.<ccd>.median``); ``T`` is
+      not renormalised, so that it stays exactly what the algorithm recovers (and science pixels were
+      multiplied by it). ``F``, ``F_led`` and ``I_led`` are the same every night (``instrument_seed``); dead and hot
+      columns are not in ``T``: compare outside them.
     - ``truth/stars.parquet``: one row per star per science quadrant whose centre lies on the quadrant
       (``-0.5 <= x < cols - 0.5``, same for y): ``filefracday`` (str), ``ccdid``, ``qid``, ``source_id``,
       ``x``, ``y`` (0-based, IPAC grid = raw HDU grid, pixel centres at integers), ``flux`` (true total
@@ -60,11 +65,22 @@ Truth, in the units of the pipeline's output
       qid, and ``exposures``: filefracday, imgtype, filtercode, field, obsjd, expid, exptime, led,
       seeing_fwhm_arcsec, sky_adu, magzp, airmass, tangent point, and ``drift`` by ccd then qid).
 
+Science products and geometry
+    ``sciimg.fits``: float32, the noise-free expectation ``sky + stars`` in ADU (what perfect detrending
+    gives, before the flat), with the header keywords of IPAC's (GAIN, READNOI, SATURATE, MAGZP, EXPID,
+    RCID, QID, CCDID, FIELDID, FILTER, OBSJD, OBSMJD, EXPTIME, SEEING = FWHM in pixels, MAGLIM, ...)
+    and a TAN WCS (``streamer.sim.geometry``: 1.012"/px, all quadrants share CRVAL = the exposure's
+    tangent point and the CD matrix, q2|q1 over q3|q4 with no gap inside a CCD, so a sibling quadrant's
+    WCS is CRPIX shifted by the quadrant size). ``mskimg.fits``: int16 with IPAC's BITnn definitions;
+    set bits: 1 (star model above 5 sigma of the sky noise), 4 (hot columns), 8 (saturated), 9 (dead).
+    Stars come from the catalogue of each (field, CCD), carried to the exposure epoch by their proper
+    motions; their brightness through zg, zr, zi is BP, G, RP (``sky.FILTER_MAG_COLUMN``).
+
 Exposures
     Every obsjd lies in [JD(night), JD(night) + 1): ``obsjd = JD(night) + (k + 0.5) / 1e6`` where the
     last 6 digits of ``filefracday`` are k. Biases (field 0, filter code ``bi``) from day fraction 0.06,
     LED flats (field 0; zg LEDs 2-5, zr 7-10, zi 11-13, ``ILUM_LED`` in the primary header) from 0.08,
-    science (30 s) from 0.15. Science exposure i observes ``fields[i % len(fields)]`` through
+    science (30 s) from 0.15; biases have EXPTIME 0, flats 5 s. Science exposure i observes ``fields[i % len(fields)]`` through
     ``filters[(i // len(fields)) % len(filters)]``. All CCDs of an exposure share its times and LED.
 
 Random streams: one ``numpy`` Generator per effect and key (``stream``), from ``SeedSequence``.
@@ -78,8 +94,9 @@ import argparse
 import datetime as dt
 import json
 import math
+import multiprocessing
 import os
-import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -104,7 +121,7 @@ from .pixels import SATURATION_RAW_ADU, TRAIL_FRACTION, TRAIL_SCALE_COLUMNS, Amp
 
 LEDS: Final = {"zg": (2, 3, 4, 5), "zr": (7, 8, 9, 10), "zi": (11, 12, 13)}
 FILTER_IDS: Final = {"zg": 1, "zr": 2, "zi": 3, "bi": 0}
-FILTER_NAMES: Final = {"zg": "ZTF_g", "zr": "ZTF_r", "zi": "ZTF_i", "bi": "ZTF_r"}
+FILTER_NAMES: Final = {"zg": "ZTF_g", "zr": "ZTF_r", "zi": "ZTF_i", "bi": "NONE"}  # the wheel during biases: not known
 AMP_NAMES: Final = {1: "H", 2: "G", 3: "F", 4: "E"}  # by qid = AMP_ID + 1, as in IPAC's tables
 LED_WAVELENGTHS_NM: Final = {2: 400, 3: 430, 4: 470, 5: 500, 7: 590, 8: 630, 9: 660, 10: 700, 11: 780, 12: 810, 13: 850}
 SKY_ADU: Final = {"zg": (150.0, 260.0), "zr": (200.0, 360.0), "zi": (300.0, 500.0)}
@@ -116,6 +133,7 @@ DEFAULT_FILTERS: Final = ("zg", "zr", "zi")
 STARS_PER_QUADRANT: Final = {"full": 4500, "small": 120}
 NID_ORIGIN: Final = dt.date(2016, 12, 27)
 FLAT_PIXEL_RMS: Final = 0.008
+LED_PIXEL_RMS: Final = 0.003
 BIAS_STRUCTURE_RMS: Final = 0.5
 SOURCE_MASK_SIGMA: Final = 5.0
 
@@ -130,7 +148,7 @@ MASK_SOURCE, MASK_NOISY, MASK_SATURATED, MASK_DEAD = 1 << 1, 1 << 4, 1 << 8, 1 <
 
 EFFECTS: Final = (
     "plan", "catalogue", "amplifier", "columns", "bias_structure", "flat_shape", "flat_pixels",
-    "illumination", "led_level", "drift", "poisson", "read_noise",
+    "illumination", "led_level", "drift", "poisson", "read_noise", "led_pixels",
 )
 
 
@@ -207,15 +225,28 @@ class Instrument:
         """``I_led``: the smooth illumination of an LED across a CCD (about 1, a few percent of slope)."""
         c = stream(self.seed, "illumination", ccdid, led).normal(0.0, 0.02, 3)
         u, v = ccd_unit_coordinates(self.shape, qid)
-        return (1.0 + c[0] * u + c[1] * v + c[2] * (u * u + v * v)).astype(np.float32)
+        # 1 + c0 u + c1 v + c2 (u^2 + v^2), as one broadcast sum of a row and a column
+        return ((c[0] * u + c[2] * u * u).astype(np.float32) + (1.0 + c[1] * v + c[2] * v * v).astype(np.float32))
 
     def led_level(self, led: int) -> float:
         """Linear ADU of an LED flat at the pixel response 1."""
         return round(float(stream(self.seed, "led_level", led).uniform(8000.0, 20000.0)), 1)
 
+    def led_flat(self, ccdid: int, filtercode: str, led: int, qid: int) -> npt.NDArray[np.float32]:
+        """``F_led * I_led``: the noise-free LED flat of a quadrant at level 1, where the pixel response
+        under this LED's light is ``F_led = F * (1 + LED_PIXEL_RMS * N(0, 1))`` (its own pixel term)."""
+        response = stream(self.seed, "led_pixels", ccdid, led, qid).standard_normal(
+            (self.shape.rows, self.shape.cols), dtype=np.float32
+        )
+        response *= np.float32(LED_PIXEL_RMS)
+        response += np.float32(1.0)
+        response *= pixel_responses(self, ccdid, filtercode)[qid - 1]
+        response *= self.illumination(ccdid, led, qid)
+        return response
+
     def led_median(self, ccdid: int, filtercode: str, led: int) -> float:
-        """CCD-wide median of ``F * I_led`` (all four quadrants)."""
-        products = [self.pixel_response(ccdid, filtercode, q) * self.illumination(ccdid, led, q) for q in (1, 2, 3, 4)]
+        """CCD-wide median of ``F_led * I_led`` (all four quadrants)."""
+        products = [self.led_flat(ccdid, filtercode, led, q) for q in (1, 2, 3, 4)]
         return float(np.median(np.concatenate([p.ravel() for p in products])))
 
     def catalogue(self, field: int, ccdid: int) -> sky.Catalogue:
@@ -224,13 +255,24 @@ class Instrument:
         )
 
 
+@lru_cache(maxsize=1)
+def pixel_responses(instrument: Instrument, ccdid: int, filtercode: str) -> tuple[npt.NDArray[np.float32], ...]:
+    """``F`` of the four quadrants of a CCD (cached: one CCD and filter at a time; read-only)."""
+    responses = tuple(instrument.pixel_response(ccdid, filtercode, q) for q in (1, 2, 3, 4))
+    for response in responses:
+        response.flags.writeable = False
+    return responses
+
+
 def truth_flat(instrument: Instrument, ccdid: int, filtercode: str, medians: dict[int, float], qid: int) -> npt.NDArray[np.float32]:
-    """``T`` of one quadrant: ``F * mean_led(I_led / median_CCD(F * I_led))``."""
+    """``T`` of one quadrant: ``mean_led(F_led * I_led / median_CCD(F_led * I_led))``."""
     leds = LEDS[filtercode]
-    illumination = np.zeros((instrument.shape.rows, instrument.shape.cols), dtype=np.float32)
+    flat = np.zeros((instrument.shape.rows, instrument.shape.cols), dtype=np.float32)
     for led in leds:
-        illumination += instrument.illumination(ccdid, led, qid) / np.float32(medians[led] * len(leds))
-    return instrument.pixel_response(ccdid, filtercode, qid) * illumination
+        led_flat = instrument.led_flat(ccdid, filtercode, led, qid)
+        led_flat /= np.float32(medians[led] * len(leds))
+        flat += led_flat
+    return flat
 
 
 # --------------------------------------------------------------------------- the night plan
@@ -347,7 +389,8 @@ class NightSpec:
 class FileResult:
     relpaths: tuple[str, ...]
     stars: dict[str, npt.NDArray[Any]] | None
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float
 
 
 def _atomic_write(hdus: fits.HDUList, path: Path) -> None:
@@ -437,13 +480,8 @@ def _truth_flats(instrument: Instrument, ccdid: int, filtercode: str, medians: t
     return tuple(truth_flat(instrument, ccdid, filtercode, dict(medians), q) for q in (1, 2, 3, 4))
 
 
-@lru_cache(maxsize=1)
-def _pixel_responses(instrument: Instrument, ccdid: int, filtercode: str) -> tuple[npt.NDArray[np.float32], ...]:
-    return tuple(instrument.pixel_response(ccdid, filtercode, q) for q in (1, 2, 3, 4))
-
-
 def _science_quadrant(
-    spec: NightSpec, exposure: Exposure, ccdid: int, qid: int
+    spec: NightSpec, exposure: Exposure, ccdid: int, qid: int, gain: float
 ) -> tuple[npt.NDArray[np.float32], dict[str, float | str], dict[str, npt.NDArray[Any]], npt.NDArray[np.bool_]]:
     """Noise-free linear model ``sky + stars`` (ADU, before the flat), its WCS keywords, its star truth,
     and the pixels where stars stand above the sky noise."""
@@ -460,7 +498,7 @@ def _science_quadrant(
     sigma = exposure.seeing_fwhm_arcsec / PIXEL_SCALE_ARCSEC / (2.0 * math.sqrt(2.0 * math.log(2.0)))
     stars = np.zeros((shape.rows, shape.cols), dtype=np.float32)
     sky.render_stars(stars, x[near], y[near], flux[near], sigma)
-    sky_noise = math.sqrt(exposure.sky_adu / 6.0)
+    sky_noise = math.sqrt(exposure.sky_adu / gain)
     sources = stars > np.float32(SOURCE_MASK_SIGMA * sky_noise)
     on = (x >= -0.5) & (x < shape.cols - 0.5) & (y >= -0.5) & (y < shape.rows - 0.5)
     truth = {
@@ -481,8 +519,7 @@ def _sci_headers(
 ) -> tuple[fits.Header, fits.Header]:
     assert exposure.magzp is not None and exposure.seeing_fwhm_arcsec is not None
     header = primary.copy()
-    for key in ("NFRAMES",):
-        header.remove(key, ignore_missing=True)
+    header.remove("NFRAMES", ignore_missing=True)
     header.update(amplifier_header(amp, str(amp.qid)))
     header.remove("EXTNAME")
     header["WCSVERS"] = ("2.1", "WCS version number")
@@ -518,7 +555,7 @@ def _sci_headers(
 
 def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResult:
     """Write one raw CCD file (and for science the sciimg and mskimg of its quadrants)."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     instrument = spec.instrument
     shape = instrument.shape
     name = exposure.raw_name(ccdid)
@@ -534,10 +571,10 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
         signal: npt.NDArray[np.float32] | None = None
         if exposure.imgtype == "flat":
             assert exposure.led is not None
-            signal = _pixel_responses(instrument, ccdid, exposure.filtercode)[qid - 1] * instrument.illumination(ccdid, exposure.led, qid)
+            signal = instrument.led_flat(ccdid, exposure.filtercode, exposure.led, qid)
             signal *= np.float32(instrument.led_level(exposure.led))
         elif exposure.imgtype == "object":
-            model, wcs_keys, truth, sources = _science_quadrant(spec, exposure, ccdid, qid)
+            model, wcs_keys, truth, sources = _science_quadrant(spec, exposure, ccdid, qid, amp.gain)
             medians = tuple(sorted(spec.flat_medians[(ccdid, exposure.filtercode)].items()))
             signal = model * _truth_flats(instrument, ccdid, exposure.filtercode, medians)[qid - 1]
             star_truth.append(truth)
@@ -567,7 +604,7 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
             relpaths += [sci_name.relpath, msk_name.relpath]
     _atomic_write(fits.HDUList([fits.PrimaryHDU(header=primary), *quadrants, *overscans]), spec.out / name.relpath)
     stars = {k: np.concatenate([t[k] for t in star_truth]) for k in star_truth[0]} if star_truth else None
-    return FileResult(tuple(relpaths), stars, time.perf_counter() - start)
+    return FileResult(tuple(relpaths), stars, time.perf_counter() - start, time.process_time() - cpu_start)
 
 
 def _write_ccd_file_job(job: tuple[NightSpec, Exposure, int]) -> FileResult:
@@ -616,7 +653,8 @@ class NightTruth:
     relpaths: list[str]
     params: dict[str, Any]
     stars: pa.Table
-    seconds_per_file: list[float] = field(default_factory=list)
+    seconds_per_file: list[float] = field(default_factory=list)  # wall clock, in the worker
+    cpu_seconds_per_file: list[float] = field(default_factory=list)
 
     def raw_relpaths(self, imgtype: str | None = None) -> list[str]:
         """Relative paths of the raw files written, optionally of one image type ('bias', 'flat', 'object')."""
@@ -634,14 +672,14 @@ def read_params(out: Path) -> dict[str, Any]:
 
 
 def _map(jobs: int, function: Any, items: list[Any]) -> Iterable[Any]:
+    """``map`` in this process, or over a pool of ``jobs`` processes (forked when this process has no
+    other thread, so workers start at once; spawned otherwise, since forking a threaded process is unsafe)."""
     if jobs <= 1 or len(items) <= 1:
         return map(function, items)
-    executor = ProcessPoolExecutor(max_workers=jobs)
+    context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
     chunksize = max(1, len(items) // (4 * jobs))
-    try:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as executor:
         return list(executor.map(function, items, chunksize=chunksize))
-    finally:
-        executor.shutdown()
 
 
 def generate_night(
@@ -711,7 +749,9 @@ def generate_night(
     params = _night_params(params, instrument, night, seed, ccds, exposures, flats_params)
     _write_json(out / "truth" / "params.json", params)
     relpaths = sorted(p for r in results for p in r.relpaths)
-    return NightTruth(out, night, exposures, relpaths, params, stars, [r.seconds for r in results])
+    return NightTruth(
+        out, night, exposures, relpaths, params, stars, [r.seconds for r in results], [r.cpu_seconds for r in results]
+    )
 
 
 def _check_arguments(
@@ -807,11 +847,11 @@ def main(args: argparse.Namespace, ccds: tuple[int, ...]) -> int:
         n_biases=args.biases, seed=args.seed, shape=args.shape, jobs=args.jobs,
     )
     elapsed = time.perf_counter() - start
-    per_file = truth.seconds_per_file
+    cpu = truth.cpu_seconds_per_file
     print(
         f"wrote {len(truth.raw_relpaths())} raw files ({len(truth.relpaths)} files in all) for {args.night} "
-        f"under {args.out} in {elapsed:.1f} s; {np.mean(per_file):.2f} s per CCD file on one core",
+        f"under {args.out} in {elapsed:.1f} s; CPU per CCD file: mean {np.mean(cpu) if cpu else 0:.2f} s, "
+        f"median {np.median(cpu) if cpu else 0:.2f} s",
         flush=True,
     )
-    sys.stdout.flush()
     return 0

@@ -108,6 +108,9 @@ class ArchiveIndex:
             for directory, _dirs, files in os.walk(base):
                 for filename in sorted(files):
                     path = Path(directory) / filename
+                    if not path.resolve().is_relative_to(root.resolve()):
+                        log.warning("index: %s leaves the root; not listed", path)
+                        continue
                     relpath = path.relative_to(root).as_posix()
                     try:
                         name = parse_relpath(relpath)

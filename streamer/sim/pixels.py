@@ -14,7 +14,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from streamer.detrend.readout import from_readout, to_readout
+from streamer.detrend.readout import from_readout
 
 SATURATION_RAW_ADU: Final = 60000.0
 FULL_WELL_ADU: Final = 150000.0
@@ -22,6 +22,7 @@ POISSON_EXACT_BELOW_E: Final = 20.0
 TRAIL_FRACTION: Final = 0.01
 TRAIL_SCALE_COLUMNS: Final = 2.0
 UINT16_MAX: Final = 65535.0
+BLOCK_ROWS: Final = 128
 
 FloatImage = npt.NDArray[np.float32]
 
@@ -119,43 +120,52 @@ def raw_quadrant(
 ) -> RawQuadrant:
     """The stored (IPAC grid) uint16 data and overscan of a quadrant whose true linear signal is ``signal``.
 
-    ``signal`` (float32, ADU) is overwritten; None for a bias (zero signal, no photon noise).
+    ``signal`` (float32, ADU) is None for a bias (zero signal, no photon noise). Computed in blocks of
+    ``BLOCK_ROWS`` rows so that temporaries stay in cache; random numbers are drawn block by block.
     """
     rows, cols = bias_structure.shape
-    if signal is None:
-        measured = np.zeros((rows, cols), dtype=np.float32)
-    else:
-        np.minimum(signal, np.float32(FULL_WELL_ADU), out=signal)
-        measured = apply_nonlinearity(add_poisson_noise(signal, amp.gain, rng_poisson), *nonlinearity)
-
     drift_readout = drift.rows(rows)
     drift_stored = drift_readout[::-1] if amp.qid in (3, 4) else drift_readout
     bias_rows = (amp.bias_level + drift_stored).astype(np.float32)[:, None]
+    last_column = 0 if amp.qid in (2, 3) else cols - 1  # the stored column read last in each row
+    last_read = np.zeros(rows, dtype=np.float32)
+    data = np.empty((rows, cols), dtype=np.uint16)
+    saturated = np.empty((rows, cols), dtype=bool)
+    read_noise = np.float32(amp.read_noise_adu)
+    saturation = np.float32(SATURATION_RAW_ADU)
 
-    bias_part = rng_read.standard_normal((rows, cols), dtype=np.float32)
-    bias_part *= np.float32(amp.read_noise_adu)
-    bias_part += bias_rows
-    bias_part += bias_structure
+    for start in range(0, rows, BLOCK_ROWS):
+        stop = min(rows, start + BLOCK_ROWS)
+        bias_part = rng_read.standard_normal((stop - start, cols), dtype=np.float32)
+        bias_part *= read_noise
+        bias_part += bias_rows[start:stop]
+        bias_part += bias_structure[start:stop]
+        if signal is None:
+            total = bias_part.copy()
+        else:
+            measured = np.minimum(signal[start:stop], np.float32(FULL_WELL_ADU))
+            add_poisson_noise(measured, amp.gain, rng_poisson)
+            apply_nonlinearity(measured, *nonlinearity)
+            last_read[start:stop] = measured[:, last_column]
+            total = measured
+            total += bias_part
+        block_saturated = saturated[start:stop]
+        np.greater_equal(total, saturation, out=block_saturated)
+        np.minimum(total, saturation, out=total)
+        for column in amp.dead_columns:
+            total[:, column] = bias_part[:, column]
+            block_saturated[:, column] = False
+        for column, excess in zip(amp.hot_columns, amp.hot_excess):
+            total[:, column] += np.float32(excess)
+        data[start:stop] = _to_uint16(total)
+
     overscan = rng_read.standard_normal((rows, overscan_columns), dtype=np.float32)
-    overscan *= np.float32(amp.read_noise_adu)
+    overscan *= read_noise
     overscan += bias_rows
-
-    last_read = np.ascontiguousarray(to_readout(measured, amp.qid)[:, -1])
-    overscan += from_readout(trailing_charge(last_read, overscan_columns), amp.qid)
-
-    data = measured
-    data += bias_part
-    saturated = data >= SATURATION_RAW_ADU
-    np.minimum(data, np.float32(SATURATION_RAW_ADU), out=data)
-    np.minimum(overscan, np.float32(SATURATION_RAW_ADU), out=overscan)
-
-    for column in amp.dead_columns:
-        data[:, column] = bias_part[:, column]
-        saturated[:, column] = False
-    for column, excess in zip(amp.hot_columns, amp.hot_excess):
-        data[:, column] += np.float32(excess)
-
-    return RawQuadrant(_to_uint16(data), _to_uint16(overscan), saturated)
+    last_read_readout = last_read[::-1] if amp.qid in (3, 4) else last_read
+    overscan += from_readout(trailing_charge(last_read_readout, overscan_columns), amp.qid)
+    np.minimum(overscan, saturation, out=overscan)
+    return RawQuadrant(data, _to_uint16(overscan), saturated)
 
 
 def _to_uint16(values: FloatImage) -> npt.NDArray[np.uint16]:

@@ -4,7 +4,8 @@ Endpoints:
 
 - ``GET /ibe/search/ztf/products/{raw,sci,cal}?WHERE=..&COLUMNS=..&ct=csv``: rows from
   ``streamer.sim.index`` (built once at start), filtered by ``streamer.sim.wherequery``; all columns
-  when ``COLUMNS`` is absent; errors answer status 400 with an XML (VOTable) body, as IRSA does.
+  when ``COLUMNS`` is absent; CSV also when ``ct`` is absent; errors (malformed WHERE, unknown column,
+  another ``ct``, ``POS``/``SIZE`` which are not implemented) answer status 400 with an XML (VOTable) body.
 - ``GET|HEAD /ibe/data/ztf/products/<relpath>``: the file, with Content-Length and Accept-Ranges; a
   single ``Range: bytes=a-b`` answers 206 with Content-Range (200 when the profile ignores Range).
   Paths escaping the root (``..``, encoded slashes or backslashes, symlinks pointing out) answer 403.
@@ -53,7 +54,7 @@ from aiohttp import web
 from streamer.archive.naming import DATA_PATH, SEARCH_PATH
 from streamer.errors import UsageError
 
-from .faults import FaultCounter, FaultProfile, _uniform, choose_fault, load_profile
+from .faults import FaultCounter, FaultProfile, uniform, choose_fault, load_profile
 from .index import COLUMNS, ArchiveIndex
 from .wherequery import QueryError, compile_where
 
@@ -81,15 +82,15 @@ class ServerSettings:
     password: str | None = None
 
 
-def xml_error(message: str, status: int = 400) -> web.Response:
-    body = (
+def xml_error_body(message: str) -> bytes:
+    """An IRSA-style (VOTable) error document."""
+    return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         '<VOTABLE version="1.3" xmlns="http://www.ivoa.net/xml/VOTable/v1.3">\n'
         '<RESOURCE type="results">\n'
         f'<INFO name="QUERY_STATUS" value="ERROR">{escape(message)}</INFO>\n'
         "</RESOURCE>\n</VOTABLE>\n"
-    )
-    return web.Response(status=status, text=body, content_type="text/xml")
+    ).encode()
 
 
 def html_page(status: int, message: str, *, reason: str | None = None) -> web.Response:
@@ -197,43 +198,46 @@ class SimArchive:
         return response
 
     async def search(self, request: web.Request) -> web.StreamResponse:
-        table = request.match_info["table"]
         key = f"{request.path}?{request.query_string}" if request.query_string else request.path
-        fault = self._fault(key, is_data=False, is_fits=False, is_head=False)
+        attempt = self.counter.next_attempt(key)
+        status, content_type, body = self._search_answer(request)
+        fault = self._decide(key, attempt, is_data=False, is_fits=False, is_head=False)
+        return await self._send(request, fault, body=body, content_type=content_type, path=None, start=0, end=len(body) - 1, status=status)
+
+    def _search_answer(self, request: web.Request) -> tuple[int, str, bytes]:
+        """``(status, content type, body)``: the CSV rows, or an XML error."""
+        table = request.match_info["table"]
         if table not in COLUMNS:
-            return xml_error(f"table {table!r} does not exist: expected raw, sci or cal", status=404)
+            return 404, "text/xml", xml_error_body(f"table {table!r} does not exist: expected raw, sci or cal")
         query = {k.upper(): v for k, v in request.query.items()}
+        if "POS" in query or "SIZE" in query:
+            return 400, "text/xml", xml_error_body("POS and SIZE are not supported by this archive: select with WHERE")
         ct = query.get("CT", "csv").lower()
         if ct != "csv":
-            return xml_error(f"ct={ct!r} is not supported: expected ct=csv")
-        columns = set(COLUMNS[table])
+            return 400, "text/xml", xml_error_body(f"ct={ct!r} is not supported: expected ct=csv")
         try:
             chosen = _columns(query.get("COLUMNS"), COLUMNS[table])
-            where = compile_where(query["WHERE"], columns) if query.get("WHERE", "").strip() else None
+            where = compile_where(query["WHERE"], set(COLUMNS[table])) if query.get("WHERE", "").strip() else None
             rows = [row for row in self.index.tables[table] if where is None or where(row)]
         except QueryError as err:
-            return xml_error(f"invalid query: {err}")
+            return 400, "text/xml", xml_error_body(f"invalid query: {err}")
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(chosen)
         for row in rows:
             writer.writerow(["" if row[c] is None else row[c] for c in chosen])
-        body = text.getvalue().encode()
-        return await self._send(request, fault, body=body, content_type="text/csv", path=None, start=0, end=len(body) - 1, status=200)
+        return 200, "text/csv", text.getvalue().encode()
 
     async def data(self, request: web.Request) -> web.StreamResponse:
         relpath = self._safe_relpath(request)
         if relpath is None:
             log.warning("refused path %s", request.raw_path)
             return html_page(403, "Forbidden", reason="403 Forbidden")
-        path = self.root / relpath
-        is_head = request.method == "HEAD"
-        fault = self._fault(request.path, is_data=True, is_fits=".fits" in relpath, is_head=is_head)
-        if fault in ("http_500", "http_503", "http_504", "http_429", "html"):
-            return self._status_fault(fault)
+        attempt = self.counter.next_attempt(request.path)
         if self.settings.require_login and request.cookies.get(SESSION_COOKIE) not in self.sessions:
             return web.Response(text=LOGIN_PAGE, content_type="text/html")
-        if fault == "missing" or not path.is_file():
+        path = self.root / relpath
+        if not path.is_file():
             return html_page(404, "File not found", reason="404 Not Found")
         if not path.resolve().is_relative_to(self.root):
             log.warning("refused path %s (leaves the root)", request.path)
@@ -242,6 +246,10 @@ class SimArchive:
         byte_range = None if self.settings.faults.ignore_range else _parse_range(request.headers.get("Range"), size)
         if byte_range == "invalid":
             return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+        is_head = request.method == "HEAD"
+        fault = self._decide(request.path, attempt, is_data=True, is_fits=".fits" in relpath, is_head=is_head)
+        if fault == "missing":
+            return html_page(404, "File not found", reason="404 Not Found")
         start, end = byte_range if isinstance(byte_range, tuple) else (0, size - 1)
         status = 206 if isinstance(byte_range, tuple) else 200
         return await self._send(request, fault, body=None, content_type="application/fits", path=path, start=start, end=end, status=status, size=size)
@@ -261,12 +269,9 @@ class SimArchive:
             decoded.append(text)
         return "/".join(decoded)
 
-    def _fault(self, key: str, *, is_data: bool, is_fits: bool, is_head: bool) -> str | None:
-        attempt = self.counter.next_attempt(key)
-        profile = self.settings.faults
-        if profile.name == "none" and profile.rate == 0 and profile.missing_fraction == 0 and profile.stall_rate == 0:
-            return None
-        fault = choose_fault(profile, self.settings.fault_seed, key, attempt, is_data=is_data, is_fits=is_fits, is_head=is_head)
+    def _decide(self, key: str, attempt: int, *, is_data: bool, is_fits: bool, is_head: bool) -> str | None:
+        """The fault for this attempt, recorded and logged when there is one (it is always delivered)."""
+        fault = choose_fault(self.settings.faults, self.settings.fault_seed, key, attempt, is_data=is_data, is_fits=is_fits, is_head=is_head)
         if fault is not None:
             self.counter.record(key, fault)
             log.info("fault %s on %s (attempt %d)", fault, key, attempt)
@@ -305,12 +310,13 @@ class SimArchive:
 
         corrupt_at = None
         if fault == "corrupt" and path is not None:
-            offset = _corruption_offset(path, _uniform(self.settings.fault_seed, "corrupt-at", request.path))
+            offset = _corruption_offset(path, uniform(self.settings.fault_seed, "corrupt-at", request.path))
             corrupt_at = offset if start <= offset <= end else start
         cut = max(0, length // 2 - 1) if fault in ("truncated", "reset") else length
         if fault == "stall":
-            cut = min(length, 1024)
+            cut = max(0, min(length - 1, 1024))
         sent = 0
+        drip_until = asyncio.get_running_loop().time() + self.settings.faults.drip_max_seconds
         for chunk in _chunks(body, path, start, length):
             if corrupt_at is not None and sent <= corrupt_at - start < sent + len(chunk):
                 chunk = bytearray(chunk)
@@ -319,7 +325,7 @@ class SimArchive:
             if sent + len(chunk) > cut:
                 chunk = chunk[: cut - sent]
             if fault == "drip":
-                await self._drip(response, chunk)
+                await self._drip(response, chunk, drip_until)
             elif chunk:
                 await response.write(chunk)
             sent += len(chunk)
@@ -335,12 +341,18 @@ class SimArchive:
         await response.write_eof()
         return response
 
-    async def _drip(self, response: web.StreamResponse, chunk: bytes) -> None:
+    async def _drip(self, response: web.StreamResponse, chunk: bytes, until: float) -> None:
+        """Write ``chunk`` at the profile's drip rate until the loop time ``until``, then at once."""
         rate = self.settings.faults.drip_bytes_per_second
         step = max(1, rate // 20)
-        for offset in range(0, len(chunk), step):
+        loop = asyncio.get_running_loop()
+        offset = 0
+        while offset < len(chunk) and loop.time() < until:
             await response.write(chunk[offset:offset + step])
+            offset += step
             await asyncio.sleep(step / rate)
+        if offset < len(chunk):
+            await response.write(chunk[offset:])
 
 
 def _chunks(body: bytes | None, path: Path | None, start: int, length: int) -> Iterator[bytes]:
@@ -426,9 +438,7 @@ async def serve(
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()
-        server = site._server
-        assert server is not None
-        bound = server.sockets[0].getsockname()  # type: ignore[union-attr]
+        bound = runner.addresses[0]
         url_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         yield RunningServer(f"http://{url_host}:{bound[1]}", int(bound[1]), archive)
     finally:

@@ -153,9 +153,10 @@ def render_stars(
     py = cy[:, None] + offsets[None, :]
     wx = ndtr((px - x[:, None] + 0.5) / sigma) - ndtr((px - x[:, None] - 0.5) / sigma)
     wy = ndtr((py - y[:, None] + 0.5) / sigma) - ndtr((py - y[:, None] - 0.5) / sigma)
-    stamps = (flux[:, None, None] * wy[:, :, None]) * wx[:, None, :]
-    ix = np.broadcast_to(px[:, None, :], stamps.shape)
-    iy = np.broadcast_to(py[:, :, None], stamps.shape)
-    inside = (ix >= 0) & (ix < cols) & (iy >= 0) & (iy < rows)
-    flat_index = iy[inside] * cols + ix[inside]
-    image += np.bincount(flat_index, weights=stamps[inside], minlength=rows * cols).reshape(rows, cols).astype(np.float32)
+    stamps = ((flux[:, None, None] * wy[:, :, None]) * wx[:, None, :]).astype(np.float32)
+    size = 2 * STAMP_HALF_WIDTH + 1
+    for stamp, x_low, y_low in zip(stamps, (cx - STAMP_HALF_WIDTH).tolist(), (cy - STAMP_HALF_WIDTH).tolist()):
+        x0, y0 = max(x_low, 0), max(y_low, 0)
+        x1, y1 = min(x_low + size, cols), min(y_low + size, rows)
+        if x0 < x1 and y0 < y1:
+            image[y0:y1, x0:x1] += stamp[y0 - y_low:y1 - y_low, x0 - x_low:x1 - x_low]
