@@ -43,10 +43,12 @@ class NoCcdWcsError(StreamerError):
 
 @dataclass(frozen=True)
 class QuadrantWcs:
-    """The WCS of one quadrant and the quadrant whose IPAC header it came from."""
+    """The WCS of one quadrant, the quadrant whose IPAC header it came from, and that header
+    (shifted onto this quadrant's grid when borrowed from a sibling)."""
 
     wcs: WCS
     from_qid: int
+    header: fits.Header
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,11 @@ def quadrant_wcs(
     result: dict[int, QuadrantWcs] = {}
     for qid in (1, 2, 3, 4):
         if qid in own:
-            result[qid] = QuadrantWcs(own[qid][1], qid)
+            result[qid] = QuadrantWcs(own[qid][1], qid, own[qid][0])
             continue
         sibling = next(q for q in geometry.siblings_by_distance(qid) if q in own)
-        result[qid] = QuadrantWcs(wcs_from_header(shifted_header(own[sibling][0], sibling, qid, shape)), sibling)
+        borrowed = shifted_header(own[sibling][0], sibling, qid, shape)
+        result[qid] = QuadrantWcs(wcs_from_header(borrowed), sibling, borrowed)
     return result
 
 

@@ -358,7 +358,7 @@ def _process_quadrant(
     reject_bits = photometry_config.mask_reject_bits | maskbits.REJECT_OWN
     written = None
     if detrend_config.write_detrended:
-        header = own_header.copy() if own_header is not None else fits.Header()
+        header = wcs.header.copy()  # the quadrant's IPAC header, or a sibling's moved onto its grid
         header["WCSFROMQ"] = (wcs.from_qid, "quadrant whose IPAC header gave the WCS")
         written = write_detrended(
             storage_root / detrended_relpath(name, qid), detrended.image, detrended.variance, mask,

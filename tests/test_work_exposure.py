@@ -230,11 +230,17 @@ def test_detrended_images_only_when_configured(small: dict[str, Any], tmp_path: 
     assert run(small, tmp_path / "off").detrended_paths == ()
     assert not (tmp_path / "off" / "detrended").exists()
     config = replace(DetrendConfig(), write_detrended=True, detrended_quantize_step=0.5)
-    result = run(small, tmp_path / "on", detrend_config=config)
+    headers = dict(small["headers"])
+    headers[1] = None
+    result = run(small, tmp_path / "on", detrend_config=config, sciimg_header_paths=headers)
     assert len(result.detrended_paths) == 4
     with fits.open(result.detrended_paths[0]) as hdus:
         assert hdus["SCI"].data.shape == (260, 256)
-        assert hdus[0].header["WCSFROMQ"] == 1
+        assert hdus[0].header["WCSFROMQ"] == 2
+        borrowed = photometry.wcs_from_header(hdus[0].header)
+    own = photometry.wcs_from_header(work.read_sciimg_header(small["headers"][1]))
+    corners = (np.array([0.0, 255.0]), np.array([0.0, 259.0]))
+    np.testing.assert_allclose(borrowed.pixel_to_world_values(*corners), own.pixel_to_world_values(*corners), atol=1e-9)
 
 
 @pytest.mark.slow
