@@ -138,6 +138,14 @@ class _Frame:
     data: npt.NDArray[np.number] | None = None  # the whole quadrant, when the raw budget allows
 
 
+class _QuadrantFailed(Exception):
+    """A quadrant of a master that cannot be built (recorded in ``failed_quadrants``)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 class _FrameFailed(Exception):
     def __init__(self, index: int, reason: str) -> None:
         self.index = index
@@ -159,7 +167,7 @@ def _combine_quadrant(
 ) -> tuple[ClippedMedian, tuple[str, ...], list[tuple[str, str]], float | None, float | None]:
     """Clipped median of one quadrant over ``raws`` (overscan, nonlinearity, row corrections, minus
     ``subtract``), frames with an unreadable quadrant left out. Returns (combination, names used,
-    (name, reason) rejected, gain, read noise); QuadrantReadError if fewer than ``minimum`` remain."""
+    (name, reason) rejected, gain, read noise); _QuadrantFailed if fewer than ``minimum`` remain."""
     coefficients = _coefficients(detrend, night, ccdid, qid)
     rejected: list[tuple[str, str]] = []
     frames: list[_Frame] = []
@@ -196,14 +204,12 @@ def _combine_quadrant(
         timer.add("correct", started)
         frames.append(_Frame(name, raw, overscan, model.level_stored, frame_nbytes))
     if subtract is not None and shape is not None and subtract.shape != shape:
-        raise QuadrantReadError("", qid, f"master bias quadrant {subtract.shape} does not match the frames' {shape}")
+        raise _QuadrantFailed(f"master bias quadrant {subtract.shape} does not match the frames' {shape}")
     decode_whole = sum(frame.nbytes for frame in frames) <= RAW_BUDGET_BYTES
 
     while True:
         if len(frames) < minimum or shape is None:
-            raise QuadrantReadError(
-                ",".join(name for name, _ in rejected) or "", qid, f"{len(frames)} usable frames, fewer than the {minimum} required"
-            )
+            raise _QuadrantFailed(f"{len(frames)} usable frames, fewer than the {minimum} required")
         columns = shape[1]
 
         buffer = np.empty((len(frames), BLOCK_ROWS, columns), dtype=np.float32)  # reused: combine copies
@@ -333,7 +339,7 @@ def build_master_bias(
                     minimum=detrend.min_bias_frames,
                     timer=timer,
                 )
-            except QuadrantReadError as err:
+            except _QuadrantFailed as err:
                 failed.append((qid, err.reason))
                 continue
             for name, reason in quadrant_rejected:
@@ -454,7 +460,7 @@ def build_led_flat(
                     timer=timer,
                     check_frame=check_led,
                 )
-            except QuadrantReadError as err:
+            except _QuadrantFailed as err:
                 failed.append((qid, err.reason))
                 continue
             for name, reason in quadrant_rejected:

@@ -284,3 +284,14 @@ def test_build_master_flat_in_one_call_skips_short_leds(built: Built, tmp_path: 
             night=NIGHT, ccdid=CCD, filtercode=FILTER, detrend=CONFIG,
         )
     assert sorted(os.listdir(tmp_path)) == ["f.fits"]
+
+
+def test_frames_of_another_led_are_left_out(built: Built, tmp_path: Path) -> None:
+    stranger = built.by_led[3][0]
+    result = build_led_flat(
+        built.by_led[2] + [stranger], built.bias.path, str(tmp_path / "l.fits"), led=2, night=NIGHT, ccdid=CCD, filtercode=FILTER, detrend=CONFIG
+    )
+    assert dict(result.frames_rejected) == {os.path.basename(stranger): "quadrant 1: ILUM_LED = 3, expected 2"}
+    assert len(result.frames_used) == len(built.by_led[2])
+    with pytest.raises(IncompleteCalibration, match="no quadrant could be built"):
+        build_led_flat(built.by_led[3], built.bias.path, str(tmp_path / "m.fits"), led=2, night=NIGHT, ccdid=CCD, filtercode=FILTER, detrend=CONFIG)
