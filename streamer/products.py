@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -209,7 +209,7 @@ def write_apcat(path: Path | str, table: pa.Table, radii: Sequence[float], prove
     return write_atomically(Path(path), lambda handle: pq.write_table(table, handle, compression="zstd"))
 
 
-def write_atomically(path: Path, write: Any) -> Path:
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(binary_file)`` on a temporary file beside ``path``, then make it ``path`` durably.
 
     The temporary name is ``.<name>.<pid>.tmp``: it never ends with the product's own suffix.
