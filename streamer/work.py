@@ -246,7 +246,7 @@ def process_exposure(
         shape = _quadrant_shape(raw, headers)
         wcs = photometry.quadrant_wcs(headers, shape)
         primary = raw.primary_header
-        obsjd = float(primary["OBSJD"])
+        obsjd = _obsjd(primary, headers, raw_path)
         expid = _expid(primary, headers)
         catalogue = catalogue_for_ccd(
             catalog_dir, wcs, shape, refcat.julian_epoch(obsjd), photometry_config.isolation_arcsec
@@ -383,6 +383,15 @@ def _quadrant_shape(raw: rawio.RawFile, headers: Mapping[int, fits.Header | None
         if header is not None and "NAXIS1" in header and "NAXIS2" in header:
             return (int(header["NAXIS2"]), int(header["NAXIS1"]))
     return geometry.QUADRANT_SHAPE
+
+
+def _obsjd(primary: fits.Header, headers: Mapping[int, fits.Header | None], raw_path: Path) -> float:
+    """OBSJD from the raw primary header, else from an IPAC header (the same exposure)."""
+    for header in (primary, *headers.values()):
+        value = _header_number(header, "OBSJD")
+        if value is not None:
+            return value
+    raise InputFileError(f"{raw_path}: no OBSJD in the raw primary header nor in any IPAC header")
 
 
 def _expid(primary: fits.Header, headers: Mapping[int, fits.Header | None]) -> int:
