@@ -43,10 +43,12 @@ class NoCcdWcsError(StreamerError):
 
 @dataclass(frozen=True)
 class QuadrantWcs:
-    """The WCS of one quadrant and the quadrant whose IPAC header it came from."""
+    """The WCS of one quadrant, the quadrant whose IPAC header it came from, and that header
+    (shifted onto this quadrant's grid when borrowed from a sibling)."""
 
     wcs: WCS
     from_qid: int
+    header: fits.Header
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Apertures:
     flux_err: npt.NDArray[np.float64]
     flags: npt.NDArray[np.int32]
     mask_bits: npt.NDArray[np.int32]
-    """OR of the rejected mask bits on pixels whose centre lies within the largest radius + 0.5 px."""
+    """OR of the rejected mask bits on the pixels that the largest aperture overlaps."""
 
 
 # --- WCS ----------------------------------------------------------------------------------------
@@ -120,10 +122,11 @@ def quadrant_wcs(
     result: dict[int, QuadrantWcs] = {}
     for qid in (1, 2, 3, 4):
         if qid in own:
-            result[qid] = QuadrantWcs(own[qid][1], qid)
+            result[qid] = QuadrantWcs(own[qid][1], qid, own[qid][0])
             continue
         sibling = next(q for q in geometry.siblings_by_distance(qid) if q in own)
-        result[qid] = QuadrantWcs(wcs_from_header(shifted_header(own[sibling][0], sibling, qid, shape)), sibling)
+        borrowed = shifted_header(own[sibling][0], sibling, qid, shape)
+        result[qid] = QuadrantWcs(wcs_from_header(borrowed), sibling, borrowed)
     return result
 
 
@@ -174,10 +177,11 @@ def isolated(ra: FloatArray, dec: FloatArray, radius_arcsec: float) -> npt.NDArr
     if n == 0:
         return np.zeros(0, dtype=bool)
     vectors = unit_vectors(ra, dec)
+    if n == 1:
+        return np.ones(1, dtype=bool)
     chord = 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
-    tree = cKDTree(vectors)
-    counts = tree.query_ball_point(vectors, r=chord * (1 + 1e-12), return_length=True)
-    return np.asarray(counts) <= 1
+    distance, _ = cKDTree(vectors).query(vectors, k=2)  # the source itself, then its nearest neighbour
+    return np.asarray(distance[:, 1] > chord * (1 + 1e-12))
 
 
 # --- apertures ----------------------------------------------------------------------------------
@@ -206,21 +210,22 @@ def _may_touch_rejected(table: npt.NDArray[np.int32], x: FloatArray, y: FloatArr
     return count > 0
 
 
-def _mask_bits_near(
+def _mask_bits_in_circle(
     rejected_bits: npt.NDArray[np.integer], x: FloatArray, y: FloatArray, radius: float
 ) -> npt.NDArray[np.int32]:
-    """OR of ``rejected_bits`` over pixels whose centre is within ``radius + 0.5`` of each position."""
+    """OR of ``rejected_bits`` over the pixels that a circle of ``radius`` around each position overlaps."""
     ny, nx = rejected_bits.shape
-    reach = radius + 0.5
     out = np.zeros(len(x), dtype=np.int32)
     for i, (xc, yc) in enumerate(zip(x, y, strict=True)):
-        i0, i1 = max(int(np.floor(yc - reach)), 0), min(int(np.ceil(yc + reach)) + 1, ny)
-        j0, j1 = max(int(np.floor(xc - reach)), 0), min(int(np.ceil(xc + reach)) + 1, nx)
+        i0, i1 = max(int(np.floor(yc - radius - 0.5)), 0), min(int(np.ceil(yc + radius + 0.5)) + 1, ny)
+        j0, j1 = max(int(np.floor(xc - radius - 0.5)), 0), min(int(np.ceil(xc + radius + 0.5)) + 1, nx)
         if i0 >= i1 or j0 >= j1:
             continue
-        rows = np.arange(i0, i1)[:, None]
-        cols = np.arange(j0, j1)[None, :]
-        inside = (rows - yc) ** 2 + (cols - xc) ** 2 <= reach**2
+        rows = np.arange(i0, i1, dtype=np.float64)[:, None]
+        cols = np.arange(j0, j1, dtype=np.float64)[None, :]
+        nearest_dy = np.clip(yc, rows - 0.5, rows + 0.5) - yc  # nearest point of each pixel's square
+        nearest_dx = np.clip(xc, cols - 0.5, cols + 0.5) - xc
+        inside = nearest_dx**2 + nearest_dy**2 < radius**2
         out[i] = int(np.bitwise_or.reduce(rejected_bits[i0:i1, j0:j1][inside], initial=0))
     return out
 
@@ -281,40 +286,39 @@ def measure_apertures(
         var = np.where(nonfinite, np.float32(0.0), var)
         rejected |= nonfinite
 
-    background_mask = rejected.copy()
+    flux = np.zeros((n, k), dtype=np.float64)
+    flux_err = np.zeros((n, k), dtype=np.float64)
+    flags = np.zeros((n, k), dtype=np.int32)
+    mask_bits = np.zeros(n, dtype=np.int32)
+
+    # Rejected pixels are rare: a coarse map rules most sources out; the rest get exact overlaps.
+    candidates = np.flatnonzero(_may_touch_rejected(_block_any(rejected), x, y, r_max)) if n else np.zeros(0, int)
+    if candidates.size:
+        counts, _, _ = sep.sum_circle(
+            rejected.view(np.uint8), np.repeat(x[candidates], k), np.repeat(y[candidates], k),
+            np.tile(radii_arr, candidates.size), subpix=0,
+        )  # fmt: skip
+        touched = counts.reshape(candidates.size, k) > 0
+        flags[candidates] |= np.where(touched, FLAG_MASKED, 0).astype(np.int32)
+        hit = candidates[touched.any(axis=1)]
+        if hit.size:
+            mask_bits[hit] = _mask_bits_in_circle(rejected_bits, x[hit], y[hit], r_max)
+
+    background_mask = rejected  # its last use: the source discs go straight into it
     if n:
         sep.mask_ellipse(background_mask, x, y, r_max, r_max, 0.0)
     bw, bh = background_box
     background = sep.Background(work, mask=background_mask, bw=int(bw), bh=int(bh))
     background.subfrom(work)
-
-    flux = np.zeros((n, k), dtype=np.float64)
-    flux_err = np.zeros((n, k), dtype=np.float64)
-    flags = np.zeros((n, k), dtype=np.int32)
-    mask_bits = np.zeros(n, dtype=np.int32)
     if n == 0:
         return Apertures(flux, flux_err, flags, mask_bits)
 
-    x_flat = np.repeat(x, k)
-    y_flat = np.repeat(y, k)
-    r_flat = np.tile(radii_arr, n)
-    total, total_err, sep_flags = sep.sum_circle(work, x_flat, y_flat, r_flat, var=var, subpix=0)
+    total, total_err, sep_flags = sep.sum_circle(
+        work, np.repeat(x, k), np.repeat(y, k), np.tile(radii_arr, n), var=var, subpix=0
+    )
     flux[:] = total.reshape(n, k)
     flux_err[:] = total_err.reshape(n, k)
-    flags[:] = sep_flags.reshape(n, k)
-
-    # Rejected pixels are rare: a coarse map rules most sources out; the rest get exact overlaps.
-    candidates = np.flatnonzero(_may_touch_rejected(_block_any(rejected), x, y, r_max))
-    if candidates.size:
-        rejected_u8 = rejected.view(np.uint8)
-        counts, _, _ = sep.sum_circle(
-            rejected_u8, np.repeat(x[candidates], k), np.repeat(y[candidates], k), np.tile(radii_arr, candidates.size), subpix=0
-        )
-        touched = counts.reshape(candidates.size, k) > 0
-        flags[candidates] |= np.where(touched, FLAG_MASKED, 0).astype(np.int32)
-        hit = candidates[touched.any(axis=1)]
-        if hit.size:
-            mask_bits[hit] = _mask_bits_near(rejected_bits, x[hit], y[hit], r_max)
+    flags |= sep_flags.reshape(n, k).astype(np.int32)
 
     ny, nx = image.shape
     reach = radii_arr[None, :] + edge_margin_px

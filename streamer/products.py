@@ -14,7 +14,8 @@ configured radii), then ``EXPOSURE_COLUMNS`` and ``MASK_COLUMNS``:
 - ``f_k``, ``f_k_e``: background-subtracted sum and its error in ADU (detrended, no
   aperture correction); ``f_k_f``: flags (see :mod:`streamer.photometry`); ``r_k``: radius, px;
 - ``isolated``: no other catalogue source within ``photometry.isolation_arcsec``;
-- ``mask_bits``: OR of the rejected mask bits on pixels within the largest radius;
+- ``mask_bits``: OR of the rejected mask bits (IPAC's and ours) on the pixels that the largest
+  aperture overlaps (non-zero exactly when ``f_<last>_f`` has ``FLAG_MASKED``);
 - ``ipac_mask``: False when the quadrant's IPAC mask was missing and only our own mask was used;
 - ``wcs_from_qid``: the quadrant whose IPAC header gave the WCS (differs from ``qid`` when
   the quadrant's own header was missing).
@@ -28,11 +29,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -208,7 +209,7 @@ def write_apcat(path: Path | str, table: pa.Table, radii: Sequence[float], prove
     return write_atomically(Path(path), lambda handle: pq.write_table(table, handle, compression="zstd"))
 
 
-def write_atomically(path: Path, write: Any) -> Path:
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(binary_file)`` on a temporary file beside ``path``, then make it ``path`` durably.
 
     The temporary name is ``.<name>.<pid>.tmp``: it never ends with the product's own suffix.

@@ -82,14 +82,13 @@ def read_ipac_mask(path: Path | str, shape: tuple[int, int]) -> npt.NDArray[np.i
             data = next((hdu.data for hdu in hdus if hdu.is_image and hdu.data is not None), None)
             if data is None:
                 raise InputFileError(f"{path}: no image HDU")
-            mask = np.array(data)
+            if data.shape != shape:
+                raise InputFileError(f"{path}: mask of shape {data.shape}, expected {shape}")
+            if not np.issubdtype(data.dtype, np.integer):
+                raise InputFileError(f"{path}: mask of type {data.dtype}, expected integers")
+            return data.astype(np.int16)  # one pass: native byte order, a new array
     except (OSError, ValueError, TypeError) as err:
         raise InputFileError(f"{path}: unreadable IPAC mask: {err}") from err
-    if mask.shape != shape:
-        raise InputFileError(f"{path}: mask of shape {mask.shape}, expected {shape}")
-    if not np.issubdtype(mask.dtype, np.integer):
-        raise InputFileError(f"{path}: mask of type {mask.dtype}, expected integers")
-    return mask.astype(np.int16, copy=False)
 
 
 @dataclass(frozen=True)
@@ -247,7 +246,7 @@ def process_exposure(
         shape = _quadrant_shape(raw, headers)
         wcs = photometry.quadrant_wcs(headers, shape)
         primary = raw.primary_header
-        obsjd = float(primary["OBSJD"])
+        obsjd = _obsjd(primary, headers, raw_path)
         expid = _expid(primary, headers)
         catalogue = catalogue_for_ccd(
             catalog_dir, wcs, shape, refcat.julian_epoch(obsjd), photometry_config.isolation_arcsec
@@ -359,7 +358,7 @@ def _process_quadrant(
     reject_bits = photometry_config.mask_reject_bits | maskbits.REJECT_OWN
     written = None
     if detrend_config.write_detrended:
-        header = own_header.copy() if own_header is not None else fits.Header()
+        header = wcs.header.copy()  # the quadrant's IPAC header, or a sibling's moved onto its grid
         header["WCSFROMQ"] = (wcs.from_qid, "quadrant whose IPAC header gave the WCS")
         written = write_detrended(
             storage_root / detrended_relpath(name, qid), detrended.image, detrended.variance, mask,
@@ -384,6 +383,15 @@ def _quadrant_shape(raw: rawio.RawFile, headers: Mapping[int, fits.Header | None
         if header is not None and "NAXIS1" in header and "NAXIS2" in header:
             return (int(header["NAXIS2"]), int(header["NAXIS1"]))
     return geometry.QUADRANT_SHAPE
+
+
+def _obsjd(primary: fits.Header, headers: Mapping[int, fits.Header | None], raw_path: Path) -> float:
+    """OBSJD from the raw primary header, else from an IPAC header (the same exposure)."""
+    for header in (primary, *headers.values()):
+        value = _header_number(header, "OBSJD")
+        if value is not None:
+            return value
+    raise InputFileError(f"{raw_path}: no OBSJD in the raw primary header nor in any IPAC header")
 
 
 def _expid(primary: fits.Header, headers: Mapping[int, fits.Header | None]) -> int:

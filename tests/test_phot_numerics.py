@@ -100,9 +100,8 @@ def test_masked_flag_per_radius_matches_pixel_geometry() -> None:
         for k, r in enumerate(RADII):
             flagged = any(touches(xs[s], ys[s], r, i, j) for i, j in zip(*np.nonzero(mask & 6141), strict=True))
             assert bool(result.flags[s, k] & ph.FLAG_MASKED) == flagged, (s, r)
-        reach = max(RADII) + 0.5
         for i, j in zip(*np.nonzero(mask & 6141), strict=True):
-            if (j - xs[s]) ** 2 + (i - ys[s]) ** 2 <= reach**2:
+            if touches(xs[s], ys[s], max(RADII), i, j):
                 expected_bits |= int(mask[i, j])
         assert result.mask_bits[s] == expected_bits & 6141
     assert np.any(result.flags & ph.FLAG_MASKED), "the random layout should put some rejected pixel in an aperture"

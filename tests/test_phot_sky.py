@@ -166,3 +166,20 @@ def test_missing_proper_motion_counts_as_zero() -> None:
 def test_julian_epoch() -> None:
     assert refcat.julian_epoch(2451545.0) == 2000.0
     assert refcat.julian_epoch(2457389.0) == pytest.approx(2016.0, abs=1e-9)
+
+
+def test_quadrant_layout_agrees_with_the_simulator() -> None:
+    from streamer.sim import geometry as sim_geometry
+
+    for name in ("small", "full"):
+        shape = sim_geometry.shape_named(name)
+        for qid in (1, 2, 3, 4):
+            qx, qy = sim_geometry.QUADRANT_OFFSETS[qid]
+            assert geometry.quadrant_offset(qid, (shape.rows, shape.cols)) == (qx * shape.cols, qy * shape.rows)
+
+
+def test_astropy_fixes_of_legacy_keywords_do_not_raise() -> None:
+    header = q3_header()
+    header["RADECSYS"] = "ICRS"  # deprecated: astropy fixes it and says so with a FITSFixedWarning
+    wcs = photometry.wcs_from_header(header)  # pytest turns any other warning into an error
+    assert wcs.has_celestial

