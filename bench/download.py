@@ -35,7 +35,7 @@ from streamer.archive.naming import RawName, data_url
 from streamer.config import ArchiveConfig, StorageConfig
 from streamer.ledger import Ledger
 
-from ._sim_server import start_sim_server
+from streamer.demo import serve_archive
 
 
 def write_synthetic_raws(root: Path, n: int, quadrant: tuple[int, int], seed: int) -> list[str]:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         big = write_synthetic_raws(archive, args.files, (rows, cols), args.seed)
         small = _small_files(archive, args.small, args.seed)
         total = sum((archive / r).stat().st_size for r in big)
-        with start_sim_server(archive) as base_url:
+        with serve_archive(archive) as base_url:
             curl_times, our_times, cpus = [], [], []
             for round_no in range(args.rounds):
                 # Alternate who goes first, so that neither always meets a warmer or colder machine.

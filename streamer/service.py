@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import __version__, tasks
@@ -40,6 +41,7 @@ from .executor import BrokenProcessPool, Executor, WorkerLost, make_executor
 from .budget import check_budget, estimate_product_bytes, record_minimum
 from .graph import build_night_graph
 from .ledger import Ledger
+from .reconcile import walk_regular_files
 from .systemd import Notifier
 
 log = logging.getLogger("streamer.service")
@@ -48,6 +50,17 @@ ESSENTIAL_KINDS = frozenset({"raw", "masters"})
 OPTIONAL_KINDS = frozenset({"sciimg_header", "mskimg", "sciimg"})
 DOWNLOADABLE_STATES = ("wanted", "deleted", "corrupt", "missing")
 JOB_BACKOFF_S = (5.0, 30.0, 120.0)
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds.
+
+    ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11, ``wait_for`` loses a cancellation
+    that arrives as the event is set, and a task that should end keeps looping.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
 
 
 @dataclass
@@ -114,6 +127,8 @@ class Service:
                 pass
             except* StreamerError as group:
                 raise group.exceptions[0] from None
+            finally:
+                self.stopping.set()
         await self._drain()
         if self.burst and self.stuck_reason is None:
             self._evict(force=True)
@@ -127,6 +142,8 @@ class Service:
         )
         for row in stale:
             unlink_below(self.root, row["relpath"])  # a product written but never recorded is made again
+        for relpath in _orphan_product_temporaries(self.root):
+            unlink_below(self.root, relpath)  # a worker killed while writing leaves its temporary file
         with self.ledger.transaction() as conn:
             conn.execute("UPDATE files SET reserved_bytes = 0 WHERE producer_job IS NOT NULL AND state != 'on_disk'")
         finished = recover_deletions(self.ledger, self.root)
@@ -153,8 +170,7 @@ class Service:
         self.changed.set()
 
     async def _wait_change(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.changed.wait(), timeout)
+        await wait_event(self.changed, timeout)
         self.changed.clear()
 
     # --- planning ----------------------------------------------------------------------
@@ -186,8 +202,7 @@ class Service:
                 self.planning_done.set()
                 self.poke()
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.config.follow.poll_minutes * 60)
+            await wait_event(self.stopping, self.config.follow.poll_minutes * 60)
 
     async def _probe_sizes(self) -> None:
         """Learn the size of one file of each class with a HEAD, so the minimum budget scales with the data."""
@@ -608,8 +623,7 @@ class Service:
             if time.monotonic() - last_prune > 3600:
                 self.ledger.prune_events(older_than_s=self.config.service.event_retention_days * 86400)
                 last_prune = time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), min(interval, 10.0))
+            await wait_event(self.stopping, min(interval, 10.0))
 
     def _status_line(self) -> str:
         jobs = self.ledger.rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
@@ -657,6 +671,20 @@ class Service:
             "SELECT COUNT(*) FROM files f WHERE f.state IN ('missing', 'corrupt') AND f.url != ''"
         )
         return RunSummary(jobs=jobs, missing_files=int(missing or 0), stuck_reason=self.stuck_reason)
+
+
+PRODUCT_DIRECTORIES = ("masters", "apcat", "detrended")
+
+
+def _orphan_product_temporaries(root: Path) -> list[str]:
+    """Temporary files (hidden, ``.part`` or ``.tmp``) that workers left in the product directories."""
+    found = []
+    for top in PRODUCT_DIRECTORIES:
+        for relpath, _info in walk_regular_files(root / top):
+            name = relpath.rsplit("/", 1)[-1]
+            if name.startswith(".") and name.endswith((".part", ".tmp")):
+                found.append(f"{top}/{relpath}")
+    return found
 
 
 class _Finished(Exception):

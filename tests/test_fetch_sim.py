@@ -122,7 +122,10 @@ async def test_flaky_night_downloads_completely_and_attempts_match_faults(night:
             leds = {r["filefracday"]: r["led"] for r in ledger.rows("SELECT * FROM exposures WHERE imgtype = 'flat'")}
             assert leds == {e.filefracday: e.led for e in night.exposures if e.imgtype == "flat"}
             biases = ledger.scalar("SELECT COUNT(*) FROM exposures WHERE imgtype = 'bias'")
-            assert biases == 6 - 2  # the first two of the CCD are skipped
+            bias_files = ledger.scalar(
+                "SELECT COUNT(*) FROM files f JOIN exposures e ON e.id = f.exposure_id WHERE e.imgtype = 'bias'"
+            )
+            assert (biases, bias_files) == (6, 6 - 2)  # every bias is recorded; the first two are not fetched
 
 
 @pytest.mark.asyncio
@@ -197,7 +200,7 @@ async def test_budget_smaller_than_the_night_is_never_exceeded(night: NightTruth
             consumed = await consumer
             await sampler
     assert {o.state for o in outcomes} == {"on_disk"} and consumed == len(outcomes)
-    assert len(samples) > 50 and max(samples) <= budget
+    assert len(samples) > 10 and max(samples) <= budget
     assert max(samples) > budget / 4  # the budget was really used
 
 

@@ -243,7 +243,8 @@ class SpaceSignal:
         freed = self._freed
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(freed.wait(), self.poll_s)
+                async with asyncio.timeout(self.poll_s):  # not wait_for: it can lose a cancellation on 3.11
+                    await freed.wait()
         finally:
             self._waiting.pop(file_id, None)
             if not self._waiting:
