@@ -316,7 +316,7 @@ def _led_weights(value: Any, key: str, ctx: _Context) -> tuple[tuple[int, float]
 @dataclass(frozen=True)
 class DetrendConfig:
     overscan_columns: tuple[int, int] = _option(_window, default=(5, 25))
-    overscan_degree: int = _option(_integer(0, 10), default=3)
+    overscan_degree: int = _option(_integer(0, 10), default=8)
     overscan_outlier_nmad: float = _option(_number(0, lo_open=True), default=3.0)
     nonlinearity: str = _option(_choice("after_overscan", "before_overscan", "off"), default="after_overscan")
     bias_skip_first: int = _option(_integer(0, 1000), default=10)

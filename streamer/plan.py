@@ -303,6 +303,24 @@ async def fill_flat_leds(
     return leds
 
 
+async def read_quadrant_shape(client: ArchiveClient, sci_row: dict[str, Any]) -> tuple[int, int] | None:
+    """(rows, columns) of the night's science quadrants, from one sciimg header (the search has no NAXIS).
+
+    Target footprints need it; None (full size assumed) when the header cannot be read.
+    """
+    name = SciName(
+        sci_row["filefracday"], sci_row["field"], sci_row["filtercode"], sci_row["ccdid"], sci_row["qid"], "sciimg.fits"
+    )
+    try:
+        header = await read_primary_header(client, name.url(client.base_url))
+    except (PermanentError, TransientError) as err:
+        log.warning("%s: cannot read the quadrant size (%s); assuming full-size quadrants", name.filename, err.reason)
+        return None
+    if "NAXIS1" not in header or "NAXIS2" not in header:
+        return None
+    return int(header["NAXIS2"]), int(header["NAXIS1"])
+
+
 async def plan_night(
     client: ArchiveClient,
     ledger: Ledger,
@@ -318,6 +336,8 @@ async def plan_night(
         sci_rows = await search_night(client, "sci", night, ccds, SCI_COLUMNS)
     except SearchError as err:
         raise PlanError(f"night {night}: {err}") from None
+    if quadrant_shape is None and sci_rows and any(c.targets for c in config.consumers):
+        quadrant_shape = await read_quadrant_shape(client, sci_rows[0])  # only target footprints need it
     plan = plan_from_rows(
         night, ccds, raw_rows, sci_rows, config.consumers, base_url=client.base_url,
         bias_skip_first=config.detrend.bias_skip_first, quadrant_shape=quadrant_shape,

@@ -95,6 +95,7 @@ class Service:
         self.downloading: set[int] = set()
         self.stuck_reason: str | None = None
         self.output_bytes_wanted = 0
+        self.started = time.time()
         self.fetcher: Any = None
         self.client: Any = None
         self.space: Any = None
@@ -149,8 +150,7 @@ class Service:
         finished = recover_deletions(self.ledger, self.root)
         if any(counts.values()) or finished:
             log.info("recovered after an unclean stop: %s, %d deletions finished", counts, finished)
-        self.ledger.set_meta("service", json.dumps({"pid": os.getpid(), "started": time.time(), "burst": self.burst,
-                                                     "executor": self.executor.describe(), "version": __version__}))  # fmt: skip
+        self._record_service_info()
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -357,8 +357,7 @@ class Service:
             with self.ledger.transaction() as conn:
                 used = conn.execute("SELECT COALESCE(SUM(disk_bytes + reserved_bytes), 0) FROM file_totals").fetchone()[0]
                 if used + size + self._overhead() > self.config.storage.budget:
-                    self.output_bytes_wanted = size
-                    self.poke()
+                    self.output_bytes_wanted = size  # the evictor sees it within its next check
                     return False
                 conn.execute("UPDATE files SET reserved_bytes = ? WHERE id = ?", (size, row["file_id"]))
         self.output_bytes_wanted = 0
@@ -583,7 +582,7 @@ class Service:
             elif self.stuck_reason is not None and not need:
                 self.ledger.event("unstuck", "downloads resumed: space was freed")
                 self.stuck_reason = None
-            await self._wait_change(1.0 if need else 10.0)
+            await self._wait_change(1.0 if need else 2.0)
 
     def _nothing_moves(self) -> bool:
         """Every download waits for budget, no task runs, and none could start."""
@@ -614,16 +613,42 @@ class Service:
     # --- liveness and the end ----------------------------------------------------------
 
     async def _heartbeat(self) -> None:
+        """Liveness from the event loop: watchdog pings, a STATUS line, progress, executor load, pruning."""
         self.notifier.ready("started")
         interval = self.notifier.watchdog_interval_s or 30.0
-        last_prune = 0.0
-        while not self.stopping.is_set():
-            self.notifier.watchdog()
-            self.notifier.status(self._status_line())
-            if time.monotonic() - last_prune > 3600:
-                self.ledger.prune_events(older_than_s=self.config.service.event_retention_days * 86400)
-                last_prune = time.monotonic()
-            await wait_event(self.stopping, min(interval, 10.0))
+        last_prune = last_line = 0.0
+        progress = Progress(self.ledger) if self.burst else None
+        try:
+            while not self.stopping.is_set():
+                self.notifier.watchdog()
+                line = self._status_line()
+                self.notifier.status(line)
+                self._record_service_info()
+                if progress is not None:
+                    progress.update()
+                elif time.monotonic() - last_line > 300:
+                    log.info("%s", line)
+                    last_line = time.monotonic()
+                if time.monotonic() - last_prune > 3600:
+                    self.ledger.prune_events(older_than_s=self.config.service.event_retention_days * 86400)
+                    last_prune = time.monotonic()
+                await wait_event(self.stopping, min(interval, 5.0))
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _record_service_info(self) -> None:
+        """What status shows of the running service, executor workers and load included."""
+        try:
+            executor = self.executor.describe()
+        except Exception as err:  # a cluster that went away must not stop the heartbeat
+            executor = {"error": f"{type(err).__name__}: {err}"}
+        self.ledger.set_meta(
+            "service",
+            json.dumps({"pid": os.getpid(), "started": self.started, "burst": self.burst, "executor": executor,
+                        "version": __version__, "running_tasks": len(self.running_jobs),
+                        "downloads": len(self.downloading)}),
+        )  # fmt: skip
 
     def _status_line(self) -> str:
         jobs = self.ledger.rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
@@ -685,6 +710,42 @@ def _orphan_product_temporaries(root: Path) -> list[str]:
             if name.startswith(".") and name.endswith((".part", ".tmp")):
                 found.append(f"{top}/{relpath}")
     return found
+
+
+class Progress:
+    """Backfill progress: a bar on a terminal (rich), a plain line every 30 s otherwise."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.last_line = 0.0
+        self.bar: Any = None
+        self.task: Any = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+            self.bar = RichProgress(
+                TextColumn("backfill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                TimeElapsedColumn(), transient=False,
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task("", total=None)
+
+    def update(self) -> None:
+        counts = {r["state"]: r["n"] for r in self.ledger.rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+        total = sum(counts.values())
+        finished = sum(counts.get(state, 0) for state in ("done", "blocked", "parked"))
+        on_disk = self.ledger.scalar("SELECT COALESCE(SUM(files), 0) FROM file_totals WHERE state = 'on_disk'")
+        detail = f"running {counts.get('running', 0)}, files on disk {on_disk}"
+        if self.bar is not None:
+            self.bar.update(self.task, total=total or None, completed=finished, description=detail)
+        elif time.monotonic() - self.last_line >= 30:
+            print(f"progress: {finished}/{total} tasks finished, {detail}", file=sys.stderr, flush=True)
+            self.last_line = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.update()
+            self.bar.stop()
 
 
 class _Finished(Exception):

@@ -14,10 +14,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
 
 from streamer.demo import serve_archive
 from streamer.sim.generate import generate_night
@@ -185,21 +188,63 @@ def test_second_writer_refused_while_status_works(tmp_path: Path, archive: Path,
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _covers(sciimg: Path, ra: float, dec: float) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        header = fits.getheader(sciimg)
+        x, y = WCS(header).world_to_pixel_values(ra, dec)
+    return bool(-0.5 <= x < header["NAXIS1"] - 0.5 and -0.5 <= y < header["NAXIS2"] - 0.5)
+
+
 def test_consumers_keep_exactly_their_files(tmp_path: Path, archive: Path, base_url: str) -> None:
+    sciimgs = sorted(archive.rglob("*_sciimg.fits"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        ra, dec = WCS(fits.getheader(sciimgs[-1])).pixel_to_world_values(100.0, 120.0)
+    covering = {p for p in sciimgs if _covers(p, float(ra), float(dec))}
+    assert 0 < len(covering) < len(sciimgs)
     targets = tmp_path / "supernovae.csv"
-    targets.write_text("ra,dec,radius_deg,start,end\n")
+    targets.write_text(f"ra,dec,radius_deg,start,end\n{float(ra)},{float(dec)},0.0003,{NIGHT},{NIGHT}\n")
     extra = (
         '\n[[consumers]]\nname = "headers"\nkeep = ["sciimg_header", "mskimg"]\nfields = [655]\n'
         f'\n[[consumers]]\nname = "scene"\nkeep = ["sciimg", "mskimg"]\ntargets = "{targets}"\n'
     )
     config = config_for(tmp_path, archive, base_url, budget=UNLIMITED, extra=extra)
-    assert run_cli(config, *backfill_args()).returncode == 0
+    result = run_cli(config, *backfill_args())
+    assert result.returncode == 0, result.stdout + result.stderr
     store = store_of(config)
-    kept = sorted(p.relative_to(store).as_posix() for p in (store / "sci").rglob("*") if p.is_file())
-    assert kept and all("_000655_" in p for p in kept)
-    assert {p.rsplit("_", 1)[1].split(".")[0] for p in kept} == {"sciimg", "mskimg"}
+    kept = {p.relative_to(store).as_posix() for p in (store / "sci").rglob("*") if p.is_file()}
+    expected = set()
+    for sciimg in covering:
+        relpath = sciimg.relative_to(archive).as_posix()
+        expected |= {relpath, relpath.replace("_sciimg.fits", "_mskimg.fits.fz")}
+    for sciimg in sciimgs:
+        relpath = sciimg.relative_to(archive).as_posix()
+        if "_000655_" in relpath:
+            expected |= {relpath.replace("_sciimg.fits", "_sciimg.header.fits"), relpath.replace("_sciimg.fits", "_mskimg.fits.fz")}
+    assert kept == expected
     assert not any((store / "raw").rglob("*.fits.fz"))
     assert not any((store / "masters").rglob("*.fits"))
+    assert len(catalogues(store)) == 4 * len(CCDS)
+
+
+def test_daemon_runs_its_ranges_and_stops_on_sigterm(
+    reference: dict[str, list[dict[str, object]]], tmp_path: Path, archive: Path, base_url: str
+) -> None:
+    config = config_for(tmp_path, archive, base_url, budget=UNLIMITED)
+    config.write_text(config.read_text() + f'\n[backfill]\nranges = [["{NIGHT}", "{NIGHT}"]]\nccds = [13]\n')
+    process = subprocess.Popen(streamer_cmd(config, "run"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: len(catalogues(store_of(config))) == len(reference), timeout=300)
+        assert status_json(config)["service"]["mode"] == "daemon"
+    finally:
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        assert process.stderr is not None
+        process.stderr.close()
+    assert code == 0 and time.monotonic() - started < 30
+    assert catalogues(store_of(config)) == reference
 
 
 def test_missing_flats_use_the_nearest_night(tmp_path: Path, base_url: str) -> None:
