@@ -56,8 +56,10 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
     """Wait for ``event`` at most ``timeout`` seconds.
 
     ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11, ``wait_for`` loses a cancellation
-    that arrives as the event is set, and a task that should end keeps looping.
+    that arrives as the event is set, and a task that should end keeps looping. It always yields to
+    the event loop once, so a loop woken by its own change cannot starve signals and results.
     """
+    await asyncio.sleep(0)  # Event.wait() on a set event returns without yielding to the loop
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             await event.wait()
