@@ -12,7 +12,7 @@ from e2e import NIGHT, DiskSampler, backfill_args, catalogues, config_for, run_c
 from streamer.demo import serve_archive
 from streamer.sim.generate import generate_night
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 
 
 def test_demo_full_size(tmp_path: Path) -> None:
