@@ -6,7 +6,7 @@ Both run ``streamer.work.process_exposure`` on full-size simulated raw CCD files
 ``bench.photometry``), ``N`` tasks over 2 worker processes: once through the service's
 ``LocalExecutor`` (a spawned process pool), once through ``DaskExecutor`` on a
 ``distributed.LocalCluster`` of 2 single-threaded worker processes. Each executor first runs
-one warm-up task per worker (imports, master cache), then the timed batch. Prints the wall
+a few warm-up tasks (imports, each worker's master cache), then the timed batch. Prints the wall
 time of each batch and the ratio dask / local (the cost of the engine itself).
 """
 
@@ -24,6 +24,9 @@ from streamer.config import ComputeConfig
 from streamer.executor import Executor, LocalExecutor
 
 
+WARM_UP_TASKS = 6  # enough that every worker has read the masters whichever worker the engine picks
+
+
 def exposure_task(workdir: str, index: int, root: str) -> int:
     """One exposure of the prepared data, written below ``root``; returns the rows measured."""
     data = prepare(Path(workdir))
@@ -34,7 +37,7 @@ def exposure_task(workdir: str, index: int, root: str) -> int:
 
 def _batch(executor: Executor, workdir: Path, out: Path, tasks: int, tag: str) -> float:
     warm: list[Future[Any]] = [
-        executor.submit(exposure_task, str(workdir), i, str(out / f"{tag}-warm-{i}")) for i in range(2)
+        executor.submit(exposure_task, str(workdir), i, str(out / f"{tag}-warm-{i}")) for i in range(WARM_UP_TASKS)
     ]
     wait(warm)
     for future in warm:
