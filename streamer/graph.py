@@ -20,8 +20,6 @@ from .archive.naming import RawName
 from .ledger import Ledger
 from .products import apcat_relpath
 
-SCIENCE_INPUT_KINDS = ("raw", "sciimg_header", "mskimg", "sciimg")
-
 
 def _compact(night: str) -> str:
     return night.replace("-", "")

@@ -15,6 +15,7 @@ writes the files there that no consumer keeps (the archive-named ones), one path
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import stat
 import sys
@@ -23,10 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .archive.naming import NamingError, RawName, SciName, data_url, parse_relpath
+from astropy.io import fits
+
+from .archive.naming import CalName, NamingError, RawName, SciName, data_url, parse_filename, parse_relpath
 from .config import Config, ConsumerConfig
 from .evict import unlink_below
 from .ledger import Ledger
+from .retention import FileFacts, Footprint, footprint_from_header, is_kept
 
 LEDGER_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock")
 
@@ -156,25 +160,30 @@ def apply_fixes(config: Config, ledger: Ledger, findings: Findings) -> None:
         )
 
 
-def _kept_by_someone(consumers: tuple[ConsumerConfig, ...], relpath: str) -> bool:
+def _kept_by_someone(consumers: tuple[ConsumerConfig, ...], tree: Path, relpath: str) -> bool:
+    """The retention rule of the service (``retention.is_kept``) applied to a file of a read-only tree.
+
+    A file whose footprint is needed (a consumer with targets) and cannot be read counts as kept.
+    """
     kind = kind_of(relpath)
     if kind is None:
         return True  # not ours to judge
-    for consumer in consumers:
-        if kind not in consumer.keep:
-            continue
-        name = parse_relpath(relpath.removesuffix(".fz") if relpath.endswith(".fits.fz") and kind == "mskimg" else relpath)
-        if consumer.fields is not None and getattr(name, "field", None) not in consumer.fields:
-            continue
-        return True
-    return False
+    name = parse_filename(relpath.rsplit("/", 1)[-1].removesuffix(".fz").replace("_sciimg.header.fits", "_sciimg.fits"))
+    night = dt.datetime.strptime(name.night if isinstance(name, CalName) else name.filefracday[:8], "%Y%m%d").date()
+    footprints: tuple[Footprint, ...] = ()
+    if any(c.targets is not None and kind in c.keep for c in consumers) and isinstance(name, SciName):
+        try:
+            footprints = (footprint_from_header(fits.getheader(tree / relpath)),)
+        except (OSError, KeyError, ValueError):
+            return True
+    return is_kept(consumers, FileFacts(kind, getattr(name, "field", None), night, footprints))
 
 
 def erasable_in_readonly_trees(config: Config) -> Iterator[Path]:
-    """Archive-named files in the read-only trees that no consumer keeps (by kind and field)."""
+    """Archive-named files in the read-only trees that no consumer keeps (kind, field, dates, targets)."""
     for tree in config.storage.readonly_trees:
         for relpath, _info in walk_regular_files(tree):
-            if kind_of(relpath) is not None and not _kept_by_someone(config.consumers, relpath):
+            if kind_of(relpath) is not None and not _kept_by_someone(config.consumers, tree, relpath):
                 yield tree / relpath
 
 

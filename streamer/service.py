@@ -47,8 +47,6 @@ from .systemd import Notifier
 log = logging.getLogger("streamer.service")
 
 ESSENTIAL_KINDS = frozenset({"raw", "masters"})
-OPTIONAL_KINDS = frozenset({"sciimg_header", "mskimg", "sciimg"})
-DOWNLOADABLE_STATES = ("wanted", "deleted", "corrupt", "missing")
 JOB_BACKOFF_S = (5.0, 30.0, 120.0)
 
 
