@@ -33,7 +33,7 @@ from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
 from streamer.archive.fetch import Fetcher
 from streamer.archive.naming import RawName, data_url
 from streamer.config import ArchiveConfig, StorageConfig
-from streamer.ledger import Ledger
+from streamer.ledger.core import Ledger
 
 from streamer.demo import serve_archive
 

@@ -2,7 +2,7 @@
 
     python -m bench.executor [--workdir DIR] [--tasks N]
 
-Both run ``streamer.work.process_exposure`` on full-size simulated raw CCD files (the data of
+Both run ``streamer.work.exposure.process_exposure`` on full-size simulated raw CCD files (the data of
 ``bench.photometry``), ``N`` tasks over 2 worker processes: once through the service's
 ``LocalExecutor`` (a spawned process pool), once through ``DaskExecutor`` on a
 ``distributed.LocalCluster`` of 2 single-threaded worker processes. Each executor first runs
@@ -21,7 +21,8 @@ from typing import Any
 
 from bench.photometry import prepare, run_ours
 from streamer.config import ComputeConfig
-from streamer.executor import Executor, LocalExecutor
+from streamer.execution.base import Executor
+from streamer.execution.local import LocalExecutor
 
 
 WARM_UP_TASKS = 6  # enough that every worker has read the masters whichever worker the engine picks
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from distributed import LocalCluster
 
-    from streamer.dask_executor import DaskExecutor
+    from streamer.execution.dask_cluster import DaskExecutor
 
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"

@@ -41,14 +41,14 @@ def _idle(_: Any) -> dict[str, float]:
     import numpy  # noqa: F401
     from astropy.io import fits  # noqa: F401
 
-    import streamer.work_masters  # noqa: F401
+    import streamer.work.masters  # noqa: F401
 
     return {"rss_mb": _peak_rss_mb()}
 
 
 def _bias_job(args: tuple[list[str], str]) -> dict[str, Any]:
     from streamer.config import DetrendConfig
-    from streamer.work_masters import build_master_bias
+    from streamer.work.masters import build_master_bias
 
     paths, out = args
     started = time.perf_counter()
@@ -59,7 +59,7 @@ def _bias_job(args: tuple[list[str], str]) -> dict[str, Any]:
 
 def _flat_job(args: tuple[dict[int, list[str]], str, str, str]) -> dict[str, Any]:
     from streamer.config import DetrendConfig
-    from streamer.work_masters import build_led_flat, combine_master_flat
+    from streamer.work.masters import build_led_flat, combine_master_flat
 
     by_led, bias_path, filtercode, workdir = args
     config = DetrendConfig()
@@ -87,8 +87,8 @@ def _science_job(args: tuple[str, str, str]) -> dict[str, Any]:
     from streamer.config import DetrendConfig
     from streamer.detrend.calibrate import detrend_science
     from streamer.detrend.nonlinearity import coefficients
-    from streamer.masterio import read_master
-    from streamer.rawio import open_raw
+    from streamer.formats.masters import read_master
+    from streamer.formats.raw import open_raw
 
     raw_path, bias_path, flat_path = args
     seconds = []

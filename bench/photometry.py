@@ -5,7 +5,7 @@
 On one core (thread pools pinned to 1), on a full-size simulated raw CCD file (4 quadrants of
 3080 x 3072, about 5000 catalogue sources per quadrant, 10 radii):
 
-- ours: ``streamer.work.process_exposure`` (decompress, detrend, masks, background, photometry,
+- ours: ``streamer.work.exposure.process_exposure`` (decompress, detrend, masks, background, photometry,
   isolation, apcat write), per quadrant = per file / 4; "cold" is the first file of a CCD (masters
   read from disk), "warm" a further file of the same CCD (masters from the worker's cache);
 - baseline: the same science written the way a user of the field would: astropy reading into
@@ -45,7 +45,10 @@ import pyarrow.parquet as pq  # noqa: E402
 import sep  # noqa: E402
 from astropy.io import fits  # noqa: E402
 
-from streamer import masterio, photometry, refcat, work  # noqa: E402
+from streamer.formats import masters as masterio
+from streamer import photometry
+from streamer.formats import refcat
+from streamer.work import exposure as work  # noqa: E402
 from streamer.archive.naming import RawName, parse_filename  # noqa: E402
 from streamer.config import DetrendConfig, PhotometryConfig  # noqa: E402
 from streamer.detrend.calibrate import MasterQuadrant  # noqa: E402

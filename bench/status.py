@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from streamer.config import load_config
-from streamer.ledger import Ledger
-from streamer.status import collect
+from streamer.ledger.core import Ledger
+from streamer.service.status import collect
 
 STATES = ("on_disk", "deleted", "wanted", "missing")
 KINDS = ("raw", "sciimg_header", "mskimg", "apcat")

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import TYPE_CHECKING, NoReturn
 
-from . import __version__
-from .errors import StreamerError, UsageError
+from streamer import __version__
+from streamer.errors import StreamerError, UsageError
 
 if TYPE_CHECKING:
-    from .config import Config
+    from streamer.config import Config
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -26,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _date_arg(text: str) -> object:
-    from .config import parse_date
+    from streamer.config import parse_date
 
     try:
         return parse_date(text)
@@ -107,45 +105,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    from .config import find_config, load_config
+    from streamer.config import find_config, load_config
 
     return load_config(find_config(args.config))
 
 
-def _module(name: str) -> ModuleType:
-    """A command's implementation; a command whose module is not there yet says so (exit 1)."""
-    try:
-        return importlib.import_module(f"streamer.{name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"streamer.{name}":
-            raise StreamerError(f"this command needs streamer.{name}, which is not implemented yet in this version") from None
-        raise
-
-
 def _run(args: argparse.Namespace) -> int:
     config = _load(args)
-    return int(_module("service").run_daemon(config))
+    from streamer.service.app import run_daemon
+
+    return run_daemon(config)
 
 
 def _backfill(args: argparse.Namespace) -> int:
     if args.start > args.end:
         raise UsageError(f"--start {args.start} is after --end {args.end}: expected start <= end")
     config = _load(args)
-    return int(_module("service").run_backfill(config, args.start, args.end, tuple(args.ccd or ())))
+    from streamer.service.app import run_backfill
+
+    return run_backfill(config, args.start, args.end, tuple(args.ccd or ()))
 
 
 def _status(args: argparse.Namespace) -> int:
     config = _load(args)
-    return int(_module("status").show(config, as_json=args.json))
+    from streamer.service.status import show
+
+    return show(config, as_json=args.json)
 
 
 def _reconcile(args: argparse.Namespace) -> int:
     config = _load(args)
-    return int(_module("reconcile").run(config, fix=args.fix, erasable_list=args.erasable_list))
+    from streamer.storage.reconcile import run
+
+    return run(config, fix=args.fix, erasable_list=args.erasable_list)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    return int(_module("demo").run(workdir=args.workdir, ccds=_ccd_list(args.ccds), exposures=args.exposures, shape=args.shape))
+    from streamer.demo import run
+
+    return run(workdir=args.workdir, ccds=_ccd_list(args.ccds), exposures=args.exposures, shape=args.shape)
 
 
 def _ccd_list(text: str) -> tuple[int, ...]:
@@ -157,11 +155,15 @@ def _ccd_list(text: str) -> tuple[int, ...]:
 
 
 def _sim_generate(args: argparse.Namespace) -> int:
-    return int(_module("sim.generate").main(args, ccds=_ccd_list(args.ccds)))
+    from streamer.sim.generate import main
+
+    return main(args, ccds=_ccd_list(args.ccds))
 
 
 def _sim_serve(args: argparse.Namespace) -> int:
-    return int(_module("sim.server").main(args))
+    from streamer.sim.server import main
+
+    return main(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from .errors import MISSING_VALUE, ConfigError, UsageError
+from streamer.errors import MISSING_VALUE, ConfigError, UsageError
 
 PRODUCT_KINDS: Final = ("raw", "sciimg", "sciimg_header", "mskimg", "masters", "detrended", "apcat")
 NETWORK_FILESYSTEMS: Final = frozenset(

@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .config import format_size, load_config
-from .errors import StreamerError
+from streamer.config import format_size, load_config
+from streamer.errors import StreamerError
 
 DEMO_NIGHT = dt.date(2020, 9, 24)
 DEMO_BIASES = 8
@@ -96,7 +96,8 @@ keep = ["apcat"]
 
 def run(*, workdir: str | None, ccds: Sequence[int], exposures: int, shape: str) -> int:
     """Run the demo; exit code of the backfill."""
-    from . import service, status
+    from streamer.service import app as service
+    from streamer.service import status
 
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="streamer-demo-"))
     archive, store = work / "archive", work / "store"

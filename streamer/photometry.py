@@ -26,8 +26,8 @@ import sep
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from . import geometry
-from .errors import StreamerError
+from streamer import geometry
+from streamer.errors import StreamerError
 
 FLAG_MASKED: Final = 1 << 8
 FLAG_EDGE: Final = 1 << 9

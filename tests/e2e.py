@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from streamer.demo import write_config
-from streamer.evict import disk_usage
+from streamer.storage.deleter import disk_usage
 
 NIGHT = dt.date(2020, 9, 24)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
 from streamer.archive.fetch import Fetcher
 from streamer.config import config_from_dict
-from streamer.ledger import Ledger
-from streamer.plan import plan_night
+from streamer.ledger.core import Ledger
+from streamer.service.plan import plan_night
 
 
 async def main(base_url: str, root: Path, ledger_path: Path, night: dt.date, ccd: int, budget: str) -> None:

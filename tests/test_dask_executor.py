@@ -13,9 +13,9 @@ import pytest
 from distributed import LocalCluster
 
 from streamer.config import ComputeConfig
-from streamer.dask_executor import DaskExecutor
+from streamer.execution.dask_cluster import DaskExecutor
 from streamer.errors import StreamerError, UsageError
-from streamer.executor import WorkerLost
+from streamer.execution.base import WorkerLost
 
 
 def _pid_then_sleep(seconds: float) -> int:

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from streamer.calibsel import AvailableMaster, CalibrationUnavailable, nearest_night, select_calibration
+from streamer.rules.calibration import AvailableMaster, CalibrationUnavailable, nearest_night, select_calibration
 
 D = dt.date
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from streamer.rawio import QuadrantReadError, RawFileError, open_raw, read_primary_header, read_raw_quadrant
+from streamer.formats.raw import QuadrantReadError, RawFileError, open_raw, read_primary_header, read_raw_quadrant
 
 ROWS, COLUMNS = 40, 24
 

@@ -7,17 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from streamer.evict import (
+from streamer.rules.eviction import Watermarks, bytes_to_free, choose_victims
+from streamer.storage.deleter import (
     UnsafePathError,
-    Watermarks,
-    bytes_to_free,
-    choose_victims,
     delete_files,
     disk_usage,
     recover_deletions,
     unlink_below,
 )
-from streamer.ledger import Ledger
+from streamer.ledger.core import Ledger
 
 MARKS = Watermarks(budget=1000, high=0.9, low=0.5)
 

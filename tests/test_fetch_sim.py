@@ -22,9 +22,9 @@ from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
 from streamer.archive.fetch import Fetcher, SpaceSignal, read_stored_header
 from streamer.archive.search import RAW_COLUMNS, SearchError, search_night, search_table
 from streamer.config import Config, config_from_dict
-from streamer.ledger import Ledger
-from streamer.plan import plan_night
-from streamer.retention import footprint_from_header
+from streamer.ledger.core import Ledger
+from streamer.service.plan import plan_night
+from streamer.rules.retention import footprint_from_header
 from streamer.sim.faults import FaultProfile
 from streamer.sim.generate import NightTruth, generate_night
 from streamer.sim.server import serve

@@ -20,7 +20,7 @@ from streamer.archive.auth import AuthError, Credentials
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
 from streamer.archive.fetch import Fetcher, read_stored_header
 from streamer.config import ArchiveConfig, StorageConfig
-from streamer.ledger import Ledger
+from streamer.ledger.core import Ledger
 
 from archive_stub import Stub
 

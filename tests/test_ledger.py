@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from streamer.errors import LedgerLockedError
-from streamer.ledger import Ledger, TransitionError
+from streamer.ledger.core import Ledger, TransitionError
 
 
 def _exposure(ledger: Ledger, conn, ffd: str = "20200924431759", imgtype: str = "object") -> int:  # type: ignore[no-untyped-def]
@@ -106,7 +106,7 @@ def test_second_writer_refused_reader_allowed(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
     with Ledger.open(path):
         code = textwrap.dedent(f"""
-            from streamer.ledger import Ledger
+            from streamer.ledger.core import Ledger
             from streamer.errors import LedgerLockedError
             try:
                 Ledger.open({str(path)!r})
@@ -127,7 +127,7 @@ def test_second_writer_refused_reader_allowed(tmp_path: Path) -> None:
 
 WRITER = """
 import sys, time
-from streamer.ledger import Ledger
+from streamer.ledger.core import Ledger
 ledger = Ledger.open(sys.argv[1])
 i = 0
 print("ready", flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamer.work_masters import MasterResult, focalplane_factors
+from streamer.work.masters import MasterResult, focalplane_factors
 
 
 def flat(ccdid: int, levels: dict[int, float], weights: dict[int, float] | None = None) -> MasterResult:
@@ -46,7 +46,7 @@ def test_weights_and_refusals() -> None:
 def test_ccd_wide_median_is_exact_over_the_quadrants() -> None:
     import numpy as np
 
-    from streamer.work_masters import _ccd_median
+    from streamer.work.masters import _ccd_median
 
     rng = np.random.default_rng(0)
     for n in (5, 6, 1000, 1001):

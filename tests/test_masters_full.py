@@ -13,9 +13,9 @@ from astropy.io import fits
 
 from streamer.config import DetrendConfig
 from streamer.detrend import masks
-from streamer.masterio import read_master
+from streamer.formats.masters import read_master
 from streamer.sim.generate import generate_night
-from streamer.work_masters import build_led_flat, build_master_bias, combine_master_flat
+from streamer.work.masters import build_led_flat, build_master_bias, combine_master_flat
 
 pytestmark = pytest.mark.slow
 

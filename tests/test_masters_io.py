@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from streamer.detrend.calibrate import MasterQuadrant
-from streamer.masterio import (
+from streamer.formats.masters import (
     MasterReadError,
     master_quadrants,
     read_master,

@@ -20,11 +20,11 @@ from streamer.config import DetrendConfig
 from streamer.detrend import masks
 from streamer.detrend.calibrate import detrend_science, fit_overscan
 from streamer.detrend.nonlinearity import coefficients
-from streamer.masterio import master_quadrants, read_master, read_master_header, read_master_quadrant_header
-from streamer.rawio import QuadrantReadError, open_raw
+from streamer.formats.masters import master_quadrants, read_master, read_master_header, read_master_quadrant_header
+from streamer.formats.raw import QuadrantReadError, open_raw
 from streamer.sim.generate import generate_night
 from streamer.sim.pixels import Drift
-from streamer.work_masters import (
+from streamer.work.masters import (
     IncompleteCalibration,
     LedFlatResult,
     MasterResult,
@@ -261,7 +261,7 @@ def test_a_corrupt_quadrant_loses_that_quadrant_only(built: Built, tmp_path: Pat
 
 
 def test_band_by_band_decoding_gives_the_same_master(built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import streamer.work_masters as work_masters
+    import streamer.work.masters as work_masters
 
     monkeypatch.setattr(work_masters, "RAW_BUDGET_BYTES", 0)  # no whole quadrant held: row bands only
     result = build_master_bias(built.raws["b"], str(tmp_path / "b.fits"), night=NIGHT, ccdid=CCD, detrend=CONFIG)
@@ -270,7 +270,7 @@ def test_band_by_band_decoding_gives_the_same_master(built: Built, tmp_path: Pat
 
 
 def test_build_master_flat_in_one_call_skips_short_leds(built: Built, tmp_path: Path) -> None:
-    from streamer.work_masters import build_master_flat
+    from streamer.work.masters import build_master_flat
 
     by_led = {led: paths for led, paths in built.by_led.items()}
     by_led[5] = by_led[5][:1]  # too few frames for LED 5

@@ -12,7 +12,9 @@ import pytest
 from astropy.io import fits
 from astropy_healpix import HEALPix
 
-from streamer import photometry, refcat, work
+from streamer import photometry
+from streamer.formats import refcat
+from streamer.work import exposure as work
 
 SHAPE = (700, 720)
 GAIN = 6.0

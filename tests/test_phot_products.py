@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
-from streamer import products
+from streamer.formats import apcat as products
 from streamer.archive.naming import RawName
 from streamer.photometry import Apertures
 

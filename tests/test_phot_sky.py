@@ -13,7 +13,9 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy_healpix import HEALPix
 
-from streamer import geometry, photometry, refcat
+from streamer import geometry
+from streamer import photometry
+from streamer.formats import refcat
 
 HEADER_TEXT = "\n".join(
     [

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from streamer.config import load_config
-from streamer.ledger import Ledger
-from streamer.reconcile import compare, kind_of, run
+from streamer.ledger.core import Ledger
+from streamer.storage.reconcile import compare, kind_of, run
 
 RAW = "raw/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o.fits.fz"
 SCI = "sci/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o_q3_sciimg.fits"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer.systemd import Notifier
+from streamer.service.systemd import Notifier
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
 

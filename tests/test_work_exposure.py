@@ -16,7 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
-from streamer import masterio, photometry, products, work
+from streamer.formats import masters as masterio
+from streamer import photometry
+from streamer.formats import apcat as products
+from streamer.work import exposure as work
 from streamer.archive.naming import RawName
 from streamer.config import DetrendConfig, PhotometryConfig
 from streamer.detrend.calibrate import MasterQuadrant

@@ -18,8 +18,8 @@ from typing import Final
 import aiohttp
 from yarl import URL
 
-from ..config import AuthConfig
-from ..errors import StreamerError
+from streamer.config import AuthConfig
+from streamer.errors import StreamerError
 
 LOGIN_PATH: Final = "/account/signon/login.do"
 SESSION_COOKIE: Final = "JOSSO_SESSIONID"

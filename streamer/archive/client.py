@@ -26,9 +26,9 @@ from typing import Any, Final, TypeVar
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from ..config import ArchiveConfig
-from ..ledger import Ledger
-from .auth import Credentials, login, safe_error_text, session_cookie
+from streamer.config import ArchiveConfig
+from streamer.ledger.core import Ledger
+from streamer.archive.auth import Credentials, login, safe_error_text, session_cookie
 
 log = logging.getLogger(__name__)
 

@@ -49,10 +49,10 @@ import aiohttp
 import numpy as np
 from astropy.io import fits
 
-from ..config import StorageConfig
-from ..errors import StreamerError
-from ..ledger import Ledger
-from .client import (
+from streamer.config import StorageConfig
+from streamer.errors import StreamerError
+from streamer.ledger.core import Ledger
+from streamer.archive.client import (
     ArchiveClient,
     ArchiveError,
     FailureCount,
@@ -62,8 +62,8 @@ from .client import (
     classify_status,
     transient_from_exception,
 )
-from .naming import NamingError, parse_relpath
-from .verify import BLOCK, VerificationError, header_end, verify_fits
+from streamer.archive.naming import NamingError, parse_relpath
+from streamer.archive.verify import BLOCK, VerificationError, header_end, verify_fits
 
 log = logging.getLogger(__name__)
 

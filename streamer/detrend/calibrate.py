@@ -26,10 +26,10 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ..config import DetrendConfig
-from . import masks as maskbits
-from .overscan import OverscanModel, model_overscan
-from .readout import from_readout, to_readout
+from streamer.config import DetrendConfig
+from streamer.detrend import masks as maskbits
+from streamer.detrend.overscan import OverscanModel, model_overscan
+from streamer.detrend.readout import from_readout, to_readout
 
 RowCorrection = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 """A correction on whole rows in readout order: (rows, data columns + 30 overscan columns) float32

@@ -27,8 +27,8 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from .combine import chi2_median_ratio
-from .overscan import nmad
+from streamer.detrend.combine import chi2_median_ratio
+from streamer.detrend.overscan import nmad
 
 LOW_RESPONSIVITY = 1 << 2
 HIGH_RESPONSIVITY = 1 << 3

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.polynomial import Legendre
 
-from .readout import OVERSCAN_COLUMNS, from_readout, to_readout
+from streamer.detrend.readout import OVERSCAN_COLUMNS, from_readout, to_readout
 
 NMAD_SCALE = 1.482602218505602  # 1 / Phi^-1(3/4): NMAD of a unit Gaussian is 1
 

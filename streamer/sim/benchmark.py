@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .generate import STARS_PER_QUADRANT, Instrument, NightSpec, plan_night, write_ccd_file, LEDS
-from .geometry import shape_named
+from streamer.sim.generate import STARS_PER_QUADRANT, Instrument, NightSpec, plan_night, write_ccd_file, LEDS
+from streamer.sim.geometry import shape_named
 
 
 def run(shape: str, repeats: int) -> dict[str, tuple[float, float]]:

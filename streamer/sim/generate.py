@@ -115,9 +115,9 @@ from streamer.archive.naming import RawName, rcid_of
 from streamer.detrend.nonlinearity import coefficients, correct, epoch_for
 from streamer.errors import UsageError
 
-from . import sky
-from .geometry import PIXEL_SCALE_ARCSEC, Shape, ccd_unit_coordinates, quadrant_wcs_keywords, shape_named, wcs_from_keywords
-from .pixels import SATURATION_RAW_ADU, TRAIL_FRACTION, TRAIL_SCALE_COLUMNS, Amplifier, Drift, raw_quadrant
+from streamer.sim import sky
+from streamer.sim.geometry import PIXEL_SCALE_ARCSEC, Shape, ccd_unit_coordinates, quadrant_wcs_keywords, shape_named, wcs_from_keywords
+from streamer.sim.pixels import SATURATION_RAW_ADU, TRAIL_FRACTION, TRAIL_SCALE_COLUMNS, Amplifier, Drift, raw_quadrant
 
 LEDS: Final = {"zg": (2, 3, 4, 5), "zr": (7, 8, 9, 10), "zi": (11, 12, 13)}
 FILTER_IDS: Final = {"zg": 1, "zr": 2, "zi": 3, "bi": 0}

@@ -54,9 +54,9 @@ from aiohttp import web
 from streamer.archive.naming import DATA_PATH, SEARCH_PATH
 from streamer.errors import UsageError
 
-from .faults import FaultCounter, FaultProfile, uniform, choose_fault, load_profile
-from .index import COLUMNS, ArchiveIndex
-from .wherequery import QueryError, compile_where
+from streamer.sim.faults import FaultCounter, FaultProfile, uniform, choose_fault, load_profile
+from streamer.sim.index import COLUMNS, ArchiveIndex
+from streamer.sim.wherequery import QueryError, compile_where
 
 log = logging.getLogger(__name__)
 

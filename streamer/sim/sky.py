@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from astropy_healpix import HEALPix
 from scipy.special import ndtr
 
-from .geometry import Shape, ccd_origin, focal_plane_wcs
+from streamer.sim.geometry import Shape, ccd_origin, focal_plane_wcs
 
 REFCAT_NSIDE: Final = 64
 JD_2016: Final = 2457389.0

@@ -20,8 +20,8 @@ from distributed import Client
 from distributed.client import FuturesCancelledError
 from distributed.scheduler import KilledWorker
 
-from .errors import StreamerError, UsageError
-from .executor import WorkerLost
+from streamer.errors import StreamerError, UsageError
+from streamer.execution.base import WorkerLost
 
 LOST_WORKER_ERRORS = (KilledWorker, FuturesCancelledError, cf.CancelledError)
 

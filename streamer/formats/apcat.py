@@ -41,8 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.io import fits
 
-from .archive.naming import RawName, rcid_of
-from .photometry import Apertures
+from streamer.archive.naming import RawName, rcid_of
+from streamer.photometry import Apertures
 
 APCAT_BASE_COLUMNS: Final = (
     "source_id", "ra", "dec", "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "x", "y", "isolated",

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from .config import Config, format_size
-from .errors import UsageError
-from .ledger import Ledger
+from streamer.config import Config, format_size
+from streamer.errors import UsageError
+from streamer.ledger.core import Ledger
 
 TYPICAL_BYTES: Final = {
     "raw_object": 30 * 10**6,

@@ -15,7 +15,7 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .errors import StreamerError
+from streamer.errors import StreamerError
 
 
 class CalibrationUnavailable(StreamerError):

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from astropy.wcs import WCS
 from astropy_healpix import HEALPix
 
-from .photometry import sky_to_pixel, unit_vectors
+from streamer.photometry import sky_to_pixel, unit_vectors
 
 NSIDE: Final = 64
 REFCAT_EPOCH: Final = 2016.0

@@ -1,7 +1,6 @@
-"""Where the work functions run: a local process pool, or a dask.distributed cluster.
+"""The local process pool, one implementation of :class:`streamer.execution.base.Executor`.
 
-The service sees one small interface, :class:`Executor`: submit a picklable function
-with picklable arguments, get a ``concurrent.futures.Future`` back. Worker processes
+Worker processes
 of the local pool are started with the ``spawn`` method (they inherit neither the
 ledger's lock nor the event loop), set their library settings in an initializer, and
 die with the service (Linux parent-death signal).
@@ -16,35 +15,14 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable
-from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-__all__ = ["BrokenProcessPool", "Executor", "LocalExecutor", "WorkerLost", "make_executor"]
+from streamer.execution.base import BrokenProcessPool
+
+__all__ = ["LocalExecutor", "worker_initializer"]
 
 _PR_SET_PDEATHSIG = 1
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-
-
-class WorkerLost(Exception):
-    """The process running a task died (killed, out of memory): the task is retried elsewhere."""
-
-
-class Executor(Protocol):
-    """What the service needs from a compute back end."""
-
-    @property
-    def slots(self) -> int:
-        """How many tasks may run at once."""
-        ...
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]: ...
-
-    def describe(self) -> dict[str, Any]:
-        """Kind, workers and load, for status."""
-        ...
-
-    def shutdown(self, *, cancel: bool = False) -> None: ...
 
 
 def worker_initializer() -> None:
@@ -102,18 +80,3 @@ class LocalExecutor:
 
     def shutdown(self, *, cancel: bool = False) -> None:
         self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
-
-
-def make_executor(compute: Any, storage_root: Path) -> Executor:
-    """The executor that ``[compute]`` asks for; a dask cluster must see the storage root."""
-    if compute.executor == "dask":
-        from .dask_executor import DaskExecutor
-
-        executor = DaskExecutor.from_config(compute)
-        try:
-            executor.check_storage(storage_root)
-        except Exception:
-            executor.shutdown(cancel=True)
-            raise
-        return executor
-    return LocalExecutor(compute.n_workers)

@@ -33,9 +33,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .config import Config, format_size
-from .ledger import Ledger
+from streamer import __version__
+from streamer.config import Config, format_size
+from streamer.ledger.core import Ledger
 
 OUTAGE_META_KEY = "archive.outage"  # written by archive/client.py's outage gate
 

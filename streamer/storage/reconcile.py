@@ -26,11 +26,11 @@ from pathlib import Path
 
 from astropy.io import fits
 
-from .archive.naming import CalName, NamingError, RawName, SciName, data_url, parse_filename, parse_relpath
-from .config import Config, ConsumerConfig
-from .evict import unlink_below
-from .ledger import Ledger
-from .retention import FileFacts, Footprint, footprint_from_header, is_kept
+from streamer.archive.naming import CalName, NamingError, RawName, SciName, data_url, parse_filename, parse_relpath
+from streamer.config import Config, ConsumerConfig
+from streamer.storage.deleter import unlink_below
+from streamer.ledger.core import Ledger
+from streamer.rules.retention import FileFacts, Footprint, footprint_from_header, is_kept
 
 LEDGER_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock")
 

@@ -18,7 +18,7 @@ What is wanted, per CCD of the night:
   ``..._mskimg.fits.fz``) when photometry is needed or a consumer keeps them; the full
   ``sciimg`` only when a consumer keeps it.
 
-``kept`` is set from :mod:`streamer.retention`. Files already on disk (downloaded or
+``kept`` is set from :mod:`streamer.rules.retention`. Files already on disk (downloaded or
 registered by ``reconcile``) keep their state and are not in ``to_download``.
 """
 
@@ -34,14 +34,14 @@ from typing import Any, Final
 
 from astropy.io import fits
 
-from .archive.client import ArchiveClient, PermanentError, TransientError
-from .archive.fetch import header_relpath, local_path, mask_relpath, read_primary_header, record_failed_request
-from .archive.naming import RawName, SciName
-from .archive.search import RAW_COLUMNS, SCI_COLUMNS, SearchError, search_night
-from .config import Config, ConsumerConfig
-from .errors import StreamerError
-from .ledger import Ledger
-from .retention import FileFacts, Footprint, is_kept
+from streamer.archive.client import ArchiveClient, PermanentError, TransientError
+from streamer.archive.fetch import header_relpath, local_path, mask_relpath, read_primary_header, record_failed_request
+from streamer.archive.naming import RawName, SciName
+from streamer.archive.search import RAW_COLUMNS, SCI_COLUMNS, SearchError, search_night
+from streamer.config import Config, ConsumerConfig
+from streamer.errors import StreamerError
+from streamer.ledger.core import Ledger
+from streamer.rules.retention import FileFacts, Footprint, is_kept
 
 log = logging.getLogger(__name__)
 

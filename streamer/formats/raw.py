@@ -22,8 +22,8 @@ import numpy.typing as npt
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 
-from .detrend.readout import OVERSCAN_COLUMNS
-from .errors import StreamerError
+from streamer.detrend.readout import OVERSCAN_COLUMNS
+from streamer.errors import StreamerError
 
 # What astropy raises on truncated or malformed compressed data, besides its warnings.
 try:  # corrupt Rice bytes raise cfitsio's own exception, a direct subclass of Exception

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConsumerConfig, Target
+from streamer.config import ConsumerConfig, Target
 
 QUADRANT_NAXIS1 = 3072
 QUADRANT_NAXIS2 = 3080

@@ -16,9 +16,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from .archive.naming import RawName
-from .ledger import Ledger
-from .products import apcat_relpath
+from streamer.archive.naming import RawName
+from streamer.ledger.core import Ledger
+from streamer.formats.apcat import apcat_relpath
 
 
 def _compact(night: str) -> str:

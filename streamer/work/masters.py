@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from . import __version__
-from .config import DetrendConfig
-from .detrend import masks as maskbits
-from .detrend import nonlinearity
-from .detrend.calibrate import MasterQuadrant, RowCorrection, correct_rows, fit_overscan
-from .detrend.combine import ClippedMedian, combine_in_row_blocks
-from .errors import StreamerError
-from .masterio import MasterReadError, read_master, read_master_header, write_master
-from .rawio import QuadrantReadError, RawFile, RawFileError, open_raw
+from streamer import __version__
+from streamer.config import DetrendConfig
+from streamer.detrend import masks as maskbits
+from streamer.detrend import nonlinearity
+from streamer.detrend.calibrate import MasterQuadrant, RowCorrection, correct_rows, fit_overscan
+from streamer.detrend.combine import ClippedMedian, combine_in_row_blocks
+from streamer.errors import StreamerError
+from streamer.formats.masters import MasterReadError, read_master, read_master_header, write_master
+from streamer.formats.raw import QuadrantReadError, RawFile, RawFileError, open_raw
 
 BLOCK_ROWS = 128
 RAW_BUDGET_BYTES = 512 * 2**20

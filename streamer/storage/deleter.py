@@ -1,6 +1,6 @@
-"""Retention and eviction: what may go and when (pure), and a thin layer that deletes.
+"""The deleter: two-phase removal of ledger files, and the disk walks that never follow a symlink.
 
-Decisions are pure functions of figures and candidate rows. Deletion is two-phase in
+What goes is decided in :mod:`streamer.rules.eviction`. Deletion is two-phase in
 the ledger (``deleting``, unlink, ``deleted``) so a crash in between is finished on
 restart, and it only ever unlinks regular files below the storage root, walking the
 path one directory at a time with ``O_NOFOLLOW`` so that no symlink is ever followed.
@@ -11,57 +11,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .ledger import Ledger
+from streamer.ledger.core import Ledger
 
 
 class UnsafePathError(Exception):
     """A path that leaves the storage root, or goes through a symlink."""
-
-
-@dataclass(frozen=True)
-class Watermarks:
-    budget: int
-    high: float
-    low: float
-
-    @property
-    def high_bytes(self) -> int:
-        return int(self.budget * self.high)
-
-    @property
-    def low_bytes(self) -> int:
-        return int(self.budget * self.low)
-
-
-def bytes_to_free(used: int, marks: Watermarks, *, need: int = 0, force: bool = False) -> int:
-    """How many bytes the evictor should free now.
-
-    Above the high watermark, or when ``need`` more bytes would not fit the budget, free down to
-    the low watermark (and at least enough for ``need``). ``force`` (the end of a backfill) frees
-    everything erasable.
-    """
-    if force:
-        return max(used, 0)
-    if used > marks.high_bytes or used + need > marks.budget:
-        return max(used + need - marks.low_bytes, used + need - marks.budget, 0)
-    return 0
-
-
-def choose_victims(candidates: Iterable[dict[str, Any]], amount: int) -> list[dict[str, Any]]:
-    """The first candidates (already in eviction order) whose bytes add up to ``amount``."""
-    chosen: list[dict[str, Any]] = []
-    freed = 0
-    for row in candidates:
-        if freed >= amount:
-            break
-        chosen.append(row)
-        freed += int(row["disk_bytes"])
-    return chosen
 
 
 def allocated_bytes(path: Path) -> int:

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import sqlite_utils
 
-from .errors import LedgerLockedError, StreamerError
+from streamer.errors import LedgerLockedError, StreamerError
 
 FILE_STATES: Final = ("wanted", "reserved", "downloading", "on_disk", "deleting", "deleted", "missing", "corrupt")
 JOB_STATES: Final = ("waiting", "ready", "running", "done", "failed", "parked", "blocked")

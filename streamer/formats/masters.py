@@ -35,8 +35,8 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
-from .detrend.calibrate import MasterQuadrant
-from .errors import StreamerError
+from streamer.detrend.calibrate import MasterQuadrant
+from streamer.errors import StreamerError
 
 FORMAT_VERSION = 1
 DITHER_SEED = 8191

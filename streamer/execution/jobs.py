@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import Config
-from .ledger import Ledger
+from streamer import __version__
+from streamer.config import Config
+from streamer.ledger.core import Ledger
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ def _inputs(ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
 
 def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
     """The worker call for a ready job."""
-    from . import work, work_focalplane, work_masters
+    from streamer.work import exposure as work
+    from streamer.work import focalplane as work_focalplane
+    from streamer.work import masters as work_masters
 
     root = config.storage.root
     inputs = _inputs(ledger, job["id"])
@@ -160,7 +162,9 @@ def _plain(value: Any) -> Any:
 
 def classify_failure(error: BaseException) -> Verdict:
     """Blocked for good (missing calibration, no WCS), re-download an unreadable raw file, or retry."""
-    from . import photometry, rawio, work_masters
+    from streamer import photometry
+    from streamer.formats import raw as rawio
+    from streamer.work import masters as work_masters
 
     if isinstance(error, work_masters.IncompleteCalibration | photometry.NoCcdWcsError):
         return Verdict("blocked", str(error))

@@ -33,16 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, tasks
-from .config import Config, format_size
-from .errors import StreamerError
-from .evict import Watermarks, bytes_to_free, choose_victims, delete_files, recover_deletions, unlink_below
-from .executor import BrokenProcessPool, Executor, WorkerLost, make_executor
-from .budget import check_budget, estimate_product_bytes, record_minimum
-from .graph import build_night_graph
-from .ledger import Ledger
-from .reconcile import walk_regular_files
-from .systemd import Notifier
+from streamer import __version__
+from streamer.execution import jobs as tasks
+from streamer.config import Config, format_size
+from streamer.errors import StreamerError
+from streamer.rules.eviction import Watermarks, bytes_to_free, choose_victims
+from streamer.storage.deleter import delete_files, recover_deletions, unlink_below
+from streamer.execution.base import BrokenProcessPool, Executor, WorkerLost
+from streamer.execution.select import make_executor
+from streamer.service.budget import check_budget, estimate_product_bytes, record_minimum
+from streamer.service.graph import build_night_graph
+from streamer.ledger.core import Ledger
+from streamer.storage.reconcile import walk_regular_files
+from streamer.service.systemd import Notifier
 
 log = logging.getLogger("streamer.service")
 
@@ -105,9 +108,9 @@ class Service:
     async def run(self, nights: Sequence[dt.date], ccds: Sequence[int]) -> RunSummary:
         self._recover()
         self._install_signal_handlers()
-        from .archive.auth import load_credentials
-        from .archive.client import ArchiveClient
-        from .archive.fetch import Fetcher, SpaceSignal
+        from streamer.archive.auth import load_credentials
+        from streamer.archive.client import ArchiveClient
+        from streamer.archive.fetch import Fetcher, SpaceSignal
 
         auth = self.config.archive.auth
         credentials = load_credentials(auth) if auth is not None else None
@@ -176,7 +179,7 @@ class Service:
     # --- planning ----------------------------------------------------------------------
 
     async def _planner(self, nights: Sequence[dt.date], ccds: Sequence[int]) -> None:
-        from .plan import plan_night
+        from streamer.service.plan import plan_night
 
         planned: set[dt.date] = set()
         while not self.stopping.is_set():

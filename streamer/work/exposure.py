@@ -19,14 +19,18 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
-from . import geometry, masterio, photometry, rawio, refcat
-from .archive.naming import RawName, night_of, parse_filename
-from .config import DetrendConfig, PhotometryConfig
-from .detrend import masks as maskbits
-from .detrend import nonlinearity
-from .detrend.calibrate import MasterQuadrant, detrend_science
-from .errors import StreamerError
-from .products import (
+from streamer import geometry
+from streamer.formats import masters as masterio
+from streamer import photometry
+from streamer.formats import raw as rawio
+from streamer.formats import refcat
+from streamer.archive.naming import RawName, night_of, parse_filename
+from streamer.config import DetrendConfig, PhotometryConfig
+from streamer.detrend import masks as maskbits
+from streamer.detrend import nonlinearity
+from streamer.detrend.calibrate import MasterQuadrant, detrend_science
+from streamer.errors import StreamerError
+from streamer.formats.apcat import (
     ExposureInfo,
     QuadrantRows,
     apcat_relpath,

@@ -1,6 +1,6 @@
 """Worker side of the focal-plane flat normalisation: master flat files in, a small JSON of factors out.
 
-The factors come from :func:`streamer.work_masters.focalplane_factors`, fed with what each master
+The factors come from :func:`streamer.work.masters.focalplane_factors`, fed with what each master
 flat records in its primary header (``NORMFACT``, ``LEVnn``, ``WLEDnn``); the JSON holds
 ``{"night", "filtercode", "factors": {ccdid: factor}}`` and is written atomically.
 """
@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .masterio import read_master_header
-from .work_masters import MasterResult, focalplane_factors
+from streamer.formats.masters import read_master_header
+from streamer.work.masters import MasterResult, focalplane_factors
 
 
 def _flat_record(path: str) -> MasterResult:

@@ -1,0 +1,1 @@
+"""IRSA over HTTP: naming, search, login, header-only reads, and the transfer of one file."""

@@ -1,0 +1,31 @@
+"""The interface between the service and a compute back end, and the failures that mean "run it again"."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Protocol
+
+__all__ = ["BrokenProcessPool", "Executor", "WorkerLost"]
+
+
+class WorkerLost(Exception):
+    """The process running a task died (killed, out of memory): the task is retried elsewhere."""
+
+
+class Executor(Protocol):
+    """What the service needs from a compute back end."""
+
+    @property
+    def slots(self) -> int:
+        """How many tasks may run at once."""
+        ...
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Kind, workers and load, for status."""
+        ...
+
+    def shutdown(self, *, cancel: bool = False) -> None: ...

@@ -1,0 +1,1 @@
+"""The ledger: the only module that speaks SQL (schema, migrations, transitions, queries)."""

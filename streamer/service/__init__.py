@@ -1,0 +1,1 @@
+"""The asyncio service: one small coroutine per stage, wired in one place; it schedules and records."""
