@@ -24,6 +24,15 @@ class Executor(Protocol):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]: ...
 
+    @property
+    def generation(self) -> int:
+        """How many times the back end was replaced; a job remembers the generation it was submitted to."""
+        ...
+
+    def replace(self, broken_generation: int) -> None:
+        """Start afresh after a worker death broke generation ``broken_generation``; no-op if already replaced."""
+        ...
+
     def describe(self) -> dict[str, Any]:
         """Kind, workers and load, for status."""
         ...

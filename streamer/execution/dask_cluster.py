@@ -99,6 +99,13 @@ class DaskExecutor:
         inner.add_done_callback(relay)
         return outer
 
+    @property
+    def generation(self) -> int:
+        return 0  # the cluster replaces its own workers
+
+    def replace(self, broken_generation: int) -> None:
+        """Nothing to do: a lost dask worker is replaced by the cluster, not by the service."""
+
     def describe(self) -> dict[str, Any]:
         info = self.client.scheduler_info()
         workers = info.get("workers", {})

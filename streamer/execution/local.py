@@ -58,15 +58,25 @@ class LocalExecutor:
     def slots(self) -> int:
         return self._workers
 
+    @property
+    def generation(self) -> int:
+        return self.replacements
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         try:
             return self._pool.submit(fn, *args, **kwargs)
         except BrokenProcessPool:
-            self.replace()
+            self.replace(self.replacements)
             return self._pool.submit(fn, *args, **kwargs)
 
-    def replace(self) -> None:
-        """Start a fresh pool after a worker died; tasks that were running must be resubmitted."""
+    def replace(self, broken_generation: int) -> None:
+        """Start a fresh pool after a worker died; tasks that were running must be resubmitted.
+
+        Several futures of one broken pool fail together and each asks for a replacement: only the
+        first is carried out, so a job already resubmitted to the new pool is not cancelled with it.
+        """
+        if broken_generation != self.replacements:
+            return
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = self._new_pool()
         self.replacements += 1

@@ -110,3 +110,45 @@ def select_calibration(
     if reasons:
         raise CalibrationUnavailable("; ".join(reasons))
     return CalibrationChoice(bias=chosen["bias"], flat=chosen["flat"])
+
+
+@dataclass(frozen=True)
+class MasterOption:
+    """A master (made, or still to be made by a job that has not failed) that an exposure could use."""
+
+    file_id: int
+    night: dt.date
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Use the master ``file_id`` of ``night`` instead of ``replaces`` (None: add it)."""
+
+    file_id: int
+    night: dt.date
+    replaces: int | None
+    description: str
+
+
+def describe_master(producer_kind: str, filtercode: str | None) -> str:
+    """How a master kind reads in messages: "master bias", "master flat for zr"."""
+    return "master bias" if producer_kind == "master_bias" else f"master flat for {filtercode}"
+
+
+def choose_fallback(
+    night: dt.date,
+    producer_kind: str,
+    filtercode: str | None,
+    options: Iterable[MasterOption],
+    *,
+    max_gap_days: int,
+    replaces: int | None,
+) -> Fallback | CalibrationUnavailable:
+    """The nearest night's master within the gap (ties: the earlier night), or why there is none."""
+    candidates = list(options)
+    what = describe_master(producer_kind, filtercode)
+    chosen_night = nearest_night(night, (o.night for o in candidates), max_gap_days)
+    if chosen_night is None:
+        return CalibrationUnavailable(f"no {what} within {max_gap_days} days of {night.isoformat()}")
+    chosen = next(o for o in candidates if o.night == chosen_night)
+    return Fallback(file_id=chosen.file_id, night=chosen_night, replaces=replaces, description=what)

@@ -1,0 +1,99 @@
+"""What the stages of the service share: configuration, ledger, executor, and the in-memory state of one run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamer.config import Config
+from streamer.execution.base import Executor
+from streamer.ledger.core import Ledger
+from streamer.rules.eviction import Watermarks
+from streamer.service.systemd import Notifier
+
+log = logging.getLogger("streamer.service")
+
+#: Bytes counted for the ledger beyond its files' blocks (SQLite grows its WAL between two checks).
+LEDGER_SLACK_BYTES = 64 * 1024
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds.
+
+    ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11, ``wait_for`` loses a cancellation
+    that arrives as the event is set, and a task that should end keeps looping. It always yields to
+    the event loop once, so a loop woken by its own change cannot starve signals and results.
+    """
+    await asyncio.sleep(0)  # Event.wait() on a set event returns without yielding to the loop
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
+
+class Finished(Exception):
+    """Raised inside the task group to end the service."""
+
+
+@dataclass
+class Context:
+    """One running service over one ledger: shared by every stage, changed only on the event loop."""
+
+    config: Config
+    ledger: Ledger
+    executor: Executor
+    burst: bool
+    notifier: Notifier = field(default_factory=Notifier)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    planning_done: asyncio.Event = field(default_factory=asyncio.Event)
+    running_jobs: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    downloading: set[int] = field(default_factory=set)
+    stuck_reason: str | None = None
+    output_bytes_wanted: int = 0
+    started: float = field(default_factory=time.time)
+    fetcher: Any = None
+    client: Any = None
+    space: Any = None
+
+    @property
+    def marks(self) -> Watermarks:
+        storage = self.config.storage
+        return Watermarks(storage.budget, storage.high_watermark, storage.low_watermark)
+
+    def poke(self) -> None:
+        """Wake the stages: something they wait for may have changed."""
+        self.changed.set()
+
+    async def wait_change(self, timeout: float) -> None:
+        await wait_event(self.changed, timeout)
+        self.changed.clear()
+
+    def stop(self, signum: int | None = None) -> None:
+        """Stop taking work; running tasks get ``shutdown_grace_s`` to finish."""
+        if not self.stopping.is_set():
+            name = signal.Signals(signum).name if signum else "request"
+            log.info("stopping (%s): no new work; waiting for running tasks", name)
+            self.notifier.stopping()
+            self.stopping.set()
+            self.changed.set()
+
+    def overhead(self) -> int:
+        """Bytes under the root that no file row accounts for: the ledger itself."""
+        ledger_path = self.config.storage.ledger_path
+        if not ledger_path.is_relative_to(self.config.storage.root):
+            return 0
+        total = 0
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{ledger_path}{suffix}").st_blocks * 512
+        return total + LEDGER_SLACK_BYTES
+
+    def used_bytes(self) -> int:
+        """Disk use by the ledger's account: files on disk, reservations, and the ledger itself."""
+        return self.ledger.committed_bytes() + self.overhead()

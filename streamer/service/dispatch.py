@@ -1,0 +1,122 @@
+"""The dispatch stage: decide which jobs can run, reserve what they will write, submit them to the executor."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+from streamer.execution import jobs as job_kinds
+from streamer.execution.base import BrokenProcessPool
+from streamer.ledger import jobs as ledger_jobs
+from streamer.rules.calibration import CalibrationUnavailable, MasterOption, choose_fallback
+from streamer.rules.readiness import Blocked, NeedsMaster, PinnedInput, Ready, Readiness, Wait, readiness
+from streamer.rules.reservations import PendingOutput, plan_reservations
+from streamer.service.budget import estimate_product_bytes
+from streamer.service.context import Context
+from streamer.service.records import Submitted
+
+log = logging.getLogger("streamer.service")
+
+
+async def dispatcher(ctx: Context, results: asyncio.Queue[Submitted]) -> None:
+    """Fill free executor slots with ready jobs, in job order, while their outputs fit the budget."""
+    while not ctx.stopping.is_set():
+        free = ctx.executor.slots - len(ctx.running_jobs)
+        if free > 0:
+            for job in ready_jobs(ctx, free):
+                if not reserve_outputs_through(ctx, job["id"]):
+                    break
+                submit(ctx, job, results)
+        await ctx.wait_change(2.0)
+
+
+def ready_jobs(ctx: Context, limit: int) -> list[dict[str, Any]]:
+    """The first jobs that can run now; on the way, block those that never can and re-pin fallback masters."""
+    ready: list[dict[str, Any]] = []
+    for job in ledger_jobs.candidate_jobs(ctx.ledger, now=time.time()):
+        if job["id"] in ctx.running_jobs:
+            continue
+        verdict = resolve(ctx, job, job_readiness(ctx, job))
+        if isinstance(verdict, Ready):
+            ready.append(job)
+            if len(ready) >= limit:
+                break
+        elif isinstance(verdict, Blocked):
+            block(ctx, job, verdict.reason)
+    return ready
+
+
+def job_readiness(ctx: Context, job: dict[str, Any]) -> Readiness:
+    inputs = [
+        PinnedInput(
+            file_id=r["id"], kind=r["kind"], state=r["state"], attempts=r["attempts"],
+            producer_kind=r["producer_kind"], producer_state=r["producer_state"],
+        )  # fmt: skip
+        for r in ledger_jobs.pinned_inputs(ctx.ledger, job["id"])
+    ]
+    return readiness(job["kind"], inputs, burst=ctx.burst, max_missing_attempts=ctx.config.archive.missing_max_attempts)
+
+
+def resolve(ctx: Context, job: dict[str, Any], verdict: Readiness) -> Readiness:
+    """Carry out a ``NeedsMaster`` verdict: pin the nearest night's master (then wait for it), or block."""
+    if not isinstance(verdict, NeedsMaster):
+        return verdict
+    night = dt.date.fromisoformat(job["night"])
+    options = [
+        MasterOption(file_id=o["file_id"], night=dt.date.fromisoformat(o["night"]))
+        for o in ledger_jobs.master_options(ctx.ledger, verdict.producer_kind, job["ccdid"], job["filtercode"])
+    ]
+    choice = choose_fallback(
+        night, verdict.producer_kind, job["filtercode"], options,
+        max_gap_days=ctx.config.detrend.max_calibration_gap_days, replaces=verdict.replaces,
+    )  # fmt: skip
+    if isinstance(choice, CalibrationUnavailable):
+        return Blocked(choice.reason)
+    message = f"{job['key']}: using the {choice.description} of {choice.night.isoformat()}"
+    ledger_jobs.repin_master(ctx.ledger, job, add=choice.file_id, drop=choice.replaces, message=message)
+    return Wait()  # looked at again in the next round, with the new pin
+
+
+def block(ctx: Context, job: dict[str, Any], reason: str) -> None:
+    ledger_jobs.block_job(ctx.ledger, job, reason)
+    log.warning("%s blocked: %s", job["key"], reason)
+
+
+def reserve_outputs_through(ctx: Context, last_job: int) -> bool:
+    """Reserve, in job order, the bytes that unfinished jobs up to ``last_job`` will write.
+
+    Outputs are reserved in the same order as downloads, so a budget filled with inputs of later
+    jobs can never keep an earlier job from writing the masters those later jobs wait for.
+    False when the next reservation does not fit yet (the evictor is asked for the room).
+    """
+    pending = [
+        PendingOutput(file_id=r["file_id"], job_id=r["job_id"], size=estimate_product_bytes(ctx.ledger, r["relpath"], r["kind"]))
+        for r in ledger_jobs.unreserved_outputs_through(ctx.ledger, last_job)
+    ]
+    if not pending:
+        ctx.output_bytes_wanted = 0
+        return True
+    plan = plan_reservations(pending, committed=ctx.ledger.committed_bytes(), overhead=ctx.overhead(), budget=ctx.config.storage.budget)
+    ledger_jobs.reserve_outputs(ctx.ledger, [(o.file_id, o.size) for o in plan.reserve])
+    ctx.output_bytes_wanted = plan.blocked_size  # the evictor sees it within its next check
+    return plan.complete
+
+
+def submit(ctx: Context, job: dict[str, Any], results: asyncio.Queue[Submitted]) -> None:
+    """Mark the job running and hand its call to the executor; its result goes to the record stage."""
+    call = job_kinds.build_call(ctx.ledger, ctx.config, job)
+    ledger_jobs.start_job(ctx.ledger, job)
+    generation = ctx.executor.generation
+    try:
+        concurrent = ctx.executor.submit(call.function, **call.kwargs)
+    except BrokenProcessPool:
+        ctx.executor.replace(generation)
+        generation = ctx.executor.generation
+        concurrent = ctx.executor.submit(call.function, **call.kwargs)
+    future = asyncio.wrap_future(concurrent)
+    ctx.running_jobs[job["id"]] = future
+    item = Submitted(job=job, call=call, future=future, generation=generation)
+    future.add_done_callback(lambda _f: results.put_nowait(item))

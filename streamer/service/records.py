@@ -1,0 +1,105 @@
+"""The record stage: each finished job's result or failure goes into the ledger, in the order they finish.
+
+Results arrive on a queue rather than in future callbacks, so an error while recording is not
+lost: a product the job did not write makes the job fail (and retry), and anything unexpected
+ends the service, whose restart puts the job back to ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from streamer.errors import StreamerError
+from streamer.execution import jobs as job_kinds
+from streamer.execution.base import BrokenProcessPool, WorkerLost
+from streamer.ledger import jobs as ledger_jobs
+from streamer.rules.failures import Block, ErrorClass, Park, Refetch, Requeue, Retry, failure_action
+from streamer.service.context import Context
+from streamer.storage.deleter import unlink_below
+
+log = logging.getLogger("streamer.service")
+
+
+class MissingOutput(StreamerError):
+    """A job reported success without writing one of its products."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A job handed to the executor: its row as submitted, its call, and the pool generation it went to."""
+
+    job: dict[str, Any]
+    call: job_kinds.Call
+    future: asyncio.Future[Any]
+    generation: int
+
+
+async def recorder(ctx: Context, results: asyncio.Queue[Submitted]) -> None:
+    """Record every finished job until the service stops (the drain records the last ones)."""
+    while True:
+        item = await results.get()
+        record(ctx, item)
+
+
+def record(ctx: Context, item: Submitted) -> None:
+    """The ledger's side of a finished future: done, or the failure policy's action."""
+    ctx.running_jobs.pop(item.job["id"], None)
+    ctx.poke()
+    if item.future.cancelled():
+        return
+    error = item.future.exception()
+    if error is None:
+        try:
+            record_done(ctx, item.job, item.call, item.future.result())
+            return
+        except MissingOutput as err:
+            error = err
+    record_failure(ctx, item, error)
+
+
+def record_done(ctx: Context, job: dict[str, Any], call: job_kinds.Call, result: Any) -> None:
+    outputs = []
+    for relpath in call.outputs:
+        path = ctx.config.storage.root / relpath
+        if not path.is_file():
+            raise MissingOutput(f"{job['key']}: finished without writing {relpath}")
+        info = path.stat()
+        outputs.append((relpath, info.st_blocks * 512, info.st_size))
+    ledger_jobs.record_done(ctx.ledger, job, outputs, job_kinds.result_record(result))
+    log.info("%s done", job["key"])
+
+
+def error_class(error: BaseException) -> tuple[ErrorClass, str]:
+    """The failure policy's name for ``error``, with the reason to record."""
+    if isinstance(error, BrokenProcessPool | WorkerLost):
+        return "worker_lost", "worker process died; retried"
+    verdict = job_kinds.classify_failure(error)
+    kind: ErrorClass = "blocked" if verdict.kind == "blocked" else "refetch" if verdict.kind == "refetch" else "retry"
+    return kind, verdict.reason
+
+
+def record_failure(ctx: Context, item: Submitted, error: BaseException) -> None:
+    job = item.job
+    if isinstance(error, BrokenProcessPool):
+        ctx.executor.replace(item.generation)  # only the pool this job ran in: a newer one keeps its jobs
+    kind, reason = error_class(error)
+    action = failure_action(kind, reason, attempts_before=job["attempts"], max_attempts=ctx.config.service.max_task_attempts)
+    message = f"{type(error).__name__}: {error}"
+    if isinstance(action, Requeue):
+        ledger_jobs.requeue_job(ctx.ledger, job, reason)
+        return
+    if isinstance(action, Block):
+        ledger_jobs.block_job(ctx.ledger, job, action.reason)
+    elif isinstance(action, Refetch):
+        root = ctx.config.storage.root
+        ledger_jobs.refetch_raw(ctx.ledger, job, message, reason, lambda relpath: unlink_below(root, relpath))
+    elif isinstance(action, Park):
+        ledger_jobs.park_job(ctx.ledger, job, message)
+    elif isinstance(action, Retry):
+        ledger_jobs.fail_job(ctx.ledger, job, message, not_before=time.time() + action.delay_s)
+    log.warning("%s: %s", job["key"], message)
+
