@@ -468,7 +468,9 @@ class Ledger:
             used = conn.execute(_COMMITTED_SQL).fetchone()[0]
             if used + overhead + n_bytes > budget:
                 return False
-            self.set_file_state(conn, file_id, "reserved", expect=("wanted", "missing", "corrupt", "reserved"), reserved_bytes=n_bytes)
+            self.set_file_state(
+                conn, file_id, "reserved", expect=("wanted", "missing", "corrupt", "reserved"), reserved_bytes=n_bytes
+            )
         return True
 
     # --- jobs ------------------------------------------------------------------------------
@@ -584,7 +586,10 @@ class Ledger:
 
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction() as conn:
-            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
 
     def get_meta(self, key: str) -> str | None:
         value = self.scalar("SELECT value FROM meta WHERE key = ?", (key,))

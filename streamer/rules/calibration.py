@@ -81,7 +81,8 @@ def _choose(
             closest = min(matching, key=lambda m: (abs((m.night - night).days), m.night))
             gap = abs((closest.night - night).days)
             raise CalibrationUnavailable(
-                f"no {what} within {max_gap_days} days of {night.isoformat()}: the nearest is {closest.night.isoformat()}, {gap} days away"
+                f"no {what} within {max_gap_days} days of {night.isoformat()}: "
+                f"the nearest is {closest.night.isoformat()}, {gap} days away"
             )
         raise CalibrationUnavailable(f"no {what} on any night (needed for {night.isoformat()})")
     master = min((m for m in matching if m.night == chosen_night), key=lambda m: m.path)

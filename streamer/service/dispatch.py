@@ -12,7 +12,7 @@ from streamer.execution import jobs as job_kinds
 from streamer.execution.base import BrokenProcessPool
 from streamer.ledger import jobs as ledger_jobs
 from streamer.rules.calibration import CalibrationUnavailable, MasterOption, choose_fallback
-from streamer.rules.readiness import Blocked, NeedsMaster, PinnedInput, Ready, Readiness, Wait, readiness
+from streamer.rules.readiness import Blocked, NeedsMaster, PinnedInput, Readiness, Ready, Wait, readiness
 from streamer.rules.reservations import PendingOutput, plan_reservations
 from streamer.service.budget import estimate_product_bytes
 from streamer.service.context import Context
@@ -99,7 +99,9 @@ def reserve_outputs_through(ctx: Context, last_job: int) -> bool:
     if not pending:
         ctx.output_bytes_wanted = 0
         return True
-    plan = plan_reservations(pending, committed=ctx.ledger.committed_bytes(), overhead=ctx.overhead(), budget=ctx.config.storage.budget)
+    plan = plan_reservations(
+        pending, committed=ctx.ledger.committed_bytes(), overhead=ctx.overhead(), budget=ctx.config.storage.budget
+    )
     ledger_jobs.reserve_outputs(ctx.ledger, [(o.file_id, o.size) for o in plan.reserve])
     ctx.output_bytes_wanted = plan.blocked_size  # the evictor sees it within its next check
     return plan.complete

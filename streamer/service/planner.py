@@ -65,7 +65,8 @@ def nights_due(ctx: Context, nights: Sequence[dt.date]) -> list[dt.date]:
         return sorted(set(nights))
     start = ctx.ledger.get_meta("follow_start")
     now = dt.datetime.now(dt.UTC)
-    due = follow_nights(now, delay_hours=ctx.config.follow.delay_hours, first=None if start is None else dt.date.fromisoformat(start))
+    first = None if start is None else dt.date.fromisoformat(start)
+    due = follow_nights(now, delay_hours=ctx.config.follow.delay_hours, first=first)
     if start is None and due:
         ctx.ledger.set_meta("follow_start", due[0].isoformat())
     return sorted(set(nights) | set(due))

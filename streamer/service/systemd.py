@@ -6,6 +6,7 @@ that variable every call does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -32,11 +33,9 @@ class Notifier:
         if self._address is None:
             return
         message = "\n".join(f"{key.upper()}={value}" for key, value in fields.items()).encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            try:
-                sock.sendto(message, self._address)
-            except OSError:
-                pass  # systemd went away; nothing to tell
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        with sock, contextlib.suppress(OSError):  # systemd went away; nothing to tell
+            sock.sendto(message, self._address)
 
     def ready(self, status: str) -> None:
         self.send(ready=1, status=status)
