@@ -59,11 +59,13 @@ class RunSummary:
     jobs: dict[str, int] = field(default_factory=dict)
     missing_files: int = 0
     stuck_reason: str | None = None
+    stopped_by: str | None = None
 
     @property
     def complete(self) -> bool:
+        """Every job done, nothing missing, and the run was not stopped before its end."""
         unfinished = sum(n for state, n in self.jobs.items() if state != "done")
-        return unfinished == 0 and self.missing_files == 0 and self.stuck_reason is None
+        return unfinished == 0 and self.missing_files == 0 and self.stuck_reason is None and self.stopped_by is None
 
 
 class Service:
@@ -82,8 +84,8 @@ class Service:
         from streamer.archive.fetch import Fetcher, SpaceSignal
 
         ctx = self.ctx
-        recover(ctx)
         self._install_signal_handlers()
+        recover(ctx)
         auth = ctx.config.archive.auth
         credentials = load_credentials(auth) if auth is not None else None
         async with ArchiveClient(ctx.config.archive, credentials=credentials, ledger=ctx.ledger) as client:
@@ -184,6 +186,7 @@ def summary(ctx: Context) -> RunSummary:
         jobs=ledger_jobs.job_state_counts(ctx.ledger),
         missing_files=ledger_jobs.missing_input_count(ctx.ledger),
         stuck_reason=ctx.stuck_reason,
+        stopped_by=ctx.stopped_by,
     )
 
 
@@ -232,6 +235,8 @@ def run_backfill(config: Config, start: dt.date, end: dt.date, ccds: Sequence[in
     if result.complete:
         print(f"backfill complete: {done} jobs done")
         return 0
+    if result.stopped_by is not None:
+        print(f"backfill interrupted ({result.stopped_by}): run it again to continue where it stopped")
     parts = [f"{n} {state}" for state, n in sorted(result.jobs.items())]
     print(f"backfill incomplete: jobs {', '.join(parts)} of {total}; {result.missing_files} files missing or corrupt")
     if result.stuck_reason:

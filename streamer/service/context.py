@@ -55,6 +55,7 @@ class Context:
     running_jobs: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     downloading: set[int] = field(default_factory=set)
     stuck_reason: str | None = None
+    stopped_by: str | None = None
     output_bytes_wanted: int = 0
     started: float = field(default_factory=time.time)
     fetcher: Any = None
@@ -78,6 +79,7 @@ class Context:
         """Stop taking work; running tasks get ``shutdown_grace_s`` to finish."""
         if not self.stopping.is_set():
             name = signal.Signals(signum).name if signum else "request"
+            self.stopped_by = name
             log.info("stopping (%s): no new work; waiting for running tasks", name)
             self.notifier.stopping()
             self.stopping.set()
