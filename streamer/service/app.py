@@ -110,7 +110,7 @@ class Service:
         self._install_signal_handlers()
         from streamer.archive.auth import load_credentials
         from streamer.archive.client import ArchiveClient
-        from streamer.archive.fetch import Fetcher, SpaceSignal
+        from streamer.service.fetcher import Fetcher, SpaceSignal
 
         auth = self.config.archive.auth
         credentials = load_credentials(auth) if auth is not None else None
