@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -24,7 +25,7 @@ from streamer.archive.search import RAW_COLUMNS, SearchError, search_night, sear
 from streamer.config import Config, config_from_dict
 from streamer.ledger.core import Ledger
 from streamer.ledger.downloads import outage_recorder
-from streamer.service.fetcher import Fetcher, SpaceSignal
+from streamer.service.fetcher import DownloadError, Fetcher, SpaceSignal
 from streamer.service.plan import plan_night
 from streamer.rules.retention import footprint_from_header
 from streamer.sim.faults import FaultProfile
@@ -355,3 +356,34 @@ async def test_search_errors_are_clear_and_flaky_searches_are_retried(night: Nig
     assert len(rows[0]) == len(night.raw_relpaths()) and rows[1] == []
     assert sum(n for path, kinds in faults["by_path"].items() if "/ibe/search/" in path for n in kinds.values()) > 0
 
+
+@pytest.mark.parametrize("obstacle", ["directory_at_part", "directory_at_raw", "file_at_night_directory"])
+@pytest.mark.asyncio
+async def test_unexpected_error_releases_the_reservation_and_backs_off(night: NightTruth, tmp_path: Path, obstacle: str) -> None:
+    """An OSError the fetcher does not expect ends the file missing with a retry date, never downloading with bytes held."""
+    async with serve(night.out, faults="none") as server:
+        config = _config(server.base_url, tmp_path / "store")
+        root = config.storage.root
+        with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+            async with _client(config, ledger) as client:
+                summary = await plan_night(client, ledger, config, NIGHT, [CCD])
+                raw = next(ledger.file(i) for i in summary.to_download if ledger.file(i)["kind"] == "raw")
+                final = root / raw["relpath"]
+                if obstacle == "directory_at_part":
+                    (final.parent / (final.name + ".part")).mkdir(parents=True)
+                elif obstacle == "directory_at_raw":
+                    final.mkdir(parents=True)
+                else:
+                    final.parent.parent.mkdir(parents=True)
+                    final.parent.write_bytes(b"not a directory")
+                before = time.time()
+                with pytest.raises(DownloadError) as raised:
+                    await Fetcher(client, ledger, config.storage).fetch(raw["id"])
+                again = await Fetcher(client, ledger, config.storage).fetch(raw["id"])  # not before its retry date
+            row = ledger.file(raw["id"])
+            committed = ledger.committed_bytes()
+    assert "\n" not in str(raised.value) and raw["relpath"] in str(raised.value)
+    assert row["state"] == "missing" and row["reserved_bytes"] == 0 and row["attempts"] == 1
+    assert row["retry_at"] is not None and row["retry_at"] >= before + 3600
+    assert row["last_error"] and "Error" in row["last_error"]
+    assert committed == 0 and (again.state, again.requests) == ("missing", 0)

@@ -10,7 +10,9 @@ Permanent refusals (404, 403) end ``missing`` with the reason, the status and a 
 (``archive.missing_retry_hours`` later, none once ``archive.missing_max_attempts`` refusals are
 used up). Transient failures are retried by the client's policy; a file whose body fails
 verification every time ends ``corrupt``, one that fails otherwise every time ends ``missing``
-with a retry date. Which files to fetch, in which order, is
+with a retry date. Any other error (an OSError such as a directory where the file goes) also
+ends ``missing`` with a retry date, its reservation released, and is raised as
+:class:`DownloadError`. Which files to fetch, in which order, is
 :func:`streamer.ledger.downloads.download_candidates`.
 
 Status indicators: the meta key ``archive.outage`` (JSON from
@@ -50,12 +52,17 @@ from streamer.archive.transfer import (
     verify_in_place,
 )
 from streamer.config import StorageConfig
+from streamer.errors import StreamerError
 from streamer.ledger import downloads
 from streamer.ledger.core import Ledger
 
 log = logging.getLogger(__name__)
 
 DOWNLOADABLE_STATES: Final = ("wanted", "reserved", "downloading", "missing", "corrupt")
+
+
+class DownloadError(StreamerError):
+    """A download failed in a way the fetcher did not expect; the file was set ``missing`` with a retry date."""
 
 
 @dataclass(frozen=True)
@@ -180,8 +187,25 @@ class Fetcher:
         return removed
 
     async def fetch(self, file_id: int) -> FetchOutcome:
-        """Take one file to a final state (on_disk, missing, corrupt) or report why it was left."""
-        return await self._fetch(file_id)
+        """Take one file to a final state (on_disk, missing, corrupt) or report why it was left.
+
+        Whatever goes wrong, the file does not stay ``reserved``/``downloading`` with bytes held:
+        an error other than a StreamerError (or a cancellation) sets it ``missing`` with a retry
+        date, its reservation released, and is raised as :class:`DownloadError`.
+        """
+        relpath = str(self.ledger.file(file_id)["relpath"])
+        try:
+            return await self._fetch(file_id)
+        except StreamerError:
+            raise
+        except Exception as err:
+            message = " ".join(f"{type(err).__name__}: {err}".split())
+            log.error("%s: unexpected error: %s", relpath, message, exc_info=True)
+            downloads.record_missing(
+                self.ledger, file_id, relpath, f"unexpected error: {message}", None, retry_s=self.missing_retry_s,
+                max_refusals=self.missing_max_attempts, count_request=True,
+            )  # fmt: skip
+            raise DownloadError(f"{relpath}: {message}") from None
 
     async def probe_size(self, file_id: int) -> int:
         """The size of a planned file from a HEAD request, recorded as its expected size."""
