@@ -169,7 +169,7 @@ def write_header_file(header_bytes: bytes, target: Path) -> None:
 def read_stored_header(path: Path) -> fits.Header:
     """The header of a stored header file with the image's NAXISn restored (for WCS and footprints)."""
     header = fits.getheader(path)
-    dims = []
+    dims: list[int] = []
     while f"ONAXIS{len(dims) + 1}" in header:
         dims.append(int(header[f"ONAXIS{len(dims) + 1}"]))
     if dims:
