@@ -30,10 +30,10 @@ import psutil
 from astropy.io import fits
 
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
-from streamer.archive.fetch import Fetcher
 from streamer.archive.naming import RawName, data_url
 from streamer.config import ArchiveConfig, StorageConfig
 from streamer.ledger.core import Ledger
+from streamer.service.fetcher import Fetcher
 
 from streamer.demo import serve_archive
 
@@ -83,7 +83,8 @@ async def run_fetcher(base_url: str, relpaths: list[str], work: Path, parallel: 
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     async with ArchiveClient(config, policy=RetryPolicy(3, rng=random.Random(0)), gate=OutageGate()) as client:
-        outcomes = await Fetcher(client, ledger, storage).fetch_all(ids)
+        fetcher = Fetcher(client, ledger, storage)
+        outcomes = await asyncio.gather(*(fetcher.fetch(file_id) for file_id in ids))
     elapsed = time.perf_counter() - start
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     ledger.close()

@@ -1,4 +1,4 @@
-"""A fetcher process for the crash tests: recover, plan the night (idempotent), fetch all that is due.
+"""A fetcher process for the crash tests: recover, plan the night (idempotent), fetch what the plan leaves to download.
 
     python tests/fetch_child.py BASE_URL ROOT LEDGER NIGHT CCD [BUDGET]
 
@@ -16,10 +16,13 @@ from collections import Counter
 from pathlib import Path
 
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
-from streamer.archive.fetch import Fetcher
 from streamer.config import config_from_dict
 from streamer.ledger.core import Ledger
+from streamer.ledger.downloads import outage_recorder
+from streamer.service.fetcher import Fetcher
 from streamer.service.plan import plan_night
+
+from fetch_helpers import fetch_ids
 
 
 async def main(base_url: str, root: Path, ledger_path: Path, night: dt.date, ccd: int, budget: str) -> None:
@@ -34,13 +37,13 @@ async def main(base_url: str, root: Path, ledger_path: Path, night: dt.date, ccd
     ledger = Ledger.open(ledger_path)
     ledger.recover()
     policy = RetryPolicy(config.archive.max_attempts, initial_s=0.01, max_s=0.1, rng=random.Random(1))
-    gate = OutageGate(ledger=ledger, initial_delay_s=0.05)
+    gate = OutageGate(recorder=outage_recorder(ledger), initial_delay_s=0.05)
     async with ArchiveClient(config.archive, policy=policy, gate=gate) as client:
         fetcher = Fetcher(client, ledger, config.storage)
         fetcher.remove_orphan_parts()
-        await plan_night(client, ledger, config, night, [ccd])
+        summary = await plan_night(client, ledger, config, night, [ccd])
         print("fetching", flush=True)
-        outcomes = await fetcher.fetch_all(fetcher.due_files())
+        outcomes = await fetch_ids(fetcher, summary.to_download)
     ledger.close()
     print("done", json.dumps(Counter(o.state for o in outcomes)), flush=True)
 

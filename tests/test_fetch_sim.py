@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -19,15 +20,19 @@ from astropy.wcs import WCS
 
 from streamer.archive.auth import AuthError, Credentials
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
-from streamer.archive.fetch import Fetcher, SpaceSignal, read_stored_header
+from streamer.archive.transfer import read_stored_header
 from streamer.archive.search import RAW_COLUMNS, SearchError, search_night, search_table
 from streamer.config import Config, config_from_dict
 from streamer.ledger.core import Ledger
+from streamer.ledger.downloads import outage_recorder
+from streamer.service.fetcher import DownloadError, Fetcher, SpaceSignal
 from streamer.service.plan import plan_night
 from streamer.rules.retention import footprint_from_header
 from streamer.sim.faults import FaultProfile
 from streamer.sim.generate import NightTruth, generate_night
 from streamer.sim.server import serve
+
+from fetch_helpers import fetch_ids
 
 NIGHT = dt.date(2020, 9, 24)
 CCD = 13
@@ -60,7 +65,7 @@ def _config(base_url: str, root: Path, *, budget: str = "10 GB", auth: dict[str,
 
 def _client(config: Config, ledger: Ledger, credentials: Credentials | None = None) -> ArchiveClient:
     policy = RetryPolicy(config.archive.max_attempts, initial_s=0.01, max_s=0.1, rng=random.Random(11))
-    gate = OutageGate(ledger=ledger, initial_delay_s=0.05, max_delay_s=0.5)
+    gate = OutageGate(recorder=outage_recorder(ledger), initial_delay_s=0.05, max_delay_s=0.5)
     return ArchiveClient(config.archive, credentials=credentials, policy=policy, gate=gate)
 
 
@@ -90,9 +95,8 @@ def _no_partials(root: Path) -> None:
 
 async def _plan_and_fetch(config: Config, ledger: Ledger, **client_args: Any) -> list[Any]:
     async with _client(config, ledger, **client_args) as client:
-        await plan_night(client, ledger, config, NIGHT, [CCD])
-        fetcher = Fetcher(client, ledger, config.storage)
-        return await fetcher.fetch_all(fetcher.due_files())
+        summary = await plan_night(client, ledger, config, NIGHT, [CCD])
+        return await fetch_ids(Fetcher(client, ledger, config.storage), summary.to_download)
 
 
 @pytest.mark.asyncio
@@ -196,9 +200,9 @@ async def test_budget_smaller_than_the_night_is_never_exceeded(night: NightTruth
             sampler = asyncio.create_task(sample())
             consumer = asyncio.create_task(consume(ledger, space))
             async with _client(config, ledger) as client:
-                await plan_night(client, ledger, config, NIGHT, [CCD])
+                summary = await plan_night(client, ledger, config, NIGHT, [CCD])
                 fetcher = Fetcher(client, ledger, config.storage, space=space)
-                outcomes = await asyncio.wait_for(fetcher.fetch_all(fetcher.due_files()), 120)
+                outcomes = await asyncio.wait_for(fetch_ids(fetcher, summary.to_download), 120)
             done.set()
             consumed = await consumer
             await sampler
@@ -271,7 +275,7 @@ async def test_planning_twice_changes_nothing_and_skips_files_on_disk(night: Nig
                 # The second plan only searched: the LEDs were not read again.
                 assert server.faults()["requests"] - requests == 2 * 4
                 fetcher = Fetcher(client, ledger, config.storage)
-                await fetcher.fetch_all(list(first.to_download))
+                await fetch_ids(fetcher, first.to_download)
                 third = await plan_night(client, ledger, config, NIGHT, [CCD])
     assert third.to_download == () and third.on_disk == third.files
 
@@ -325,11 +329,11 @@ async def test_full_size_flaky_night(tmp_path: Path) -> None:
         config = _config(server.base_url, tmp_path / "store")
         with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
             async with _client(config, ledger) as client:
-                await plan_night(client, ledger, config, NIGHT, [CCD])
+                summary = await plan_night(client, ledger, config, NIGHT, [CCD])
                 fetcher = Fetcher(
                     client, ledger, config.storage, expected_shapes={"raw": (3080, 3072), "mskimg": (3080, 3072)}
                 )
-                outcomes = await asyncio.wait_for(fetcher.fetch_all(fetcher.due_files()), 900)
+                outcomes = await asyncio.wait_for(fetch_ids(fetcher, summary.to_download), 900)
             assert {o.state for o in outcomes} == {"on_disk"}
             headers = [o for o in outcomes if o.relpath.endswith(".header.fits")]
             assert headers and max(o.bytes_transferred for o in headers) < 64 * 1024
@@ -351,3 +355,35 @@ async def test_search_errors_are_clear_and_flaky_searches_are_retried(night: Nig
             faults = server.faults()
     assert len(rows[0]) == len(night.raw_relpaths()) and rows[1] == []
     assert sum(n for path, kinds in faults["by_path"].items() if "/ibe/search/" in path for n in kinds.values()) > 0
+
+
+@pytest.mark.parametrize("obstacle", ["directory_at_part", "directory_at_raw", "file_at_night_directory"])
+@pytest.mark.asyncio
+async def test_unexpected_error_releases_the_reservation_and_backs_off(night: NightTruth, tmp_path: Path, obstacle: str) -> None:
+    """An OSError the fetcher does not expect ends the file missing with a retry date, never downloading with bytes held."""
+    async with serve(night.out, faults="none") as server:
+        config = _config(server.base_url, tmp_path / "store")
+        root = config.storage.root
+        with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+            async with _client(config, ledger) as client:
+                summary = await plan_night(client, ledger, config, NIGHT, [CCD])
+                raw = next(ledger.file(i) for i in summary.to_download if ledger.file(i)["kind"] == "raw")
+                final = root / raw["relpath"]
+                if obstacle == "directory_at_part":
+                    (final.parent / (final.name + ".part")).mkdir(parents=True)
+                elif obstacle == "directory_at_raw":
+                    final.mkdir(parents=True)
+                else:
+                    final.parent.parent.mkdir(parents=True)
+                    final.parent.write_bytes(b"not a directory")
+                before = time.time()
+                with pytest.raises(DownloadError) as raised:
+                    await Fetcher(client, ledger, config.storage).fetch(raw["id"])
+                again = await Fetcher(client, ledger, config.storage).fetch(raw["id"])  # not before its retry date
+            row = ledger.file(raw["id"])
+            committed = ledger.committed_bytes()
+    assert "\n" not in str(raised.value) and raw["relpath"] in str(raised.value)
+    assert row["state"] == "missing" and row["reserved_bytes"] == 0 and row["attempts"] == 1
+    assert row["retry_at"] is not None and row["retry_at"] >= before + 3600
+    assert row["last_error"] and "Error" in row["last_error"]
+    assert committed == 0 and (again.state, again.requests) == ("missing", 0)

@@ -18,11 +18,14 @@ from astropy.wcs import WCS
 
 from streamer.archive.auth import AuthError, Credentials
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
-from streamer.archive.fetch import Fetcher, read_stored_header
+from streamer.archive.transfer import read_stored_header
 from streamer.config import ArchiveConfig, StorageConfig
 from streamer.ledger.core import Ledger
+from streamer.ledger.downloads import download_candidates, outage_recorder
+from streamer.service.fetcher import Fetcher
 
 from archive_stub import Stub
+from fetch_helpers import fetch_ids
 
 RAW = "raw/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o.fits.fz"
 SCI = "sci/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o_q3_sciimg.fits"
@@ -87,13 +90,16 @@ def _setup(tmp_path: Path, base_url: str, *, budget: int = 10**9, **archive: obj
 
 def _client(config: ArchiveConfig, ledger: Ledger, credentials: Credentials | None = None) -> ArchiveClient:
     policy = RetryPolicy(config.max_attempts, initial_s=0.01, max_s=0.05, rng=random.Random(3))
-    return ArchiveClient(config, credentials=credentials, policy=policy, gate=OutageGate(ledger=ledger, initial_delay_s=0.05))
+    return ArchiveClient(config, credentials=credentials, policy=policy, gate=OutageGate(recorder=outage_recorder(ledger), initial_delay_s=0.05))
 
 
-def _want(ledger: Ledger, base_url: str, relpath: str, kind: str, url_path: str | None = None, size: int | None = None) -> int:
+def _want(
+    ledger: Ledger, base_url: str, relpath: str, kind: str, url_path: str | None = None, size: int | None = None,
+    kept: bool = False,
+) -> int:  # fmt: skip
     url = f"{base_url}/ibe/data/ztf/products/{url_path or relpath}"
     with ledger.transaction() as conn:
-        return ledger.want_file(conn, relpath=relpath, kind=kind, url=url, expected_size=size)
+        return ledger.want_file(conn, relpath=relpath, kind=kind, url=url, expected_size=size, kept=kept)
 
 
 @pytest.mark.asyncio
@@ -132,16 +138,21 @@ async def test_refused_file_ends_missing_with_status_and_retry_date(stub: tuple[
     archive, base = stub
     archive.faults[RAW] = ["403"]
     config, storage, ledger = _setup(tmp_path, base)
-    file_id = _want(ledger, base, RAW, "raw")
-    gone = _want(ledger, base, RAW.replace("431759", "431760"), "raw")
+    file_id = _want(ledger, base, RAW, "raw", kept=True)
+    gone = _want(ledger, base, RAW.replace("431759", "431760"), "raw", kept=True)
     async with _client(config, ledger) as client:
         fetcher = Fetcher(client, ledger, storage)
-        outcomes = await fetcher.fetch_all([file_id, gone])
+        outcomes = await fetch_ids(fetcher, [file_id, gone])
     assert {o.state for o in outcomes} == {"missing"}
     row = ledger.file(file_id)
     assert row["http_status"] == 403 and "403" in row["last_error"] and row["retry_at"] is not None
     assert ledger.file(gone)["http_status"] == 404 and row["reserved_bytes"] == 0
-    assert fetcher.due_files(now=row["retry_at"] + 1) == [file_id, gone]
+    # Refused files are due again once their retry date has passed, not before.
+    def due(now: float) -> list[int]:
+        rows = download_candidates(ledger, limit=10, burst=False, now=now, max_missing=config.missing_max_attempts, exclude=())
+        return [r["id"] for r in rows]
+
+    assert due(row["retry_at"] - 60) == [] and due(row["retry_at"] + 1) == [file_id, gone]
     assert not list(storage.root.rglob("*.part"))
     ledger.close()
 
@@ -227,7 +238,7 @@ async def test_outage_pauses_instead_of_burning_attempts(stub: tuple[Stub, str],
     config, storage, ledger = _setup(tmp_path, base, max_attempts=3)
     ids = [_want(ledger, base, r, "raw", size=len(payloads[1][RAW])) for r in relpaths]
     async with _client(config, ledger) as client:
-        outcomes = await Fetcher(client, ledger, storage).fetch_all(ids)
+        outcomes = await fetch_ids(Fetcher(client, ledger, storage), ids)
         assert client.gate.pauses >= 1 and not client.gate.in_outage
     assert {o.state for o in outcomes} == {"on_disk"}
     kinds = [r["kind"] for r in ledger.rows("SELECT kind FROM events ORDER BY id")]
@@ -251,7 +262,7 @@ async def test_low_free_space_pauses_downloads(stub: tuple[Stub, str], tmp_path:
         found = real_usage(path)  # type: ignore[arg-type]
         return found._replace(free=0) if calls["n"] <= 2 else found  # another process filled the disk, then left
 
-    monkeypatch.setattr("streamer.archive.fetch.shutil.disk_usage", usage)
+    monkeypatch.setattr("streamer.service.fetcher.shutil.disk_usage", usage)
     async with _client(config, ledger) as client:
         fetcher = Fetcher(client, ledger, storage, disk_pause_s=0.05)
         assert (await fetcher.fetch(file_id)).state == "on_disk"
@@ -271,7 +282,7 @@ async def test_file_already_at_its_place_is_verified_not_downloaded(stub: tuple[
         (storage.root / relpath).write_bytes(content)
     ids = [_want(ledger, base, good, "raw"), _want(ledger, base, bad, "raw")]
     async with _client(config, ledger) as client:
-        outcomes = await Fetcher(client, ledger, storage).fetch_all(ids)
+        outcomes = await fetch_ids(Fetcher(client, ledger, storage), ids)
     assert [o.state for o in outcomes] == ["on_disk", "on_disk"]
     assert archive.requests[("GET", good)] == 0 and archive.requests[("GET", bad)] == 1
     assert (storage.root / bad).read_bytes() == archive.files[RAW]

@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import logging
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from streamer.config import ArchiveConfig
-from streamer.ledger.core import Ledger
 from streamer.archive.auth import Credentials, login, safe_error_text, session_cookie
 
 log = logging.getLogger(__name__)
@@ -126,27 +124,36 @@ class RetryPolicy:
         return delay
 
 
+class OutageRecorder(Protocol):
+    """Where the outage state goes (the service stores it in the ledger's meta and events).
+
+    Called with the gate's :meth:`OutageGate.status` and a one-line message each time an
+    outage starts, is extended, or ends (``status["outage"]`` says which).
+    """
+
+    def __call__(self, status: dict[str, Any], message: str) -> None: ...
+
+
 class OutageGate:
     """Archive-wide outage detection: pause every request while most recent requests fail.
 
     The last ``window`` outcomes are kept; when at least ``min_samples`` are known and a
     fraction ``threshold`` of them are outage-like failures, requests pause for ``delay``
     (doubling up to ``max_delay_s`` while failures go on). A success ends the outage.
-    The state is written to the ledger's meta table under :data:`OUTAGE_META_KEY`
-    and as ``archive_outage`` / ``archive_back`` events.
+    Each change of state goes to ``recorder`` (see :class:`OutageRecorder`), if any.
     """
 
     def __init__(
         self,
         *,
-        ledger: Ledger | None = None,
+        recorder: OutageRecorder | None = None,
         window: int = 20,
         min_samples: int = 6,
         threshold: float = 0.8,
         initial_delay_s: float = 5.0,
         max_delay_s: float = 600.0,
     ) -> None:
-        self.ledger = ledger
+        self.recorder = recorder
         self.window: deque[bool] = deque(maxlen=window)
         self.min_samples = min_samples
         self.threshold = threshold
@@ -202,19 +209,8 @@ class OutageGate:
         }
 
     def _publish(self, message: str) -> None:
-        if self.ledger is None:
-            return
-        with self.ledger.transaction() as conn:
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (OUTAGE_META_KEY, json.dumps(self.status(), sort_keys=True)),
-            )
-            self.ledger.event(
-                "archive_outage" if self.in_outage else "archive_back",
-                message,
-                level="warning" if self.in_outage else "info",
-                conn=conn,
-            )
+        if self.recorder is not None:
+            self.recorder(self.status(), message)
 
     async def wait(self) -> None:
         """Return when requests may go out (at once unless an outage pause is running)."""
@@ -238,6 +234,7 @@ class ArchiveClient:
     Use as ``async with ArchiveClient(config.archive, ...) as client:``; the session is
     closed on exit. Connections per host are limited to ``archive.max_connections``;
     connect and read timeouts apply, a total timeout does not (large files must finish).
+    ``outage_recorder`` receives the outage state (when no ``gate`` is given).
     """
 
     def __init__(
@@ -247,13 +244,13 @@ class ArchiveClient:
         credentials: Credentials | None = None,
         policy: RetryPolicy | None = None,
         gate: OutageGate | None = None,
-        ledger: Ledger | None = None,
+        outage_recorder: OutageRecorder | None = None,
     ) -> None:
         self.config = config
         self.base_url = config.base_url.rstrip("/")
         self.credentials = credentials
         self.policy = policy or RetryPolicy(config.max_attempts, rng=random.Random(0))
-        self.gate = gate or OutageGate(ledger=ledger)
+        self.gate = gate or OutageGate(recorder=outage_recorder)
         self._session: aiohttp.ClientSession | None = None
         self._login_lock = asyncio.Lock()
         self._login_generation = 0

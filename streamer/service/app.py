@@ -35,6 +35,7 @@ from streamer.execution.base import Executor
 from streamer.execution.select import make_executor
 from streamer.ledger import jobs as ledger_jobs
 from streamer.ledger.core import Ledger
+from streamer.ledger.downloads import outage_recorder
 from streamer.rules.nights import night_range
 from streamer.service.budget import check_budget, record_minimum
 from streamer.service.context import Context, Finished
@@ -81,14 +82,15 @@ class Service:
     async def run(self, nights: Sequence[dt.date], ccds: Sequence[int]) -> RunSummary:
         from streamer.archive.auth import load_credentials
         from streamer.archive.client import ArchiveClient
-        from streamer.archive.fetch import Fetcher, SpaceSignal
+        from streamer.service.fetcher import Fetcher, SpaceSignal
 
         ctx = self.ctx
         self._install_signal_handlers()
         recover(ctx)
         auth = ctx.config.archive.auth
         credentials = load_credentials(auth) if auth is not None else None
-        async with ArchiveClient(ctx.config.archive, credentials=credentials, ledger=ctx.ledger) as client:
+        record_outage = outage_recorder(ctx.ledger)
+        async with ArchiveClient(ctx.config.archive, credentials=credentials, outage_recorder=record_outage) as client:
             ctx.client = client
             ctx.space = SpaceSignal(poll_s=2.0)
             ctx.fetcher = Fetcher(client, ctx.ledger, ctx.config.storage, space=ctx.space, overhead=ctx.overhead)

@@ -35,7 +35,8 @@ from typing import Any, Final
 from astropy.io import fits
 
 from streamer.archive.client import ArchiveClient, PermanentError, TransientError
-from streamer.archive.fetch import header_relpath, local_path, mask_relpath, read_primary_header, record_failed_request
+from streamer.archive.transfer import header_relpath, local_path, mask_relpath, read_primary_header
+from streamer.ledger.downloads import record_failed_request
 from streamer.archive.naming import RawName, SciName
 from streamer.archive.search import RAW_COLUMNS, SCI_COLUMNS, SearchError, search_night
 from streamer.config import Config, ConsumerConfig
