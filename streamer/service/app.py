@@ -44,7 +44,7 @@ from streamer.execution.select import make_executor
 from streamer.service.budget import check_budget, estimate_product_bytes, record_minimum
 from streamer.service.graph import build_night_graph
 from streamer.ledger.core import Ledger
-from streamer.storage.reconcile import walk_regular_files
+from streamer.storage.tree import walk_regular_files
 from streamer.service.systemd import Notifier
 
 log = logging.getLogger("streamer.service")
