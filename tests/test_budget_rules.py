@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from streamer.rules.budget import class_size, minimum_budget_bytes, product_estimate_bytes
+from streamer.rules.budget import (
+    class_size,
+    minimum_budget_bytes,
+    product_estimate_bytes,
+)
 
 MB = 10**6
 

@@ -15,8 +15,8 @@ from astropy.io import fits
 from streamer.config import DetrendConfig
 from streamer.detrend import masks
 from streamer.formats.masters import read_master
-from streamer.sim.generate import generate_night
 from streamer.rules.bias import biases_to_use
+from streamer.sim.generate import generate_night
 from streamer.work.masters import build_led_flat, build_master_bias, combine_master_flat
 
 pytestmark = pytest.mark.slow

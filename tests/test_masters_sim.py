@@ -20,12 +20,17 @@ from streamer.config import DetrendConfig
 from streamer.detrend import masks
 from streamer.detrend.calibrate import detrend_science, fit_overscan
 from streamer.detrend.nonlinearity import coefficients
-from streamer.formats.masters import master_quadrants, read_master, read_master_header, read_master_quadrant_header
+from streamer.formats.masters import (
+    master_quadrants,
+    read_master,
+    read_master_header,
+    read_master_quadrant_header,
+)
 from streamer.formats.raw import QuadrantReadError, open_raw
 from streamer.rules.bias import biases_to_use
 from streamer.sim.generate import generate_night
-from streamer.storage.atomic import is_unfinished_name
 from streamer.sim.pixels import Drift
+from streamer.storage.atomic import is_unfinished_name
 from streamer.work.masters import (
     IncompleteCalibration,
     LedFlatResult,

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
-from streamer.formats import apcat as products
 from streamer.archive.naming import RawName
+from streamer.formats import apcat as products
 from streamer.photometry import Apertures
 from streamer.storage import paths
 

@@ -111,3 +111,16 @@ def test_fix_moves_gone_and_found_files_through_the_state_machine(tmp_path: Path
         totals = ledger.bytes_by_kind_and_state()
         assert totals[("raw", "deleted")]["files"] == 1 and ("raw", "corrupt") not in totals
         assert compare(config, ledger).clean
+
+
+def test_erasable_list_names_raw_files_of_a_readonly_tree(tmp_path: Path, minimal_config_text: str) -> None:
+    tree = tmp_path / "ipac"
+    raw = _put(tree, RAW)
+    mask = _put(tree, SCI.replace("_sciimg.fits", "_mskimg.fits.fz"))
+    header = _put(tree, SCI.replace("_sciimg.fits", "_sciimg.header.fits"))
+    text = minimal_config_text.replace('budget = "10 GB"', f'budget = "10 GB"\nreadonly_trees = ["{tree}"]')
+    config = load_config(_config(tmp_path, text, '\n[[consumers]]\nname = "masks"\nkeep = ["mskimg"]\n'))
+    listing = tmp_path / "erasable.txt"
+    run(config, fix=False, erasable_list=str(listing))
+    assert sorted(listing.read_text().splitlines()) == sorted([str(raw), str(header)])
+    assert raw.exists() and mask.exists() and header.exists()

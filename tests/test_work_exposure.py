@@ -16,15 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
-from streamer.formats import masters as masterio
 from streamer import photometry
-from streamer.formats import apcat as products
-from streamer.storage import paths
-from streamer.work import exposure as work
 from streamer.archive.naming import RawName
 from streamer.config import DetrendConfig, PhotometryConfig
 from streamer.detrend.calibrate import MasterQuadrant
+from streamer.formats import masters as masterio
 from streamer.sim.generate import generate_night
+from streamer.storage import paths
+from streamer.work import exposure as work
 
 NIGHT = dt.date(2020, 9, 24)
 

@@ -46,7 +46,12 @@ from streamer.ledger import planning as queries
 from streamer.ledger.core import Ledger
 from streamer.rules.bias import bias_time_order, biases_to_use
 from streamer.rules.retention import FileFacts, Footprint, is_kept
-from streamer.storage.paths import detrended_relpath, header_relpath, local_path, mask_relpath
+from streamer.storage.paths import (
+    detrended_relpath,
+    header_relpath,
+    local_path,
+    mask_relpath,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +125,11 @@ def needs_processing(consumers: Sequence[ConsumerConfig]) -> bool:
 
 
 def needs_photometry(consumers: Sequence[ConsumerConfig]) -> bool:
-    return not consumers or any("apcat" in c.keep for c in consumers)
+    """Whether the exposure jobs run, and so need the IPAC headers (their WCS) and masks.
+
+    They make the catalogues and the detrended images; without a header no quadrant has a WCS.
+    """
+    return not consumers or any({"apcat", "detrended"} & set(c.keep) for c in consumers)
 
 
 def used_biases(rows: Sequence[dict[str, Any]], skip_first: int) -> set[tuple[str, int]]:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Final
 
-from streamer.archive.naming import NamingError, RawName, parse_relpath
+from streamer.archive.naming import NamingError, RawName, SciName, parse_relpath
 
 #: Top directories that hold what the service makes (never archive products).
 PRODUCT_DIRECTORIES: Final = ("masters", "apcat", "detrended")
@@ -75,6 +75,37 @@ def mask_relpath(mskimg_relpath: str) -> str:
     if not mskimg_relpath.endswith("_mskimg.fits"):
         raise NamingError(f"path {mskimg_relpath!r}: expected a ..._mskimg.fits path")
     return mskimg_relpath + ".fz"
+
+
+def archive_relpath_of(local_relpath: str) -> str:
+    """The archive relpath of a stored archive product (inverse of :func:`header_relpath` and :func:`mask_relpath`)."""
+    if local_relpath.endswith("_sciimg.header.fits"):
+        return local_relpath.removesuffix("_sciimg.header.fits") + "_sciimg.fits"
+    if local_relpath.endswith("_mskimg.fits.fz"):
+        return local_relpath.removesuffix(".fz")
+    return local_relpath
+
+
+def kind_of(relpath: str) -> str | None:
+    """The ledger kind of a file under the root, from its path; None for what is not ours."""
+    top = relpath.split("/", 1)[0]
+    if top == "apcat" and relpath.endswith("_apcat.parquet"):
+        return "apcat"
+    if top == "detrended" and relpath.endswith("_detrended.fits.fz"):
+        return "detrended"
+    if top == "masters" and relpath.endswith((".fits", ".json")):
+        return "masters"
+    try:
+        name = parse_relpath(archive_relpath_of(relpath))
+    except NamingError:
+        return None
+    if isinstance(name, RawName):
+        return "raw"
+    if isinstance(name, SciName) and name.suffix == "sciimg.fits":
+        return "sciimg_header" if relpath.endswith("_sciimg.header.fits") else "sciimg"
+    if isinstance(name, SciName) and name.suffix == "mskimg.fits":
+        return "mskimg"
+    return None
 
 
 def check_archive_relpath(relpath: str) -> str:

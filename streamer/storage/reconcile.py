@@ -25,14 +25,25 @@ from pathlib import Path
 
 from astropy.io import fits
 
-from streamer.archive.naming import CalName, NamingError, RawName, SciName, data_url, parse_filename, parse_relpath
+from streamer.archive.naming import (
+    CalName,
+    SciName,
+    data_url,
+    parse_filename,
+)
 from streamer.config import Config, ConsumerConfig
 from streamer.ledger.core import Ledger
 from streamer.ledger.files import adopt_on_disk, files_in_states, mark_gone
+from streamer.rules.retention import (
+    FileFacts,
+    Footprint,
+    footprint_from_header,
+    is_kept,
+)
 from streamer.storage.atomic import is_unfinished_name
 from streamer.storage.deleter import unlink_below
+from streamer.storage.paths import archive_relpath_of, kind_of
 from streamer.storage.tree import walk_regular_files
-from streamer.rules.retention import FileFacts, Footprint, footprint_from_header, is_kept
 
 LEDGER_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock")
 
@@ -47,31 +58,6 @@ class Findings:
     @property
     def clean(self) -> bool:
         return not (self.unknown or self.gone or self.orphan_parts or self.size_mismatch)
-
-
-def kind_of(relpath: str) -> str | None:
-    """The ledger kind of a file under the root, from its path; None for what is not ours."""
-    top = relpath.split("/", 1)[0]
-    if top == "apcat" and relpath.endswith("_apcat.parquet"):
-        return "apcat"
-    if top == "masters" and (relpath.endswith(".fits") or relpath.endswith(".json")):
-        return "masters"
-    if relpath.endswith("_sciimg.header.fits"):
-        try:
-            parse_relpath(relpath.replace("_sciimg.header.fits", "_sciimg.fits"))
-        except NamingError:
-            return None
-        return "sciimg_header"
-    candidate = relpath.removesuffix(".fz") if relpath.endswith("_mskimg.fits.fz") else relpath
-    try:
-        name = parse_relpath(candidate)
-    except NamingError:
-        return None
-    if isinstance(name, RawName):
-        return "raw"
-    if isinstance(name, SciName) and name.suffix in ("sciimg.fits", "mskimg.fits"):
-        return "sciimg" if name.suffix == "sciimg.fits" else "mskimg"
-    return None
 
 
 def _ledger_names(config: Config) -> set[str]:
@@ -144,7 +130,7 @@ def _kept_by_someone(consumers: tuple[ConsumerConfig, ...], tree: Path, relpath:
     kind = kind_of(relpath)
     if kind is None:
         return True  # not ours to judge
-    name = parse_filename(relpath.rsplit("/", 1)[-1].removesuffix(".fz").replace("_sciimg.header.fits", "_sciimg.fits"))
+    name = parse_filename(archive_relpath_of(relpath).rsplit("/", 1)[-1])
     night = dt.datetime.strptime(name.night if isinstance(name, CalName) else name.filefracday[:8], "%Y%m%d").date()
     footprints: tuple[Footprint, ...] = ()
     if any(c.targets is not None and kind in c.keep for c in consumers) and isinstance(name, SciName):

@@ -19,18 +19,23 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
-from streamer import geometry
-from streamer.formats import masters as masterio
-from streamer import photometry
-from streamer.formats import raw as rawio
-from streamer.formats import refcat
+from streamer import geometry, photometry
 from streamer.archive.naming import RawName, night_of, parse_filename
 from streamer.config import DetrendConfig, PhotometryConfig
 from streamer.detrend import masks as maskbits
 from streamer.detrend import nonlinearity
 from streamer.detrend.calibrate import MasterQuadrant, detrend_science
 from streamer.errors import StreamerError
-from streamer.formats.apcat import ExposureInfo, QuadrantRows, apcat_table, write_apcat, write_detrended
+from streamer.formats import masters as masterio
+from streamer.formats import raw as rawio
+from streamer.formats import refcat
+from streamer.formats.apcat import (
+    ExposureInfo,
+    QuadrantRows,
+    apcat_table,
+    write_apcat,
+    write_detrended,
+)
 from streamer.storage.paths import apcat_relpath, detrended_relpath
 
 PIXEL_SCALE_ARCSEC: Final = 1.012
