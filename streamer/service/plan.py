@@ -138,7 +138,7 @@ def used_biases(rows: Sequence[dict[str, Any]], skip_first: int) -> set[tuple[st
     for row in rows:
         if row["imgtype"] == "bias":
             by_ccd[row["ccdid"]].append(row)
-    used = set()
+    used: set[tuple[str, int]] = set()
     for ccd_rows in by_ccd.values():
         chosen = biases_to_use(ccd_rows, skip_first, order=lambda r: bias_time_order(r["obsjd"], r["filefracday"]))
         used.update((r["filefracday"], r["ccdid"]) for r in chosen)
@@ -183,9 +183,9 @@ def plan_from_rows(
     footprints: dict[tuple[str, int], list[Footprint]] = defaultdict(list)
     quadrant_footprints: dict[tuple[str, int, int], Footprint] = {}
     for row in sci_rows:
-        footprint = footprint_of(row, quadrant_shape)
-        footprints[(row["filefracday"], row["ccdid"])].append(footprint)
-        quadrant_footprints[(row["filefracday"], row["ccdid"], row["qid"])] = footprint
+        quadrant_footprint = footprint_of(row, quadrant_shape)
+        footprints[(row["filefracday"], row["ccdid"])].append(quadrant_footprint)
+        quadrant_footprints[(row["filefracday"], row["ccdid"], row["qid"])] = quadrant_footprint
 
     exposures: dict[tuple[str, int, str], PlannedExposure] = {}
     files: dict[str, PlannedFile] = {}
