@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from astropy.io import fits
 from streamer.config import DetrendConfig
 from streamer.detrend import masks
 from streamer.formats.masters import read_master
+from streamer.rules.bias import biases_to_use
 from streamer.sim.generate import generate_night
 from streamer.work.masters import build_led_flat, build_master_bias, combine_master_flat
 
@@ -37,8 +39,9 @@ def test_full_size_masters_recover_the_truth(tmp_path: Path) -> None:
     for path in raws:
         if path.endswith("_f.fits.fz"):
             by_led[int(fits.getheader(path, 0)["ILUM_LED"])].append(path)
+    biases = biases_to_use([p for p in raws if p.endswith("_b.fits.fz")], CONFIG.bias_skip_first, order=os.path.basename)
     bias = build_master_bias(
-        [p for p in raws if p.endswith("_b.fits.fz")], str(tmp_path / "bias.fits"), night=NIGHT, ccdid=CCD, detrend=CONFIG
+        biases, str(tmp_path / "bias.fits"), night=NIGHT, ccdid=CCD, detrend=CONFIG
     )
     led_paths = {
         led: build_led_flat(

@@ -20,10 +20,17 @@ from streamer.config import DetrendConfig
 from streamer.detrend import masks
 from streamer.detrend.calibrate import detrend_science, fit_overscan
 from streamer.detrend.nonlinearity import coefficients
-from streamer.formats.masters import master_quadrants, read_master, read_master_header, read_master_quadrant_header
+from streamer.formats.masters import (
+    master_quadrants,
+    read_master,
+    read_master_header,
+    read_master_quadrant_header,
+)
 from streamer.formats.raw import QuadrantReadError, open_raw
+from streamer.rules.bias import biases_to_use
 from streamer.sim.generate import generate_night
 from streamer.sim.pixels import Drift
+from streamer.storage.atomic import is_unfinished_name
 from streamer.work.masters import (
     IncompleteCalibration,
     LedFlatResult,
@@ -69,7 +76,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     for path in raws["f"]:
         by_led[int(fits.getheader(path, 0)["ILUM_LED"])].append(path)
     work = tmp_path_factory.mktemp("masters")
-    bias = build_master_bias(raws["b"], str(work / "bias.fits"), night=NIGHT, ccdid=CCD, detrend=CONFIG, provenance={"config_hash": "abc"})
+    used_biases = biases_to_use(raws["b"], CONFIG.bias_skip_first, order=os.path.basename)
+    bias = build_master_bias(used_biases, str(work / "bias.fits"), night=NIGHT, ccdid=CCD, detrend=CONFIG, provenance={"config_hash": "abc"})
     led_flats = {
         led: build_led_flat(
             paths, bias.path, str(work / f"led{led}.fits"), led=led, night=NIGHT, ccdid=CCD, filtercode=FILTER, detrend=CONFIG
@@ -187,7 +195,7 @@ def test_master_files_record_provenance_and_are_compact(built: Built) -> None:
     assert read_master_quadrant_header(built.bias.path, 2)["NFRAMES"] == 6
     raw_bytes = 4 * 260 * 256 * 4 * 3  # data, variance, mask as float32, uncompressed
     assert os.path.getsize(built.flat.path) < raw_bytes / 3
-    assert not [p for p in os.listdir(built.work) if p.endswith(".part")]
+    assert not [p for p in os.listdir(built.work) if is_unfinished_name(p)]
 
 
 def test_results_pickle(built: Built) -> None:
@@ -200,9 +208,11 @@ def test_results_pickle(built: Built) -> None:
 
 
 def test_too_few_biases_after_the_skip(built: Built, tmp_path: Path) -> None:
-    with pytest.raises(IncompleteCalibration, match="fewer than the 7 required"):
+    used = biases_to_use(built.raws["b"], CONFIG.bias_skip_first, order=os.path.basename)
+    assert len(used) == N_BIASES - CONFIG.bias_skip_first == 6
+    with pytest.raises(IncompleteCalibration, match="6 biases: fewer than the 7 required"):
         build_master_bias(
-            built.raws["b"], str(tmp_path / "b.fits"), night=NIGHT, ccdid=CCD, detrend=dataclasses.replace(CONFIG, min_bias_frames=7)
+            used, str(tmp_path / "b.fits"), night=NIGHT, ccdid=CCD, detrend=dataclasses.replace(CONFIG, min_bias_frames=7)
         )
     assert not list(tmp_path.iterdir())
 
@@ -239,7 +249,7 @@ def corrupt_quadrant(source: str, target: Path, hdu_index: int) -> None:
 
 
 def test_a_corrupt_quadrant_loses_that_quadrant_only(built: Built, tmp_path: Path) -> None:
-    paths = list(built.raws["b"])
+    paths = biases_to_use(built.raws["b"], CONFIG.bias_skip_first, order=os.path.basename)
     broken = tmp_path / os.path.basename(paths[-1])
     corrupt_quadrant(paths[-1], broken, 2)
     paths[-1] = str(broken)
@@ -264,7 +274,8 @@ def test_band_by_band_decoding_gives_the_same_master(built: Built, tmp_path: Pat
     import streamer.work.masters as work_masters
 
     monkeypatch.setattr(work_masters, "RAW_BUDGET_BYTES", 0)  # no whole quadrant held: row bands only
-    result = build_master_bias(built.raws["b"], str(tmp_path / "b.fits"), night=NIGHT, ccdid=CCD, detrend=CONFIG)
+    used = biases_to_use(built.raws["b"], CONFIG.bias_skip_first, order=os.path.basename)
+    result = build_master_bias(used, str(tmp_path / "b.fits"), night=NIGHT, ccdid=CCD, detrend=CONFIG)
     for qid in (1, 4):
         np.testing.assert_array_equal(read_master(result.path, qid).data, read_master(built.bias.path, qid).data)
 

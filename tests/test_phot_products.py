@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
-from streamer.formats import apcat as products
 from streamer.archive.naming import RawName
+from streamer.formats import apcat as products
 from streamer.photometry import Apertures
+from streamer.storage import paths
 
 RAW = RawName("20200924431759", 655, "zr", 13, "o")
 EXPOSURE = products.ExposureInfo("20200924431759", 136243177, 655, "zr", 13, 2459116.9317708)
@@ -45,14 +46,14 @@ def quadrant_rows(qid: int, n: int, seed: int) -> products.QuadrantRows:
 
 
 def test_apcat_relpath_layout() -> None:
-    assert products.apcat_relpath(RAW) == "apcat/2020/0924/ztf_20200924431759_000655_zr_c13_o_apcat.parquet"
-    assert products.detrended_relpath(RAW, 3) == "detrended/2020/0924/ztf_20200924431759_000655_zr_c13_o_q3_detrended.fits.fz"
+    assert paths.apcat_relpath(RAW) == "apcat/2020/0924/ztf_20200924431759_000655_zr_c13_o_apcat.parquet"
+    assert paths.detrended_relpath(RAW, 3) == "detrended/2020/0924/ztf_20200924431759_000655_zr_c13_o_q3_detrended.fits.fz"
 
 
 def test_apcat_columns_order_and_metadata(tmp_path: Path) -> None:
     quads = [quadrant_rows(3, 40, 1), quadrant_rows(1, 25, 2), quadrant_rows(4, 0, 3)]
     table = products.apcat_table(EXPOSURE, quads, RADII)
-    path = products.write_apcat(tmp_path / products.apcat_relpath(RAW), table, RADII, {"config_hash": "abc", "masters": {"bias": "20200924"}})
+    path = products.write_apcat(tmp_path / paths.apcat_relpath(RAW), table, RADII, {"config_hash": "abc", "masters": {"bias": "20200924"}})
     back = pq.read_table(path)
     expected_columns = list(products.APCAT_BASE_COLUMNS)
     for k in range(len(RADII)):

@@ -131,3 +131,13 @@ def test_retention_by_field_date_and_footprint() -> None:
     far = ConsumerConfig(name="a", keep=("sciimg",), targets=(Target(10.0 + 0.5 / 0.9397, 20.0, 0.01),))
     late = ConsumerConfig(name="a", keep=("sciimg",), targets=(Target(10.0, 20.0, 0.1, start=dt.date(2021, 1, 1)),))
     assert consumer_keeps(near, facts) and not consumer_keeps(far, facts) and not consumer_keeps(late, facts)
+
+
+def test_keeping_detrended_images_alone_still_plans_what_the_exposure_jobs_need() -> None:
+    raw, sci = _rows()
+    images = ConsumerConfig(name="images", keep=("detrended",))
+    plan = plan_from_rows(NIGHT, [13], raw, sci, [images], base_url=BASE, bias_skip_first=2, write_detrended=True)
+    kinds = [f.kind for f in plan.files]
+    assert kinds.count("sciimg_header") == 4 and kinds.count("mskimg") == 4  # the WCS comes from the headers
+    assert kinds.count("detrended") == 4 and all(f.kept and f.url == "" for f in plan.files if f.kind == "detrended")
+    assert not any(f.kept for f in plan.files if f.kind != "detrended")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 from streamer.config import load_config
-from streamer.ledger.core import Ledger
+from streamer.ledger.core import FILE_TRANSITIONS, Ledger
 from streamer.storage.reconcile import compare, kind_of, run
 
 RAW = "raw/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o.fits.fz"
@@ -73,3 +74,53 @@ def test_erasable_list_of_a_readonly_tree(tmp_path: Path, minimal_config_text: s
     run(config, fix=True, erasable_list=str(listing))
     assert listing.read_text().splitlines() == [str(other)]
     assert kept.exists() and other.exists()
+
+
+def _enforce_transition_table(ledger_path: Path) -> None:
+    """A trigger that aborts any change of ``files.state`` outside FILE_TRANSITIONS, raw SQL included."""
+    allowed = ", ".join(f"'{old}>{new}'" for old, news in FILE_TRANSITIONS.items() for new in news)
+    with sqlite3.connect(ledger_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER test_state_machine BEFORE UPDATE OF state ON files "
+            f"WHEN old.state != new.state AND (old.state || '>' || new.state) NOT IN ({allowed}) "
+            "BEGIN SELECT RAISE(ABORT, 'transition outside the state machine'); END"
+        )
+
+
+def test_fix_moves_gone_and_found_files_through_the_state_machine(tmp_path: Path, minimal_config_text: str) -> None:
+    config = load_config(_config(tmp_path, minimal_config_text))
+    root = config.storage.root
+    gone_path = "raw/2020/0924/000001/ztf_20200924000001_000000_bi_c13_b.fits.fz"
+    with Ledger.open(config.storage.ledger_path) as ledger, ledger.transaction() as conn:
+        gone = ledger.want_file(conn, relpath=gone_path, kind="raw")
+        ledger.set_file_state(conn, gone, "on_disk", disk_bytes=4096, actual_size=4000)
+        corrupt = ledger.want_file(conn, relpath=RAW, kind="raw")
+        ledger.set_file_state(conn, corrupt, "reserved")
+        ledger.set_file_state(conn, corrupt, "downloading")
+        ledger.set_file_state(conn, corrupt, "corrupt")
+    _put(root, RAW, 6000)  # found complete on disk again, e.g. copied back by hand
+    _enforce_transition_table(config.storage.ledger_path)
+    assert run(config, fix=True, erasable_list=None) == 0
+    with Ledger.open(config.storage.ledger_path, readonly=True) as ledger:
+        row = ledger.file(gone)
+        assert (row["state"], row["disk_bytes"], row["actual_size"]) == ("deleted", 0, None)
+        assert row["last_error"] == "gone from disk (found by reconcile)"
+        adopted = ledger.file(corrupt)
+        assert (adopted["state"], adopted["actual_size"], adopted["reserved_bytes"]) == ("on_disk", 6000, 0)
+        assert adopted["disk_bytes"] == os.lstat(root / RAW).st_blocks * 512
+        totals = ledger.bytes_by_kind_and_state()
+        assert totals[("raw", "deleted")]["files"] == 1 and ("raw", "corrupt") not in totals
+        assert compare(config, ledger).clean
+
+
+def test_erasable_list_names_raw_files_of_a_readonly_tree(tmp_path: Path, minimal_config_text: str) -> None:
+    tree = tmp_path / "ipac"
+    raw = _put(tree, RAW)
+    mask = _put(tree, SCI.replace("_sciimg.fits", "_mskimg.fits.fz"))
+    header = _put(tree, SCI.replace("_sciimg.fits", "_sciimg.header.fits"))
+    text = minimal_config_text.replace('budget = "10 GB"', f'budget = "10 GB"\nreadonly_trees = ["{tree}"]')
+    config = load_config(_config(tmp_path, text, '\n[[consumers]]\nname = "masks"\nkeep = ["mskimg"]\n'))
+    listing = tmp_path / "erasable.txt"
+    run(config, fix=False, erasable_list=str(listing))
+    assert sorted(listing.read_text().splitlines()) == sorted([str(raw), str(header)])
+    assert raw.exists() and mask.exists() and header.exists()

@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
-from streamer.formats import masters as masterio
 from streamer import photometry
-from streamer.formats import apcat as products
-from streamer.work import exposure as work
 from streamer.archive.naming import RawName
 from streamer.config import DetrendConfig, PhotometryConfig
 from streamer.detrend.calibrate import MasterQuadrant
+from streamer.formats import masters as masterio
 from streamer.sim.generate import generate_night
+from streamer.storage import paths
+from streamer.work import exposure as work
 
 NIGHT = dt.date(2020, 9, 24)
 
@@ -137,7 +137,7 @@ def check_fluxes_small(table: pa.Table, truth: dict[str, np.ndarray], min_stars:
 def test_small_exposure_recovers_the_simulated_fluxes(small: dict[str, Any], tmp_path: Path) -> None:
     result = run(small, tmp_path)
     assert result.lost == () and result.sibling_wcs == () and result.without_ipac_mask == ()
-    assert Path(result.apcat_path) == tmp_path / products.apcat_relpath(small["name"])
+    assert Path(result.apcat_path) == tmp_path / paths.apcat_relpath(small["name"])
     table, truth = joined(small, Path(result.apcat_path))
     stars = small["stars"]
     assert table.num_rows == stars.num_rows  # every star whose centre is on a quadrant

@@ -2,7 +2,8 @@
 
 The service calls :func:`build_call` to get a picklable function and keyword arguments
 (paths and configuration sections, nothing else), and :func:`classify_failure` when a
-worker raises. The functions themselves live in ``work.py`` and ``work_masters.py``.
+worker raises. The functions themselves live in :mod:`streamer.work`. LEDs and CCDs of
+produced inputs come from their producer jobs' rows, never from file names.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Any
 from streamer import __version__
 from streamer.config import Config
 from streamer.ledger.core import Ledger
+from streamer.ledger.files import job_inputs, job_outputs
+from streamer.ledger.planning import led_of_led_flat_key
+from streamer.storage.paths import local_path
 
 
 @dataclass(frozen=True)
@@ -52,15 +56,6 @@ def provenance(config: Config, job: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _inputs(ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
-    return ledger.rows(
-        "SELECT f.*, j.kind AS producer_kind, j.night AS producer_night, j.filtercode AS producer_filter "
-        "FROM pins p JOIN files f ON f.id = p.file_id LEFT JOIN jobs j ON j.id = f.producer_job "
-        "WHERE p.job_id = ? ORDER BY f.id",
-        (job_id,),
-    )
-
-
 def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
     """The worker call for a ready job."""
     from streamer.work import exposure as work
@@ -68,28 +63,25 @@ def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
     from streamer.work import masters as work_masters
 
     root = config.storage.root
-    inputs = _inputs(ledger, job["id"])
-    outputs = tuple(
-        r["relpath"] for r in ledger.rows("SELECT relpath FROM files WHERE producer_job = ? ORDER BY id", (job["id"],))
-    )
+    inputs = job_inputs(ledger, job["id"])
+    outputs = tuple(job_outputs(ledger, job["id"]))
     on_disk = [r for r in inputs if r["state"] == "on_disk"]
 
     def path(row: dict[str, Any]) -> str:
-        return str(root / row["relpath"])
+        return str(local_path(root, row["relpath"]))
 
     def produced(kind: str) -> dict[str, Any] | None:
         return next((r for r in on_disk if r["producer_kind"] == kind), None)
 
     common = {"provenance": provenance(config, job)}
-    out_path = str(root / outputs[0]) if outputs else ""
+    out_path = str(local_path(root, outputs[0])) if outputs else ""
     kind = job["kind"]
     if kind == "master_bias":
-        # The work graph pinned the biases after the skip already: the worker must not skip again.
+        # The work graph pinned the biases that rules.bias chose: the worker combines them all.
         return Call(
             work_masters.build_master_bias,
             {**common, "bias_paths": [path(r) for r in on_disk if r["kind"] == "raw"], "out_path": out_path,
-             "night": job["night"], "ccdid": job["ccdid"],
-             "detrend": dataclasses.replace(config.detrend, bias_skip_first=0)},
+             "night": job["night"], "ccdid": job["ccdid"], "detrend": config.detrend},
             outputs,
         )  # fmt: skip
     if kind == "led_flat":
@@ -98,12 +90,14 @@ def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
             work_masters.build_led_flat,
             {**common, "flat_paths": [path(r) for r in on_disk if r["kind"] == "raw"],
              "master_bias_path": path(bias) if bias else None, "out_path": out_path,
-             "led": int(job["key"].rsplit(":", 1)[1]), "night": job["night"], "ccdid": job["ccdid"],
+             "led": led_of_led_flat_key(job["key"]), "night": job["night"], "ccdid": job["ccdid"],
              "filtercode": job["filtercode"], "detrend": config.detrend},
             outputs,
         )  # fmt: skip
     if kind == "master_flat":
-        led_flats = {int(r["relpath"].rsplit("_led", 1)[1][:2]): path(r) for r in on_disk if r["producer_kind"] == "led_flat"}
+        led_flats = {
+            led_of_led_flat_key(r["producer_key"]): path(r) for r in on_disk if r["producer_kind"] == "led_flat"
+        }
         return Call(
             work_masters.combine_master_flat,
             {**common, "led_flat_paths": led_flats, "out_path": out_path, "night": job["night"],
@@ -111,7 +105,7 @@ def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
             outputs,
         )  # fmt: skip
     if kind == "focalplane":
-        flats = {int(r["relpath"].split("_c", 1)[1][:2]): path(r) for r in on_disk if r["producer_kind"] == "master_flat"}
+        flats = {int(r["producer_ccd"]): path(r) for r in on_disk if r["producer_kind"] == "master_flat"}
         return Call(
             work_focalplane.write_focalplane_factors,
             {**common, "master_flat_paths": flats, "out_path": out_path},

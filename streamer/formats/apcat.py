@@ -1,11 +1,7 @@
 """Product formats: the aperture catalogue (apcat) and optional detrended quadrant images.
 
-Layout under ``<storage.root>``, one apcat per raw CCD file::
-
-    apcat/YYYY/MMDD/ztf_<filefracday>_<field:06d>_<filtercode>_c<ccdid:02d>_o_apcat.parquet
-    detrended/YYYY/MMDD/ztf_<filefracday>_<field:06d>_<filtercode>_c<ccdid:02d>_o_q<qid>_detrended.fits.fz
-
-(``YYYY`` and ``MMDD`` from ``filefracday``). The apcat holds one row per catalogue source
+One apcat per raw CCD file, one detrended image per quadrant (their paths are in
+:mod:`streamer.storage.paths`). The apcat holds one row per catalogue source
 measured on a quadrant, ordered by (qid, source_id); its columns are ``APCAT_BASE_COLUMNS``,
 then ``f_k, f_k_e, f_k_f, r_k`` for each radius index k (0-based, in the order of the
 configured radii), then ``EXPOSURE_COLUMNS`` and ``MASK_COLUMNS``:
@@ -28,12 +24,11 @@ the parquet key-value metadata under ``b"streamer"`` (JSON) and the radii also u
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -41,8 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.io import fits
 
-from streamer.archive.naming import RawName, rcid_of
+from streamer.archive.naming import rcid_of
 from streamer.photometry import Apertures
+from streamer.storage.atomic import write_atomically
 
 APCAT_BASE_COLUMNS: Final = (
     "source_id", "ra", "dec", "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "x", "y", "isolated",
@@ -50,7 +46,6 @@ APCAT_BASE_COLUMNS: Final = (
 EXPOSURE_COLUMNS: Final = ("filefracday", "expid", "field", "filtercode", "ccdid", "qid", "rcid", "obsjd")
 MASK_COLUMNS: Final = ("mask_bits", "ipac_mask", "wcs_from_qid")
 VERSIONED_PACKAGES: Final = ("ztf-streamer", "numpy", "astropy", "sep", "pyarrow", "astropy-healpix", "scipy")
-TEMPORARY_SUFFIX: Final = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -83,21 +78,6 @@ class QuadrantRows:
 
     def __len__(self) -> int:
         return int(self.source_id.size)
-
-
-def apcat_relpath(raw: RawName) -> str:
-    """Path of a raw file's aperture catalogue below the storage root."""
-    ffd = raw.filefracday
-    return f"apcat/{ffd[0:4]}/{ffd[4:8]}/ztf_{ffd}_{raw.field:06d}_{raw.filtercode}_c{raw.ccdid:02d}_o_apcat.parquet"
-
-
-def detrended_relpath(raw: RawName, qid: int) -> str:
-    """Path of a detrended quadrant image below the storage root."""
-    ffd = raw.filefracday
-    return (
-        f"detrended/{ffd[0:4]}/{ffd[4:8]}/"
-        f"ztf_{ffd}_{raw.field:06d}_{raw.filtercode}_c{raw.ccdid:02d}_o_q{qid}_detrended.fits.fz"
-    )
 
 
 def apcat_schema(n_radii: int) -> pa.Schema:
@@ -207,30 +187,6 @@ def write_apcat(path: Path | str, table: pa.Table, radii: Sequence[float], prove
     }
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     return write_atomically(Path(path), lambda handle: pq.write_table(table, handle, compression="zstd"))
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then make it ``path`` durably.
-
-    The temporary name is ``.<name>.<pid>.tmp``: it never ends with the product's own suffix.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}"
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return path
 
 
 def write_detrended(

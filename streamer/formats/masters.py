@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from astropy.io import fits
 
 from streamer.detrend.calibrate import MasterQuadrant
 from streamer.errors import StreamerError
+from streamer.storage.atomic import write_atomically as write_durably
 
 FORMAT_VERSION = 1
 DITHER_SEED = 8191
@@ -80,27 +80,8 @@ def _compressed(array: npt.NDArray[np.generic], name: str, step: float | None, h
 
 
 def write_atomically(hdul: fits.HDUList, path: str | os.PathLike[str]) -> int:
-    """Write ``hdul`` to ``path`` durably: a temporary name in the same directory (not ending in
-    .fits), fsync, rename over ``path``, fsync the directory. Returns the file's size in bytes."""
-    target = Path(path)
-    directory = target.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            hdul.writeto(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
-    return target.stat().st_size
+    """Write ``hdul`` to ``path`` durably (:func:`streamer.storage.atomic.write_atomically`); return its size in bytes."""
+    return write_durably(Path(path), hdul.writeto).stat().st_size
 
 
 def write_master(

@@ -193,6 +193,7 @@ def record_done(
                 (row[0], job["id"], job["kind"], job["night"], job["ccdid"], job["filtercode"],
                  json.dumps(record, sort_keys=True, default=str), now),
             )  # fmt: skip
+        release_output_reservations(conn, job["id"])  # outputs the job may leave unwritten
         ledger.set_job_state(conn, job["id"], "done", finished=now, error=None, result=record)
         conn.execute(
             "UPDATE files SET last_used = ? WHERE id IN (SELECT file_id FROM pins WHERE job_id = ?)", (now, job["id"])

@@ -27,7 +27,6 @@ import signal
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from streamer.config import Config
 from streamer.errors import StreamerError
@@ -46,12 +45,9 @@ from streamer.service.heartbeat import heartbeat, record_service_info
 from streamer.service.planner import planner
 from streamer.service.records import Submitted, record, recorder
 from streamer.storage.deleter import recover_deletions, unlink_below
-from streamer.storage.reconcile import walk_regular_files
+from streamer.storage.tree import orphan_product_temporaries
 
 log = logging.getLogger("streamer.service")
-
-PRODUCT_DIRECTORIES = ("masters", "apcat", "detrended")
-
 
 @dataclass
 class RunSummary:
@@ -136,17 +132,6 @@ def recover(ctx: Context) -> None:
     if any(counts.values()) or finished:
         log.info("recovered after an unclean stop: %s, %d deletions finished", counts, finished)
     record_service_info(ctx)
-
-
-def orphan_product_temporaries(root: Path) -> list[str]:
-    """Temporary files (hidden, ``.part`` or ``.tmp``) that workers left in the product directories."""
-    found = []
-    for top in PRODUCT_DIRECTORIES:
-        for relpath, _info in walk_regular_files(root / top):
-            name = relpath.rsplit("/", 1)[-1]
-            if name.startswith(".") and name.endswith((".part", ".tmp")):
-                found.append(f"{top}/{relpath}")
-    return found
 
 
 async def until_finished(ctx: Context) -> None:

@@ -13,6 +13,8 @@ What is wanted, per CCD of the night:
   ``apcat``, ``detrended`` or ``masters``, or there are no consumers) or a consumer
   keeps ``raw``. The first ``detrend.bias_skip_first`` biases of each CCD (by obsjd) are
   not used, and are recorded only when a consumer keeps them;
+- with ``detrend.write_detrended``, the four detrended quadrant images of each raw science
+  file (made by its exposure job, so they have no URL);
 - per science quadrant: the sciimg header (kind ``sciimg_header``, stored at
   ``..._sciimg.header.fits``) and the mask (``mskimg``, stored compressed at
   ``..._mskimg.fits.fz``) when photometry is needed or a consumer keeps them; the full
@@ -35,14 +37,22 @@ from typing import Any, Final
 from astropy.io import fits
 
 from streamer.archive.client import ArchiveClient, PermanentError, TransientError
-from streamer.archive.transfer import header_relpath, local_path, mask_relpath, read_primary_header
+from streamer.archive.transfer import read_primary_header
 from streamer.ledger.downloads import record_failed_request
 from streamer.archive.naming import RawName, SciName
 from streamer.archive.search import RAW_COLUMNS, SCI_COLUMNS, SearchError, search_night
 from streamer.config import Config, ConsumerConfig
 from streamer.errors import StreamerError
+from streamer.ledger import planning as queries
 from streamer.ledger.core import Ledger
+from streamer.rules.bias import bias_time_order, biases_to_use
 from streamer.rules.retention import FileFacts, Footprint, is_kept
+from streamer.storage.paths import (
+    detrended_relpath,
+    header_relpath,
+    local_path,
+    mask_relpath,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,19 +126,23 @@ def needs_processing(consumers: Sequence[ConsumerConfig]) -> bool:
 
 
 def needs_photometry(consumers: Sequence[ConsumerConfig]) -> bool:
-    return not consumers or any("apcat" in c.keep for c in consumers)
+    """Whether the exposure jobs run, and so need the IPAC headers (their WCS) and masks.
+
+    They make the catalogues and the detrended images; without a header no quadrant has a WCS.
+    """
+    return not consumers or any({"apcat", "detrended"} & set(c.keep) for c in consumers)
 
 
 def used_biases(rows: Sequence[dict[str, Any]], skip_first: int) -> set[tuple[str, int]]:
-    """(filefracday, ccdid) of the biases the master bias uses: each CCD's biases by obsjd, minus the first ``skip_first``."""
+    """(filefracday, ccdid) of the biases the master biases use (:func:`streamer.rules.bias.biases_to_use`, per CCD)."""
     by_ccd: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row["imgtype"] == "bias":
             by_ccd[row["ccdid"]].append(row)
-    used = set()
+    used: set[tuple[str, int]] = set()
     for ccd_rows in by_ccd.values():
-        ordered = sorted(ccd_rows, key=lambda r: (r["obsjd"], r["filefracday"]))
-        used.update((r["filefracday"], r["ccdid"]) for r in ordered[skip_first:])
+        chosen = biases_to_use(ccd_rows, skip_first, order=lambda r: bias_time_order(r["obsjd"], r["filefracday"]))
+        used.update((r["filefracday"], r["ccdid"]) for r in chosen)
     return used
 
 
@@ -152,8 +166,13 @@ def plan_from_rows(
     bias_skip_first: int,
     leds: dict[str, int] | None = None,
     quadrant_shape: tuple[int, int] | None = None,
+    write_detrended: bool = False,
 ) -> NightPlan:
-    """The exposures and files a night needs (pure). ``leds``: ILUM_LED by flat filefracday."""
+    """The exposures and files a night needs (pure). ``leds``: ILUM_LED by flat filefracday.
+
+    With ``write_detrended``, each raw science file's four detrended quadrant images are
+    planned too (kind ``detrended``, no URL): the work graph makes its exposure job their producer.
+    """
     leds = leds or {}
     night_text = night.isoformat()
     prefix = night.strftime("%Y%m%d")
@@ -163,8 +182,11 @@ def plan_from_rows(
     biases = used_biases([r for r in raw_rows if r["ccdid"] in wanted_ccds], bias_skip_first)
 
     footprints: dict[tuple[str, int], list[Footprint]] = defaultdict(list)
+    quadrant_footprints: dict[tuple[str, int, int], Footprint] = {}
     for row in sci_rows:
-        footprints[(row["filefracday"], row["ccdid"])].append(footprint_of(row, quadrant_shape))
+        quadrant_footprint = footprint_of(row, quadrant_shape)
+        footprints[(row["filefracday"], row["ccdid"])].append(quadrant_footprint)
+        quadrant_footprints[(row["filefracday"], row["ccdid"], row["qid"])] = quadrant_footprint
 
     exposures: dict[tuple[str, int, str], PlannedExposure] = {}
     files: dict[str, PlannedFile] = {}
@@ -194,6 +216,14 @@ def plan_from_rows(
         files[name.relpath] = PlannedFile(
             name.relpath, "raw", name.url(base_url), exposure.key, None, night_text, row["field"], kept
         )
+        if write_detrended and row["imgtype"] == "object":
+            for qid in (1, 2, 3, 4):
+                quadrant = quadrant_footprints.get((name.filefracday, name.ccdid, qid))
+                facts = FileFacts("detrended", row["field"], night, (quadrant,) if quadrant is not None else ())
+                relpath = detrended_relpath(name, qid)
+                files[relpath] = PlannedFile(
+                    relpath, "detrended", "", exposure.key, qid, night_text, row["field"], is_kept(consumers, facts)
+                )
 
     for row in sci_rows:
         if row["ccdid"] not in wanted_ccds or not row["filefracday"].startswith(prefix):
@@ -244,12 +274,11 @@ def record_plan(ledger: Ledger, plan: NightPlan) -> PlanSummary:
                 )  # fmt: skip
             )
             by_kind[planned.kind] += 1
-        states = dict(
-            conn.execute(
-                f"SELECT id, state FROM files WHERE id IN ({', '.join('?' * len(file_ids))})", file_ids
-            ).fetchall()
-        ) if file_ids else {}  # fmt: skip
-    to_download = tuple(i for i in file_ids if states[i] in ("wanted", "reserved", "downloading", "corrupt"))
+        states = queries.file_states(conn, file_ids)
+    downloaded = {i for i, planned in zip(file_ids, plan.files, strict=True) if planned.url}
+    to_download = tuple(
+        i for i in file_ids if i in downloaded and states[i] in ("wanted", "reserved", "downloading", "corrupt")
+    )
     on_disk = sum(1 for i in file_ids if states[i] == "on_disk")
     return PlanSummary(plan.night.isoformat(), len(plan.exposures), len(plan.files), to_download, on_disk, dict(by_kind))
 
@@ -263,14 +292,7 @@ async def fill_flat_leds(
     file of the exposure (failed requests count in that file's ``attempts``; when the archive
     refuses one CCD file the next is tried). A flat whose LED cannot be read keeps ``led`` NULL.
     """
-    marks = ", ".join("?" * len(ccds))
-    rows = ledger.rows(
-        "SELECT e.filefracday, f.id AS file_id, f.url, f.relpath, f.state FROM exposures e "
-        "JOIN files f ON f.exposure_id = e.id AND f.kind = 'raw' "
-        f"WHERE e.night = ? AND e.imgtypecode = 'f' AND e.led IS NULL AND e.ccdid IN ({marks}) "
-        "ORDER BY e.filefracday, f.state != 'on_disk', e.ccdid",
-        (night, *ccds),
-    )
+    rows = queries.flats_without_led(ledger, night, ccds)
     candidates: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         candidates[row["filefracday"]].append(row)
@@ -300,7 +322,7 @@ async def fill_flat_leds(
     with ledger.transaction() as conn:
         for ffd, led in leds.items():
             if led is not None:
-                conn.execute("UPDATE exposures SET led = ? WHERE filefracday = ? AND imgtypecode = 'f'", (led, ffd))
+                queries.set_flat_led(conn, ffd, led)
     return leds
 
 
@@ -342,6 +364,7 @@ async def plan_night(
     plan = plan_from_rows(
         night, ccds, raw_rows, sci_rows, config.consumers, base_url=client.base_url,
         bias_skip_first=config.detrend.bias_skip_first, quadrant_shape=quadrant_shape,
+        write_detrended=config.detrend.write_detrended,
     )  # fmt: skip
     summary = record_plan(ledger, plan)
     await fill_flat_leds(client, ledger, night.isoformat(), ccds, root=config.storage.root)

@@ -35,6 +35,7 @@ from rich.table import Table
 
 from streamer import __version__
 from streamer.config import Config, format_size
+from streamer.ledger import status as queries
 from streamer.ledger.core import Ledger
 
 OUTAGE_META_KEY = "archive.outage"  # written by archive/client.py's outage gate
@@ -69,40 +70,23 @@ def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
     for (kind, state), n in ledger.jobs_by_kind_and_state().items():
         jobs[kind][state] = n
     hour_ago = now - 3600
-    downloads = ledger.rows(
-        "SELECT COUNT(*) AS n, COALESCE(SUM(actual_size), 0) AS bytes FROM files "
-        "WHERE fetched_at >= ? AND url != ''",
-        (hour_ago,),
-    )[0]
-    jobs_done_hour = int(ledger.scalar("SELECT COUNT(*) FROM jobs WHERE finished >= ? AND state = 'done'", (hour_ago,)))
-    unfinished = int(ledger.scalar("SELECT COUNT(*) FROM jobs WHERE state IN ('waiting', 'ready', 'running', 'failed')"))
-    erasable = ledger.rows(
-        "SELECT COUNT(*) AS files, COALESCE(SUM(disk_bytes), 0) AS bytes FROM files f "
-        "WHERE f.state = 'on_disk' AND f.kept = 0 AND f.kind != 'apcat' "
-        "AND NOT EXISTS (SELECT 1 FROM pins p WHERE p.file_id = f.id)"
-    )[0]
+    downloads = queries.downloads_since(ledger, hour_ago)
+    jobs_done_hour = queries.jobs_done_since(ledger, hour_ago)
+    unfinished = queries.unfinished_jobs(ledger)
+    erasable = queries.erasable_totals(ledger)
     consumers = []
     for consumer in config.consumers:
-        marks = ",".join("?" * len(consumer.keep))
-        missing = ledger.rows(
-            f"SELECT COUNT(*) AS files, COALESCE(SUM(expected_size), 0) AS bytes FROM files "
-            f"WHERE kept = 1 AND kind IN ({marks}) AND state NOT IN ('on_disk')",
-            consumer.keep,
-        )[0]
+        missing = queries.kept_not_on_disk(ledger, consumer.keep)
         consumers.append(
             {"name": consumer.name, "keep": list(consumer.keep), "missing_files": missing["files"], "missing_bytes": missing["bytes"]}
         )
     fallbacks = [
-        {"job": r["job_id"], "time": _iso(r["t"]), "message": r["message"]}
-        for r in ledger.rows("SELECT job_id, t, message FROM events WHERE kind = 'calibration' ORDER BY id DESC LIMIT 50")
+        {"job": r["job_id"], "time": _iso(r["t"]), "message": r["message"]} for r in queries.calibration_events(ledger)
     ]
     errors = [
         {"time": _iso(r["t"]), "level": r["level"], "kind": r["kind"], "message": r["message"]}
-        for r in ledger.rows(
-            "SELECT t, level, kind, message FROM events WHERE level IN ('warning', 'error') ORDER BY id DESC LIMIT 10"
-        )
+        for r in queries.recent_problems(ledger)
     ]
-    stuck_row = ledger.rows("SELECT kind, message, t FROM events WHERE kind IN ('stuck', 'unstuck') ORDER BY id DESC LIMIT 1")
     outage_state = json.loads(ledger.get_meta(OUTAGE_META_KEY) or "{}")
     outage = outage_state if outage_state.get("outage") else None
     minimum = ledger.get_meta("minimum_budget_bytes")
@@ -139,7 +123,7 @@ def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
         "consumers": consumers,
         "calibration_fallbacks": fallbacks,
         "last_errors": errors,
-        "stuck": stuck_row[0]["message"] if stuck_row and stuck_row[0]["kind"] == "stuck" else None,
+        "stuck": queries.stuck_reason(ledger),
         "outage": outage,
     }
 

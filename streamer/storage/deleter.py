@@ -1,9 +1,10 @@
-"""The deleter: two-phase removal of ledger files, and the disk walks that never follow a symlink.
+"""The deleter: two-phase removal of ledger files, never through a symlink.
 
 What goes is decided in :mod:`streamer.rules.eviction`. Deletion is two-phase in
 the ledger (``deleting``, unlink, ``deleted``) so a crash in between is finished on
 restart, and it only ever unlinks regular files below the storage root, walking the
 path one directory at a time with ``O_NOFOLLOW`` so that no symlink is ever followed.
+(``disk_usage`` is the walk of :mod:`streamer.storage.tree`, named here for its callers.)
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from streamer.ledger.core import Ledger
+from streamer.ledger.files import files_in_states, still_deletable
+from streamer.storage.tree import disk_usage
+
+__all__ = ["UnsafePathError", "allocated_bytes", "delete_files", "disk_usage", "finish_deletion", "recover_deletions", "unlink_below"]
 
 
 class UnsafePathError(Exception):
@@ -29,28 +34,6 @@ def allocated_bytes(path: Path) -> int:
     except FileNotFoundError:
         return 0
     return info.st_blocks * 512 if stat.S_ISREG(info.st_mode) else 0
-
-
-def disk_usage(root: Path) -> int:
-    """Allocated bytes of every regular file below ``root``; symlinks are neither followed nor counted."""
-    total = 0
-    stack = [str(root)]
-    while stack:
-        directory = stack.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        for entry in entries:
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(info.st_mode):
-                stack.append(entry.path)
-            elif stat.S_ISREG(info.st_mode):
-                total += info.st_blocks * 512
-    return total
 
 
 def _checked_parts(relpath: str) -> Sequence[str]:
@@ -97,11 +80,7 @@ def delete_files(ledger: Ledger, root: Path, rows: Sequence[dict[str, Any]]) -> 
     freed = 0
     for row in rows:
         with ledger.transaction() as conn:
-            still = conn.execute(
-                "SELECT state, kept, EXISTS (SELECT 1 FROM pins WHERE file_id = ?) FROM files WHERE id = ?",
-                (row["id"], row["id"]),
-            ).fetchone()
-            if still is None or still[0] != "on_disk" or still[1] or still[2]:
+            if not still_deletable(conn, row["id"]):
                 continue  # pinned, kept or moved since it was chosen
             ledger.set_file_state(conn, row["id"], "deleting", expect=("on_disk",))
         freed += finish_deletion(ledger, root, row["id"], row["relpath"])
@@ -124,7 +103,7 @@ def finish_deletion(ledger: Ledger, root: Path, file_id: int, relpath: str) -> i
 
 def recover_deletions(ledger: Ledger, root: Path) -> int:
     """Finish deletions that a crash interrupted."""
-    rows = ledger.rows("SELECT id, relpath FROM files WHERE state = 'deleting'")
+    rows = files_in_states(ledger, ("deleting",))
     for row in rows:
         finish_deletion(ledger, root, row["id"], row["relpath"])
     return len(rows)

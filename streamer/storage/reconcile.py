@@ -5,9 +5,10 @@ finds a difference. With ``--fix`` it takes the writer's lock and:
 
 - registers files present but unknown (named like archive products, catalogues or
   masters) as ``on_disk``, so that the service adopts them instead of downloading again;
-- marks ledger rows whose file is gone (``deleted``, so that a job that needs them fetches
-  them again);
-- removes orphan ``.part`` files (no download of theirs can resume) and nothing else.
+- marks ledger rows whose file is gone (``on_disk -> deleting -> deleted``, through the state
+  machine, so that a job that needs them fetches them again);
+- removes orphan unfinished files (``.part``, ``.zpart``, ``.tmp``: no download or write of
+  theirs can resume) and nothing else.
 
 Read-only trees (``storage.readonly_trees``) are never written: ``--erasable-list FILE``
 writes the files there that no consumer keeps (the archive-named ones), one path a line.
@@ -17,20 +18,32 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import stat
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from astropy.io import fits
 
-from streamer.archive.naming import CalName, NamingError, RawName, SciName, data_url, parse_filename, parse_relpath
+from streamer.archive.naming import (
+    CalName,
+    SciName,
+    data_url,
+    parse_filename,
+)
 from streamer.config import Config, ConsumerConfig
-from streamer.storage.deleter import unlink_below
 from streamer.ledger.core import Ledger
-from streamer.rules.retention import FileFacts, Footprint, footprint_from_header, is_kept
+from streamer.ledger.files import adopt_on_disk, files_in_states, mark_gone
+from streamer.rules.retention import (
+    FileFacts,
+    Footprint,
+    footprint_from_header,
+    is_kept,
+)
+from streamer.storage.atomic import is_unfinished_name
+from streamer.storage.deleter import unlink_below
+from streamer.storage.paths import archive_relpath_of, kind_of
+from streamer.storage.tree import walk_regular_files
 
 LEDGER_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock")
 
@@ -47,48 +60,6 @@ class Findings:
         return not (self.unknown or self.gone or self.orphan_parts or self.size_mismatch)
 
 
-def walk_regular_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """(relpath, lstat) of every regular file below ``root``; symlinks are not followed."""
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        for entry in entries:
-            info = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(info.st_mode):
-                stack.append(Path(entry.path))
-            elif stat.S_ISREG(info.st_mode):
-                yield Path(entry.path).relative_to(root).as_posix(), info
-
-
-def kind_of(relpath: str) -> str | None:
-    """The ledger kind of a file under the root, from its path; None for what is not ours."""
-    top = relpath.split("/", 1)[0]
-    if top == "apcat" and relpath.endswith("_apcat.parquet"):
-        return "apcat"
-    if top == "masters" and (relpath.endswith(".fits") or relpath.endswith(".json")):
-        return "masters"
-    if relpath.endswith("_sciimg.header.fits"):
-        try:
-            parse_relpath(relpath.replace("_sciimg.header.fits", "_sciimg.fits"))
-        except NamingError:
-            return None
-        return "sciimg_header"
-    candidate = relpath.removesuffix(".fz") if relpath.endswith("_mskimg.fits.fz") else relpath
-    try:
-        name = parse_relpath(candidate)
-    except NamingError:
-        return None
-    if isinstance(name, RawName):
-        return "raw"
-    if isinstance(name, SciName) and name.suffix in ("sciimg.fits", "mskimg.fits"):
-        return "sciimg" if name.suffix == "sciimg.fits" else "mskimg"
-    return None
-
-
 def _ledger_names(config: Config) -> set[str]:
     ledger_path = config.storage.ledger_path
     if not ledger_path.is_relative_to(config.storage.root):
@@ -103,13 +74,15 @@ def compare(config: Config, ledger: Ledger) -> Findings:
     findings = Findings()
     skip = _ledger_names(config)
     resumable = {
-        r["relpath"] + ".part" for r in ledger.rows("SELECT relpath FROM files WHERE state IN ('reserved', 'downloading')")
+        r["relpath"] + suffix
+        for r in files_in_states(ledger, ("reserved", "downloading"))
+        for suffix in (".part", ".zpart")
     }
     seen: set[str] = set()
     for relpath, info in walk_regular_files(root):
         if relpath in skip:
             continue
-        if relpath.endswith(".part") or ".tmp" in relpath.rsplit("/", 1)[-1]:
+        if is_unfinished_name(relpath.rsplit("/", 1)[-1]):
             if relpath not in resumable:
                 findings.orphan_parts.append(relpath)
             continue
@@ -120,7 +93,7 @@ def compare(config: Config, ledger: Ledger) -> Findings:
                 findings.unknown.append(relpath)
         elif row["actual_size"] is not None and row["actual_size"] != info.st_size:
             findings.size_mismatch.append(relpath)
-    for row in ledger.rows("SELECT relpath FROM files WHERE state = 'on_disk'"):
+    for row in files_in_states(ledger, ("on_disk",)):
         if row["relpath"] not in seen:
             findings.gone.append(row["relpath"])
     return findings
@@ -138,20 +111,9 @@ def apply_fixes(config: Config, ledger: Ledger, findings: Findings) -> None:
             info = os.lstat(root / relpath)
             url = data_url(config.archive.base_url, relpath) if kind in ("raw", "sciimg", "mskimg") else ""
             file_id = ledger.want_file(conn, relpath=relpath, kind=kind, url=url)
-            state = conn.execute("SELECT state FROM files WHERE id = ?", (file_id,)).fetchone()[0]
-            if state in ("reserved", "downloading"):
-                conn.execute("UPDATE files SET reserved_bytes = 0 WHERE id = ?", (file_id,))
-            conn.execute(
-                "UPDATE files SET state = 'on_disk', disk_bytes = ?, actual_size = ?, reserved_bytes = 0, "
-                "fetched_at = COALESCE(fetched_at, ?), updated = ? WHERE id = ?",
-                (info.st_blocks * 512, info.st_size, time.time(), time.time(), file_id),
-            )
+            adopt_on_disk(ledger, conn, file_id, disk_bytes=info.st_blocks * 512, actual_size=info.st_size)
         for relpath in findings.gone:
-            conn.execute(
-                "UPDATE files SET state = 'deleted', disk_bytes = 0, actual_size = NULL, updated = ?, "
-                "last_error = 'gone from disk (found by reconcile)' WHERE relpath = ?",
-                (time.time(), relpath),
-            )
+            mark_gone(ledger, conn, relpath, "gone from disk (found by reconcile)")
         ledger.event(
             "reconcile",
             f"registered {len(findings.unknown)} files, {len(findings.gone)} gone, "
@@ -168,7 +130,7 @@ def _kept_by_someone(consumers: tuple[ConsumerConfig, ...], tree: Path, relpath:
     kind = kind_of(relpath)
     if kind is None:
         return True  # not ours to judge
-    name = parse_filename(relpath.rsplit("/", 1)[-1].removesuffix(".fz").replace("_sciimg.header.fits", "_sciimg.fits"))
+    name = parse_filename(archive_relpath_of(relpath).rsplit("/", 1)[-1])
     night = dt.datetime.strptime(name.night if isinstance(name, CalName) else name.filefracday[:8], "%Y%m%d").date()
     footprints: tuple[Footprint, ...] = ()
     if any(c.targets is not None and kind in c.keep for c in consumers) and isinstance(name, SciName):

@@ -19,26 +19,24 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
-from streamer import geometry
-from streamer.formats import masters as masterio
-from streamer import photometry
-from streamer.formats import raw as rawio
-from streamer.formats import refcat
+from streamer import geometry, photometry
 from streamer.archive.naming import RawName, night_of, parse_filename
 from streamer.config import DetrendConfig, PhotometryConfig
 from streamer.detrend import masks as maskbits
 from streamer.detrend import nonlinearity
 from streamer.detrend.calibrate import MasterQuadrant, detrend_science
 from streamer.errors import StreamerError
+from streamer.formats import masters as masterio
+from streamer.formats import raw as rawio
+from streamer.formats import refcat
 from streamer.formats.apcat import (
     ExposureInfo,
     QuadrantRows,
-    apcat_relpath,
     apcat_table,
-    detrended_relpath,
     write_apcat,
     write_detrended,
 )
+from streamer.storage.paths import apcat_relpath, detrended_relpath
 
 PIXEL_SCALE_ARCSEC: Final = 1.012
 QIDS: Final = (1, 2, 3, 4)
@@ -221,7 +219,7 @@ def process_exposure(
 ) -> ExposureResult:
     """Detrend the four quadrants of a raw science CCD file and write its aperture catalogue.
 
-    Writes ``storage_root / products.apcat_relpath(raw)`` (and, when
+    Writes ``storage_root / storage.paths.apcat_relpath(raw)`` (and, when
     ``detrend_config.write_detrended``, one detrended image per quadrant) atomically. A quadrant
     whose HDU, masters or pixels cannot be read is lost alone (``ExposureResult.lost``); one
     without an IPAC header gets a sibling's WCS; one without an IPAC mask is measured with our

@@ -8,13 +8,12 @@ flat records in its primary header (``NORMFACT``, ``LEVnn``, ``WLEDnn``); the JS
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from streamer.formats.masters import read_master_header
+from streamer.storage.atomic import write_atomically
 from streamer.work.masters import MasterResult, focalplane_factors
 
 
@@ -42,19 +41,7 @@ def write_focalplane_factors(
         "factors": {str(ccdid): factor for ccdid, factor in sorted(factors.items())},
         "provenance": dict(provenance or {}),
     }
-    target = Path(out_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(content, handle, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, target)
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_atomically(Path(out_path), lambda handle: handle.write(json.dumps(content, sort_keys=True).encode()))
     return {"factors": content["factors"], "path": out_path}
 
 

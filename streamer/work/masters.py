@@ -298,19 +298,17 @@ def build_master_bias(
     provenance: Mapping[str, str] | None = None,
     row_corrections: Sequence[RowCorrection] = (),
 ) -> MasterResult:
-    """Master bias of one CCD and night: clipped median of the biases after the first
-    ``bias_skip_first`` (in file-name order, i.e. time order), per quadrant, with its variance
-    and HOT / NOISY / NO_CALIBRATION bits. IncompleteCalibration if fewer than
-    ``min_bias_frames`` remain, or no quadrant could be built."""
+    """Master bias of one CCD and night: clipped median of the given biases (the caller chose
+    them, :mod:`streamer.rules.bias`), per quadrant, with its variance and HOT / NOISY /
+    NO_CALIBRATION bits. IncompleteCalibration if there are fewer than ``min_bias_frames``, or
+    no quadrant could be built."""
     night_date = _night(night)
     timer = _Timer()
-    ordered = sorted(bias_paths, key=os.path.basename)
-    skipped = ordered[: detrend.bias_skip_first]
-    candidates = ordered[detrend.bias_skip_first :]
+    candidates = sorted(bias_paths, key=os.path.basename)
     if len(candidates) < detrend.min_bias_frames:
         raise IncompleteCalibration(
-            f"CCD {ccdid} night {night_date}: {len(bias_paths)} biases, {len(candidates)} after skipping the first "
-            f"{len(skipped)}: fewer than the {detrend.min_bias_frames} required"
+            f"CCD {ccdid} night {night_date}: {len(candidates)} biases: "
+            f"fewer than the {detrend.min_bias_frames} required"
         )
     quadrants: dict[int, MasterQuadrant] = {}
     failed: list[tuple[int, str]] = []
@@ -360,8 +358,7 @@ def build_master_bias(
     n_bytes = write_master(
         out_path,
         quadrants,
-        primary_cards=_primary_cards("bias", night_date, ccdid, None, frames, detrend, provenance or {})
-        | {"NSKIPPED": len(skipped)},
+        primary_cards=_primary_cards("bias", night_date, ccdid, None, frames, detrend, provenance or {}),
         quadrant_cards=quadrant_cards,
     )
     timer.add("write", started)
