@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from e2e import NIGHT, DiskSampler, backfill_args, catalogues, config_for, run_cli, status_json, store_of
 from streamer.demo import serve_archive
 from streamer.sim.generate import generate_night
-
-from e2e import NIGHT, DiskSampler, backfill_args, catalogues, config_for, run_cli, status_json, store_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 
