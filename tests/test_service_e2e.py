@@ -232,19 +232,21 @@ def _jobs_done(ledger: Path) -> int:
 
 def test_second_writer_refused_while_status_works(tmp_path: Path, archive: Path, base_url: str) -> None:
     config = config_for(tmp_path, archive, base_url, budget=UNLIMITED)
-    process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     try:
         ledger = store_of(config) / "ledger.sqlite"
-        assert wait_for(lambda: _jobs_done(ledger) >= 0 and ledger.exists() and (store_of(config) / "ledger.sqlite.lock").exists(), 60)
-        time.sleep(1.0)
-        if process.poll() is None:
-            second = run_cli(config, *backfill_args(), timeout=60)
-            assert second.returncode == 1
-            assert "in use by a running service" in second.stderr
-            assert status_json(config)["service"]["running"] is True
+        lock = store_of(config) / "ledger.sqlite.lock"
+        assert _wait_while_running(process, lambda: ledger.exists() and lock.exists(), timeout=60), (
+            f"the first backfill exited (code {process.returncode}) before it held the ledger"
+        )
+        second = run_cli(config, *backfill_args(), timeout=60)
+        report = status_json(config)
+        assert process.poll() is None, "the first backfill ended before the second one was tried"
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "in use by a running service" in second.stderr
+        assert report["service"]["running"] is True
     finally:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
+        _stop(process)
     # the lock died with the killed service: a restart is not refused
     result = run_cli(config, *backfill_args())
     assert result.returncode == 0, result.stdout + result.stderr
