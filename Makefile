@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,15 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/streamer demo
+
+# the style, type and layer checks that CI runs before the tests (configured in pyproject.toml);
+# all three run, and it fails if any of them does
+lint: $(STAMP)
+	rc=0; \
+	$(BIN)/ruff check streamer tests bench || rc=1; \
+	$(BIN)/mypy streamer || rc=1; \
+	$(BIN)/lint-imports || rc=1; \
+	exit $$rc
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

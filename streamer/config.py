@@ -480,7 +480,7 @@ class Config:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
-        return _plain(self)  # type: ignore[no-any-return]
+        return _plain(self)
 
 
 def _plain(obj: Any) -> Any:

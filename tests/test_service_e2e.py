@@ -15,19 +15,17 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from streamer.demo import serve_archive
-from streamer.sim.generate import generate_night
-
 from e2e import (
     NIGHT,
     DiskSampler,
+    allocated_bytes,
     backfill_args,
     catalogues,
     config_for,
@@ -38,6 +36,8 @@ from e2e import (
     streamer_cmd,
     wait_for,
 )
+from streamer.demo import serve_archive
+from streamer.sim.generate import generate_night
 
 CCDS = (13,)
 UNLIMITED = 50 * 10**9
@@ -75,6 +75,21 @@ def _bytes_through(store: Path) -> int:
 
 def _raw_bytes(archive: Path) -> int:
     return sum(p.stat().st_size for p in (archive / "raw").rglob("*.fits.fz"))
+
+
+def test_disk_meter_counts_allocated_bytes_and_not_links(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a" / "b").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a" / "small").write_bytes(b"x" * 10)
+    (root / "a" / "b" / "large").write_bytes(random.Random(1).randbytes(300_000))
+    (outside / "huge").write_bytes(bytes(5_000_000))
+    (root / "link-to-file").symlink_to(outside / "huge")
+    (root / "a" / "link-to-dir").symlink_to(outside, target_is_directory=True)
+    used = allocated_bytes(root)
+    # at least the bytes written, each file rounded up to whole blocks; nothing of the 5 MB behind the links
+    assert 300_010 <= used <= 300_010 + 2 * 65_536
+    assert allocated_bytes(tmp_path / "absent") == 0
 
 
 def test_backfill_writes_catalogues_and_status_shows_it(reference: dict[str, list[dict[str, object]]], tmp_path: Path, archive: Path, base_url: str) -> None:
@@ -120,17 +135,50 @@ def test_budget_below_minimum_is_refused_with_the_number(tmp_path: Path, archive
     assert "minimum workable budget" in result.stderr and "Traceback" not in result.stderr
 
 
+def _progress(ledger: Path) -> int:
+    """Jobs done plus files on disk, read from the ledger (0 while it cannot be read)."""
+    try:
+        with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as conn:
+            jobs = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0]
+            files = conn.execute("SELECT COUNT(*) FROM files WHERE state = 'on_disk'").fetchone()[0]
+            return int(jobs) + int(files)
+    except sqlite3.Error:
+        return 0
+
+
+def _wait_while_running(process: subprocess.Popen[str], predicate: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``predicate`` held while ``process`` was still running, within ``timeout`` seconds."""
+    return wait_for(lambda: process.poll() is not None or predicate(), timeout, period=0.05) and process.poll() is None
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.communicate(timeout=60)
+
+
 def test_kill_nine_five_times_then_identical_catalogues(
     reference: dict[str, list[dict[str, object]]], tmp_path: Path, archive: Path, base_url: str
 ) -> None:
     config = config_for(tmp_path, archive, base_url, budget=max(_raw_bytes(archive) // 2, 30 * 10**6))
+    ledger = store_of(config) / "ledger.sqlite"
     rng = random.Random(7)
-    for _ in range(5):
-        process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.0, 6.0))
-        if process.poll() is None:
+    planned, killed = 5, 0
+    for round_ in range(planned):
+        before = _progress(ledger)
+        process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        try:
+            # each kill lands after the ledger shows new progress (a job done or a file on disk) and before the end
+            moved = _wait_while_running(process, lambda baseline=before: _progress(ledger) > baseline, timeout=120)
+            assert moved, f"round {round_}: the backfill exited (code {process.returncode}) or made no progress before the kill"
+            time.sleep(rng.uniform(0.0, 0.3))
             os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
+            if process.wait(timeout=60) == -signal.SIGKILL:
+                killed += 1  # the kill, not a normal exit just before it, ended the process
+        finally:
+            _stop(process)
+    assert killed == planned, f"{killed} of {planned} kills reached a running backfill"
+    assert _progress(ledger) > 0
     result = run_cli(config, *backfill_args())
     assert result.returncode == 0, result.stdout + result.stderr
     assert catalogues(store_of(config)) == reference
@@ -143,21 +191,35 @@ def test_sigterm_stops_within_30_s_and_the_next_start_continues(
     reference: dict[str, list[dict[str, object]]], tmp_path: Path, archive: Path, base_url: str
 ) -> None:
     config = config_for(tmp_path, archive, base_url, budget=UNLIMITED)
-    process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ledger = store_of(config) / "ledger.sqlite"
-    assert wait_for(lambda: ledger.exists() and _jobs_done(ledger) > 0, timeout=120)
-    started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    code = process.wait(timeout=60)
-    assert process.stderr is not None
-    process.stderr.close()
-    assert time.monotonic() - started < 30
-    assert code in (0, 1)
-    with sqlite3.connect(ledger) as conn:
+    store = store_of(config)
+    ledger = store / "ledger.sqlite"
+    process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # the first job done (a master) leaves the exposures to do: the signal lands mid-backfill
+        assert _wait_while_running(process, lambda: _jobs_done(ledger) > 0, timeout=120), (
+            f"the backfill exited (code {process.returncode}) before a job was done"
+        )
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        _stop(process)
+    assert elapsed < 30
+    # a backfill stopped before its end says so and exits 1 (README: 0 only when every task is done)
+    assert process.returncode == 1, stdout + stderr
+    assert "backfill incomplete" in stdout, stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        jobs = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        on_disk = [r[0] for r in conn.execute("SELECT relpath FROM files WHERE state = 'on_disk'")]
+    assert jobs.get("done", 0) > 0 and sum(jobs.values()) > jobs["done"], jobs  # stopped between the first and the last job
+    assert "running" not in jobs, jobs  # the grace period let running tasks finish and be recorded
+    assert all((store / relpath).is_file() for relpath in on_disk)
     result = run_cli(config, *backfill_args())
     assert result.returncode == 0, result.stdout + result.stderr
-    assert catalogues(store_of(config)) == reference
+    assert catalogues(store) == reference
 
 
 def _jobs_done(ledger: Path) -> int:
@@ -170,19 +232,21 @@ def _jobs_done(ledger: Path) -> int:
 
 def test_second_writer_refused_while_status_works(tmp_path: Path, archive: Path, base_url: str) -> None:
     config = config_for(tmp_path, archive, base_url, budget=UNLIMITED)
-    process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     try:
         ledger = store_of(config) / "ledger.sqlite"
-        assert wait_for(lambda: _jobs_done(ledger) >= 0 and ledger.exists() and (store_of(config) / "ledger.sqlite.lock").exists(), 60)
-        time.sleep(1.0)
-        if process.poll() is None:
-            second = run_cli(config, *backfill_args(), timeout=60)
-            assert second.returncode == 1
-            assert "in use by a running service" in second.stderr
-            assert status_json(config)["service"]["running"] is True
+        lock = store_of(config) / "ledger.sqlite.lock"
+        assert _wait_while_running(process, lambda: ledger.exists() and lock.exists(), timeout=60), (
+            f"the first backfill exited (code {process.returncode}) before it held the ledger"
+        )
+        second = run_cli(config, *backfill_args(), timeout=60)
+        report = status_json(config)
+        assert process.poll() is None, "the first backfill ended before the second one was tried"
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "in use by a running service" in second.stderr
+        assert report["service"]["running"] is True
     finally:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
+        _stop(process)
     # the lock died with the killed service: a restart is not refused
     result = run_cli(config, *backfill_args())
     assert result.returncode == 0, result.stdout + result.stderr

@@ -67,7 +67,7 @@ class DetrendedQuadrant:
     overscan: OverscanModel
 
 
-def linearise(measured: npt.NDArray[np.floating], a: float, b: float) -> npt.NDArray[np.float32]:
+def linearise(measured: npt.NDArray[np.number], a: float, b: float) -> npt.NDArray[np.float32]:
     """IPAC's nonlinearity correction in float32 (a new array): ``x / (A x^2 + B x + 1)``, ADU.
 
     Same formula as :func:`streamer.detrend.nonlinearity.correct` (float64 reference); relative

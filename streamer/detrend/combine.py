@@ -110,7 +110,8 @@ class ClippedMedian:
 def _gather(sorted_values: npt.NDArray[np.float32], index: npt.NDArray[np.intp]) -> npt.NDArray[np.float64]:
     """``sorted_values[index[p], p]`` for every pixel p of a (n, m) array, as float64."""
     m = sorted_values.shape[1]
-    return np.take(sorted_values.ravel(), index * m + np.arange(m)).astype(np.float64)
+    gathered: npt.NDArray[np.float32] = np.take(sorted_values.ravel(), index * m + np.arange(m))
+    return gathered.astype(np.float64)
 
 
 def _run_centre_sigma(

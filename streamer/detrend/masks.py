@@ -23,12 +23,15 @@ bit   name                   meaning
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from streamer.detrend.combine import chi2_median_ratio
 from streamer.detrend.overscan import nmad
+
+ScalarT = TypeVar("ScalarT", bound=np.generic)
 
 LOW_RESPONSIVITY = 1 << 2
 HIGH_RESPONSIVITY = 1 << 3
@@ -62,7 +65,7 @@ HIGH_ABOVE = 1.1
 SAMPLE_LIMIT = 1_000_000  # pixels: typical values (NMAD, median variance) come from a regular subsample
 
 
-def _subsample(values: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+def _subsample(values: npt.NDArray[ScalarT]) -> npt.NDArray[ScalarT]:
     """Every k-th value of a 1-D selection, at most about SAMPLE_LIMIT of them (a fixed, regular pick)."""
     step = max(1, values.size // SAMPLE_LIMIT)
     return values[::step]

@@ -30,7 +30,7 @@ class OverscanModel:
     residual_nmad: float  # robust scatter of the per-row medians about the model, ADU
 
 
-def row_medians(overscan_readout: npt.NDArray[np.floating], columns: tuple[int, int]) -> npt.NDArray[np.float64]:
+def row_medians(overscan_readout: npt.NDArray[np.number], columns: tuple[int, int]) -> npt.NDArray[np.float64]:
     """Median of each row over overscan columns [start, end) (readout order), in float64 ADU."""
     start, end = columns
     if overscan_readout.ndim != 2 or overscan_readout.shape[1] != OVERSCAN_COLUMNS:
@@ -87,7 +87,7 @@ def fit_row_levels(
 
 
 def model_overscan(
-    overscan: npt.NDArray[np.floating],
+    overscan: npt.NDArray[np.number],
     qid: int,
     *,
     columns: tuple[int, int],

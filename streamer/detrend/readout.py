@@ -9,8 +9,12 @@ first overscan columns read are ``overscan_readout[:, :k]``.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import numpy.typing as npt
+
+ScalarT = TypeVar("ScalarT", bound=np.generic)
 
 QUADRANT_SHAPE = (3080, 3072)
 OVERSCAN_COLUMNS = 30
@@ -22,12 +26,12 @@ def _flips(qid: int) -> tuple[bool, bool]:
     return (qid in (3, 4), qid in (2, 3))
 
 
-def to_readout(array: npt.NDArray[np.generic], qid: int) -> npt.NDArray[np.generic]:
+def to_readout(array: npt.NDArray[ScalarT], qid: int) -> npt.NDArray[ScalarT]:
     """A view of a stored quadrant (or its overscan) in readout order. Do not write to it."""
     flip_rows, flip_cols = _flips(qid)
     return array[:: -1 if flip_rows else 1, :: -1 if flip_cols else 1]
 
 
-def from_readout(array: npt.NDArray[np.generic], qid: int) -> npt.NDArray[np.generic]:
+def from_readout(array: npt.NDArray[ScalarT], qid: int) -> npt.NDArray[ScalarT]:
     """A view of a readout-order array back on the stored (IPAC) grid. The flips are their own inverse."""
     return to_readout(array, qid)
