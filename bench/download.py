@@ -30,12 +30,11 @@ import psutil
 from astropy.io import fits
 
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
-from streamer.archive.naming import RawName, data_url
 from streamer.config import ArchiveConfig, StorageConfig
+from streamer.demo import serve_archive
 from streamer.ledger.core import Ledger
 from streamer.service.fetcher import Fetcher
-
-from streamer.demo import serve_archive
+from streamer.storage.naming import RawName, data_url
 
 
 def write_synthetic_raws(root: Path, n: int, quadrant: tuple[int, int], seed: int) -> list[str]:

@@ -24,7 +24,6 @@ from streamer.config import ComputeConfig
 from streamer.execution.base import Executor
 from streamer.execution.local import LocalExecutor
 
-
 WARM_UP_TASKS = 6  # enough that every worker has read the masters whichever worker the engine picks
 
 

@@ -45,15 +45,14 @@ import pyarrow.parquet as pq  # noqa: E402
 import sep  # noqa: E402
 from astropy.io import fits  # noqa: E402
 
-from streamer.formats import masters as masterio
-from streamer import photometry
-from streamer.formats import refcat
-from streamer.work import exposure as work  # noqa: E402
-from streamer.archive.naming import RawName, parse_filename  # noqa: E402
 from streamer.config import DetrendConfig, PhotometryConfig  # noqa: E402
 from streamer.detrend.calibrate import MasterQuadrant  # noqa: E402
 from streamer.detrend.nonlinearity import coefficients  # noqa: E402
 from streamer.detrend.readout import from_readout, to_readout  # noqa: E402
+from streamer.formats import masters as masterio  # noqa: E402
+from streamer.formats import refcat  # noqa: E402
+from streamer.storage.naming import RawName, parse_filename  # noqa: E402
+from streamer.work import exposure as work  # noqa: E402
 
 NIGHT = dt.date(2020, 9, 24)
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -266,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         # Interleaved, so that the load of a shared machine weighs on each path alike.
         warm_times, floor_times, baseline_times = [], [], []
         for i in range(args.repeat):
-            seconds, result = timed(lambda: run_ours(data, second, root / f"warm{i}"))
+            seconds, result = timed(lambda: run_ours(data, second, root / f"warm{i}"))  # noqa: B023 (called at once)
             warm_times.append(seconds)
             floor_times.append(run_floor(second, positions, radii))
             if i < max(1, args.repeat // 2):

@@ -135,7 +135,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _reconcile(args: argparse.Namespace) -> int:
     config = _load(args)
-    from streamer.storage.reconcile import run
+    from streamer.service.reconcile import run
 
     return run(config, fix=args.fix, erasable_list=args.erasable_list)
 

@@ -15,14 +15,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from fetch_helpers import fetch_ids
+
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
 from streamer.config import config_from_dict
 from streamer.ledger.core import Ledger
 from streamer.ledger.downloads import outage_recorder
 from streamer.service.fetcher import Fetcher
 from streamer.service.plan import plan_night
-
-from fetch_helpers import fetch_ids
 
 
 async def main(base_url: str, root: Path, ledger_path: Path, night: dt.date, ccd: int, budget: str) -> None:

@@ -13,9 +13,9 @@ import pytest
 from distributed import LocalCluster
 
 from streamer.config import ComputeConfig
-from streamer.execution.dask_cluster import DaskExecutor
 from streamer.errors import StreamerError, UsageError
 from streamer.execution.base import WorkerLost
+from streamer.execution.dask_cluster import DaskExecutor
 
 
 def _pid_then_sleep(seconds: float) -> int:

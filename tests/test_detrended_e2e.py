@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e import NIGHT, backfill_args, config_for, run_cli, status_json, store_of
 
+from e2e import NIGHT, backfill_args, config_for, run_cli, status_json, store_of
 from streamer.demo import serve_archive
 from streamer.sim.generate import generate_night
 

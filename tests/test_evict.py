@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from streamer.ledger.core import Ledger
 from streamer.rules.eviction import Watermarks, bytes_to_free, choose_victims
 from streamer.storage.deleter import (
     UnsafePathError,
@@ -15,7 +16,6 @@ from streamer.storage.deleter import (
     recover_deletions,
     unlink_below,
 )
-from streamer.ledger.core import Ledger
 
 MARKS = Watermarks(budget=1000, high=0.9, low=0.5)
 

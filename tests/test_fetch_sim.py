@@ -17,22 +17,21 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
+from fetch_helpers import fetch_ids
 
 from streamer.archive.auth import AuthError, Credentials
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
-from streamer.archive.transfer import read_stored_header
 from streamer.archive.search import RAW_COLUMNS, SearchError, search_night, search_table
+from streamer.archive.transfer import read_stored_header
 from streamer.config import Config, config_from_dict
 from streamer.ledger.core import Ledger
 from streamer.ledger.downloads import outage_recorder
+from streamer.rules.retention import footprint_from_header
 from streamer.service.fetcher import DownloadError, Fetcher, SpaceSignal
 from streamer.service.plan import plan_night
-from streamer.rules.retention import footprint_from_header
 from streamer.sim.faults import FaultProfile
 from streamer.sim.generate import NightTruth, generate_night
 from streamer.sim.server import serve
-
-from fetch_helpers import fetch_ids
 
 NIGHT = dt.date(2020, 9, 24)
 CCD = 13

@@ -15,7 +15,9 @@ import pytest_asyncio
 from aiohttp.test_utils import TestServer
 from astropy.io import fits
 from astropy.wcs import WCS
+from fetch_helpers import fetch_ids
 
+from archive_stub import Stub
 from streamer.archive.auth import AuthError, Credentials
 from streamer.archive.client import ArchiveClient, OutageGate, RetryPolicy
 from streamer.archive.transfer import read_stored_header
@@ -23,9 +25,6 @@ from streamer.config import ArchiveConfig, StorageConfig
 from streamer.ledger.core import Ledger
 from streamer.ledger.downloads import download_candidates, outage_recorder
 from streamer.service.fetcher import Fetcher
-
-from archive_stub import Stub
-from fetch_helpers import fetch_ids
 
 RAW = "raw/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o.fits.fz"
 SCI = "sci/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o_q3_sciimg.fits"

@@ -88,14 +88,13 @@ def test_needed_but_missing() -> None:
 
 def test_recover_after_unclean_stop(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
-    with Ledger.open(path) as ledger:
-        with ledger.transaction() as conn:
-            fid = ledger.want_file(conn, relpath="raw/a", kind="raw")
-            ledger.set_file_state(conn, fid, "reserved", reserved_bytes=5)
-            ledger.set_file_state(conn, fid, "downloading")
-            job = ledger.add_job(conn, kind="exposure", key="k")
-            ledger.set_job_state(conn, job, "ready")
-            ledger.set_job_state(conn, job, "running")
+    with Ledger.open(path) as ledger, ledger.transaction() as conn:
+        fid = ledger.want_file(conn, relpath="raw/a", kind="raw")
+        ledger.set_file_state(conn, fid, "reserved", reserved_bytes=5)
+        ledger.set_file_state(conn, fid, "downloading")
+        job = ledger.add_job(conn, kind="exposure", key="k")
+        ledger.set_job_state(conn, job, "ready")
+        ledger.set_job_state(conn, job, "running")
     with Ledger.open(path) as ledger:
         assert ledger.recover() == {"downloads": 1, "jobs": 1}
         assert ledger.file(fid)["state"] == "reserved"

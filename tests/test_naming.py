@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamer.archive.naming import (
+from streamer.storage.naming import (
     CalName,
     NamingError,
     RawName,

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
-from streamer.archive.naming import RawName
 from streamer.formats import apcat as products
 from streamer.photometry import Apertures
 from streamer.storage import paths
+from streamer.storage.naming import RawName
 
 RAW = RawName("20200924431759", 655, "zr", 13, "o")
 EXPOSURE = products.ExposureInfo("20200924431759", 136243177, 655, "zr", 13, 2459116.9317708)

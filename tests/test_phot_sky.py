@@ -13,8 +13,7 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy_healpix import HEALPix
 
-from streamer import geometry
-from streamer import photometry
+from streamer import geometry, photometry
 from streamer.formats import refcat
 
 HEADER_TEXT = "\n".join(

@@ -10,8 +10,8 @@ import pytest
 from streamer.archive.search import SCI_COLUMNS, SearchError, night_jd_range, parse_search_csv, split_range
 from streamer.config import ConsumerConfig, Target
 from streamer.ledger.core import Ledger
-from streamer.service.plan import plan_from_rows, record_plan, used_biases
 from streamer.rules.retention import FileFacts, Footprint, consumer_keeps
+from streamer.service.plan import plan_from_rows, record_plan, used_biases
 
 NIGHT = dt.date(2020, 9, 24)
 BASE = "http://127.0.0.1:1"

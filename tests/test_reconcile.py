@@ -8,7 +8,7 @@ from pathlib import Path
 
 from streamer.config import load_config
 from streamer.ledger.core import FILE_TRANSITIONS, Ledger
-from streamer.storage.reconcile import compare, kind_of, run
+from streamer.service.reconcile import compare, kind_of, run
 
 RAW = "raw/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o.fits.fz"
 SCI = "sci/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o_q3_sciimg.fits"
@@ -66,7 +66,7 @@ def test_erasable_list_of_a_readonly_tree(tmp_path: Path, minimal_config_text: s
     kept = _put(tree, SCI)
     other = _put(tree, SCI.replace("000655", "000700"))
     extra = (
-        f'\n[[consumers]]\nname = "scene"\nkeep = ["sciimg"]\nfields = [655]\n'
+        '\n[[consumers]]\nname = "scene"\nkeep = ["sciimg"]\nfields = [655]\n'
     )
     text = minimal_config_text.replace('budget = "10 GB"', f'budget = "10 GB"\nreadonly_trees = ["{tree}"]')
     config = load_config(_config(tmp_path, text, extra))

@@ -16,13 +16,13 @@ from astropy_healpix import HEALPix
 
 from simhelpers import NIGHT, detrended, overscan_subtracted, params, small_night
 from streamer import cli
-from streamer.archive.naming import RawName, parse_relpath
 from streamer.detrend.nonlinearity import correct
 from streamer.detrend.readout import to_readout
 from streamer.errors import UsageError
 from streamer.sim import generate, pixels, sky
 from streamer.sim.generate import NightTruth, generate_night, julian_date
 from streamer.sim.geometry import wcs_from_keywords
+from streamer.storage.naming import RawName, parse_relpath
 
 RAW_KEYWORDS = ("IMGTYPE", "EXPTIME", "FILTER", "FILTERID", "OBSJD", "OBSMJD", "FIELDID", "CCD_ID")
 AMP_KEYWORDS = ("CCD_ID", "AMP_ID", "AMP_NAME", "GAIN", "READNOI")

@@ -31,9 +31,8 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> NightTruth:
 
 
 async def _search(base_url: str, table: str, **params: str) -> tuple[int, str, str]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(base_url + SEARCH + table, params=params) as response:
-            return response.status, response.content_type, await response.text()
+    async with aiohttp.ClientSession() as session, session.get(base_url + SEARCH + table, params=params) as response:
+        return response.status, response.content_type, await response.text()
 
 
 def _rows(text: str) -> list[dict[str, str]]:
@@ -128,10 +127,13 @@ async def test_data_full_head_and_ranges(night: NightTruth) -> None:
 async def test_a_profile_can_ignore_range(night: NightTruth) -> None:
     relpath = night.raw_relpaths("bias")[0]
     size = (night.out / relpath).stat().st_size
-    async with serve(night.out, faults=FaultProfile("norange", ignore_range=True)) as server, aiohttp.ClientSession() as session:
-        async with session.get(server.base_url + DATA + relpath, headers={"Range": "bytes=0-2879"}) as response:
-            assert response.status == 200 and len(await response.read()) == size
-            assert "Accept-Ranges" not in response.headers
+    async with (
+        serve(night.out, faults=FaultProfile("norange", ignore_range=True)) as server,
+        aiohttp.ClientSession() as session,
+        session.get(server.base_url + DATA + relpath, headers={"Range": "bytes=0-2879"}) as response,
+    ):
+        assert response.status == 200 and len(await response.read()) == size
+        assert "Accept-Ranges" not in response.headers
 
 
 @pytest.mark.asyncio
@@ -196,9 +198,8 @@ def test_serve_in_thread_for_synchronous_callers(night: NightTruth) -> None:
         with urllib.request.urlopen(server.base_url + SEARCH + "raw?WHERE=ccdid%3D13&ct=csv", timeout=10) as response:
             assert len(_rows(response.read().decode())) == len(night.raw_relpaths()) // 2
         assert server.faults()["total"] == 0
-    with pytest.raises(UsageError, match="--root"):
-        with serve_in_thread(night.out / "nope"):
-            pass
+    with pytest.raises(UsageError, match="--root"), serve_in_thread(night.out / "nope"):
+        pass
 
 
 def test_cli_serves_and_stops_on_sigterm(night: NightTruth) -> None:

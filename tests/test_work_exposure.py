@@ -17,12 +17,12 @@ import pytest
 from astropy.io import fits
 
 from streamer import photometry
-from streamer.archive.naming import RawName
 from streamer.config import DetrendConfig, PhotometryConfig
 from streamer.detrend.calibrate import MasterQuadrant
 from streamer.formats import masters as masterio
 from streamer.sim.generate import generate_night
 from streamer.storage import paths
+from streamer.storage.naming import RawName
 from streamer.work import exposure as work
 
 NIGHT = dt.date(2020, 9, 24)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import stat
-from urllib.parse import quote, quote_plus
 from dataclasses import dataclass, field
 from typing import Final
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 from yarl import URL

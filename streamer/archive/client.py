@@ -20,13 +20,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, TypeVar
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from streamer.config import ArchiveConfig
 from streamer.archive.auth import Credentials, login, safe_error_text, session_cookie
+from streamer.config import ArchiveConfig
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +124,10 @@ class RetryPolicy:
         return delay
 
 
-class OutageRecorder(Protocol):
-    """Where the outage state goes (the service stores it in the ledger's meta and events).
-
-    Called with the gate's :meth:`OutageGate.status` and a one-line message each time an
-    outage starts, is extended, or ends (``status["outage"]`` says which).
-    """
-
-    def __call__(self, status: dict[str, Any], message: str) -> None: ...
+#: Where the outage state goes (the service stores it in the ledger's meta and events): called
+#: with the gate's :meth:`OutageGate.status` and a one-line message each time an outage starts,
+#: is extended, or ends (``status["outage"]`` says which).
+OutageRecorder = Callable[[dict[str, Any], str], None]
 
 
 class OutageGate:

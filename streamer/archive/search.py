@@ -18,9 +18,9 @@ from typing import Any, Final
 
 import aiohttp
 
-from streamer.errors import StreamerError
 from streamer.archive.client import ArchiveClient, ArchiveError, TransientError, classify_status, transient_from_exception
-from streamer.archive.naming import search_url
+from streamer.errors import StreamerError
+from streamer.storage.naming import search_url
 
 RAW_COLUMNS: Final = (
     "field", "ccdid", "filtercode", "expid", "imgtype", "imgtypecode", "filefracday", "obsjd", "exptime",

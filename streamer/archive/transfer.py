@@ -45,8 +45,8 @@ from streamer.archive.client import (
     classify_status,
     transient_from_exception,
 )
-from streamer.archive.naming import NamingError, parse_relpath
 from streamer.archive.verify import BLOCK, VerificationError, header_end, verify_fits
+from streamer.storage.naming import NamingError, parse_relpath
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.io import fits
 
-from streamer.archive.naming import rcid_of
 from streamer.photometry import Apertures
 from streamer.storage.atomic import write_atomically
+from streamer.storage.naming import rcid_of
 
 APCAT_BASE_COLUMNS: Final = (
     "source_id", "ra", "dec", "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "x", "y", "isolated",

@@ -103,9 +103,9 @@ def write_master(
             raise ValueError(f"quadrant {qid}: data {data.shape}, variance {variance.shape}, mask {mask.shape} differ")
         data_step, variance_step = quantisation_steps(data, variance)
         header = fits.Header()
-        for key, value in (quadrant_cards or {}).get(qid, {}).items():
-            if value is not None:
-                header[key] = value
+        for key, card in (quadrant_cards or {}).get(qid, {}).items():
+            if card is not None:
+                header[key] = card
         names = extension_names(qid)
         hdus.append(_compressed(np.asarray(data, dtype=np.float32), names[0], data_step, header))
         hdus.append(_compressed(np.asarray(variance, dtype=np.float32), names[1], variance_step))

@@ -29,7 +29,7 @@ from streamer.errors import StreamerError
 try:  # corrupt Rice bytes raise cfitsio's own exception, a direct subclass of Exception
     from astropy.io.fits.hdu.compressed._compression import CfitsioException
 except ImportError:  # pragma: no cover - astropy without that private module
-    CfitsioException = OSError  # type: ignore[assignment,misc]
+    CfitsioException = OSError
 _READ_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, EOFError, AstropyWarning, CfitsioException)
 
 

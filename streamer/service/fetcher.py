@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from streamer.archive.client import ArchiveClient, FailureCount, PermanentError, TransientError
-from streamer.archive.naming import NamingError
 from streamer.archive.transfer import (
     HEADER_RESERVATION,
     DiskFull,
@@ -55,6 +54,7 @@ from streamer.config import StorageConfig
 from streamer.errors import StreamerError
 from streamer.ledger import downloads
 from streamer.ledger.core import Ledger
+from streamer.storage.naming import NamingError
 
 log = logging.getLogger(__name__)
 

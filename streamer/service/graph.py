@@ -20,10 +20,10 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
 
-from streamer.archive.naming import RawName
 from streamer.ledger import planning as queries
 from streamer.ledger.core import Ledger
 from streamer.rules.bias import bias_time_order, biases_to_use
+from streamer.storage.naming import RawName
 from streamer.storage.paths import (
     apcat_relpath,
     focalplane_relpath,

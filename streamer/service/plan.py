@@ -36,17 +36,17 @@ from typing import Any, Final
 
 from astropy.io import fits
 
-from streamer.archive.client import ArchiveClient, PermanentError, TransientError
-from streamer.archive.transfer import read_primary_header
-from streamer.ledger.downloads import record_failed_request
-from streamer.archive.naming import RawName, SciName
+from streamer.archive.client import ArchiveClient, FailureCount, PermanentError, TransientError
 from streamer.archive.search import RAW_COLUMNS, SCI_COLUMNS, SearchError, search_night
+from streamer.archive.transfer import OnFailure, read_primary_header
 from streamer.config import Config, ConsumerConfig
 from streamer.errors import StreamerError
 from streamer.ledger import planning as queries
 from streamer.ledger.core import Ledger
+from streamer.ledger.downloads import record_failed_request
 from streamer.rules.bias import bias_time_order, biases_to_use
 from streamer.rules.retention import FileFacts, Footprint, is_kept
+from streamer.storage.naming import RawName, SciName
 from streamer.storage.paths import (
     detrended_relpath,
     header_relpath,
@@ -283,6 +283,15 @@ def record_plan(ledger: Ledger, plan: NightPlan) -> PlanSummary:
     return PlanSummary(plan.night.isoformat(), len(plan.exposures), len(plan.files), to_download, on_disk, dict(by_kind))
 
 
+def _failure_recorder(ledger: Ledger, file_id: int) -> OnFailure:
+    """The ``on_failure`` callback of a header read: each failed request counts against the file."""
+
+    def record(err: TransientError, _count: FailureCount) -> None:
+        record_failed_request(ledger, file_id, err)
+
+    return record
+
+
 async def fill_flat_leds(
     client: ArchiveClient, ledger: Ledger, night: str, ccds: Sequence[int], *, root: Path
 ) -> dict[str, int | None]:
@@ -304,9 +313,8 @@ async def fill_flat_leds(
                 if row["state"] == "on_disk":
                     header = fits.getheader(local_path(root, row["relpath"]))
                 else:
-                    file_id = row["file_id"]
                     header = await read_primary_header(
-                        client, row["url"], on_failure=lambda err, _count, fid=file_id: record_failed_request(ledger, fid, err)
+                        client, row["url"], on_failure=_failure_recorder(ledger, row["file_id"])
                     )
             except PermanentError as err:
                 record_failed_request(ledger, row["file_id"], err)

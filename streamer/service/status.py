@@ -128,6 +128,10 @@ def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
     }
 
 
+#: File states shown as columns of the text status.
+FILE_COLUMNS = ("on_disk", "wanted", "reserved", "downloading", "missing", "deleted")
+
+
 def show(config: Config, *, as_json: bool) -> int:
     """Print the status; exit code 0."""
     with Ledger.open(config.storage.ledger_path, readonly=True) as ledger:
@@ -162,17 +166,17 @@ def _print_report(report: dict[str, Any]) -> None:
     console.print(jobs)
     files = Table(title="files by kind")
     files.add_column("kind")
-    for s in ("on_disk", "wanted", "reserved", "downloading", "missing", "deleted"):
+    for s in FILE_COLUMNS:
         files.add_column(s, justify="right")
-    for kind, by_state in sorted(report["files"].items()):
-        def cell(s: str) -> str:
-            figures = by_state.get(s)
-            if not figures:
-                return "0"
-            size = figures["disk_bytes"] if s == "on_disk" else figures["expected_bytes"]
-            return f"{figures['files']} ({format_size(size)})"
+    def cell(by_state: dict[str, Any], s: str) -> str:
+        figures = by_state.get(s)
+        if not figures:
+            return "0"
+        size = figures["disk_bytes"] if s == "on_disk" else figures["expected_bytes"]
+        return f"{figures['files']} ({format_size(size)})"
 
-        files.add_row(kind, *(cell(s) for s in ("on_disk", "wanted", "reserved", "downloading", "missing", "deleted")))
+    for kind, by_state in sorted(report["files"].items()):
+        files.add_row(kind, *(cell(by_state, s) for s in FILE_COLUMNS))
     console.print(files)
     rates = report["rates"]
     eta = report["eta_seconds"]

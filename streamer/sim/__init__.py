@@ -2,5 +2,5 @@
 
 ``generate`` writes a night in IRSA's layout (see its module docstring for the truth conventions);
 ``server`` serves such a directory with IRSA's search and data API, with faults on demand.
-This package imports only ``streamer.archive.naming`` and the shared numerics of ``streamer.detrend``.
+This package imports only ``streamer.storage.naming`` and the shared numerics of ``streamer.detrend``.
 """

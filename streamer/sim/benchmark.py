@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from streamer.sim.generate import STARS_PER_QUADRANT, Instrument, NightSpec, plan_night, write_ccd_file, LEDS
+from streamer.sim.generate import LEDS, STARS_PER_QUADRANT, Instrument, NightSpec, plan_night, write_ccd_file
 from streamer.sim.geometry import shape_named
 
 

@@ -111,13 +111,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.io import fits
 
-from streamer.archive.naming import RawName, rcid_of
 from streamer.detrend.nonlinearity import coefficients, correct, epoch_for
 from streamer.errors import UsageError
-
 from streamer.sim import sky
-from streamer.sim.geometry import PIXEL_SCALE_ARCSEC, Shape, ccd_unit_coordinates, quadrant_wcs_keywords, shape_named, wcs_from_keywords
+from streamer.sim.geometry import (
+    PIXEL_SCALE_ARCSEC,
+    Shape,
+    ccd_unit_coordinates,
+    quadrant_wcs_keywords,
+    shape_named,
+    wcs_from_keywords,
+)
 from streamer.sim.pixels import SATURATION_RAW_ADU, TRAIL_FRACTION, TRAIL_SCALE_COLUMNS, Amplifier, Drift, raw_quadrant
+from streamer.storage.naming import RawName, rcid_of
 
 LEDS: Final = {"zg": (2, 3, 4, 5), "zr": (7, 8, 9, 10), "zi": (11, 12, 13)}
 FILTER_IDS: Final = {"zg": 1, "zr": 2, "zi": 3, "bi": 0}
@@ -205,7 +211,7 @@ class Instrument:
         """What a master bias recovers: the structure plus the hot-column excess."""
         truth = self.bias_structure(ccdid, qid).copy()
         amp = self.amplifier(ccdid, qid)
-        for column, excess in zip(amp.hot_columns, amp.hot_excess):
+        for column, excess in zip(amp.hot_columns, amp.hot_excess, strict=True):
             truth[:, column] += np.float32(excess)
         return truth
 
@@ -741,7 +747,7 @@ def generate_night(
 
     catalogues = [instrument.catalogue(f, c) for f in sorted({e.field for e in exposures if e.imgtype == "object"}) for c in ccds]
     pixels: set[int] = set()
-    for catalogue, (field_id, ccdid) in zip(catalogues, [(f, c) for f in sorted({e.field for e in exposures if e.imgtype == "object"}) for c in ccds]):
+    for catalogue, (field_id, ccdid) in zip(catalogues, [(f, c) for f in sorted({e.field for e in exposures if e.imgtype == "object"}) for c in ccds], strict=True):
         pixels |= sky.catalogue_pixels(catalogue, frame, field_id, ccdid)
     sky.write_refcat(out / "refcat", catalogues, pixels)
 

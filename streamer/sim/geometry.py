@@ -129,4 +129,4 @@ def ccd_unit_coordinates(shape: Shape, qid: int) -> tuple[npt.NDArray[np.float32
     y = np.arange(shape.rows, dtype=np.float32) + qy * shape.rows
     u = (x + 0.5) / shape.cols - 1.0
     v = (y + 0.5) / shape.rows - 1.0
-    return u[np.newaxis, :], v[:, np.newaxis]
+    return u[np.newaxis, :].astype(np.float32), v[:, np.newaxis].astype(np.float32)

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from astropy.io import fits
 
-from streamer.archive.naming import CalName, NamingError, RawName, SciName, parse_relpath, rcid_of
+from streamer.storage.naming import CalName, NamingError, RawName, SciName, parse_relpath, rcid_of
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _exposure_columns(name: RawName | SciName, header: Mapping[str, Any]) -> dic
     imgtypecode = name.imgtypecode if isinstance(name, RawName) else "o"
     fid = _number(header, "FILTERID")
     return {
-        "field": int(_number(header, "FIELDID") if _number(header, "FIELDID") is not None else name.field),
+        "field": int(field_id) if (field_id := _number(header, "FIELDID")) is not None else name.field,
         "ccdid": name.ccdid,
         "fid": int(fid) if fid is not None else FIDS.get(name.filtercode, 0),
         "filtercode": name.filtercode,
@@ -124,7 +124,7 @@ class ArchiveIndex:
                         sci_quadrants.setdefault(key, []).append(path)
                     elif isinstance(name, CalName) and top == "cal":
                         tables["cal"].append(_cal_row(name, _header(path)))
-        for (ffd, field_id, filtercode, ccdid, qid), paths in sci_quadrants.items():
+        for paths in sci_quadrants.values():
             chosen = next((p for p in paths if p.name.endswith("_sciimg.fits")), paths[0])
             name = parse_relpath(chosen.relative_to(root).as_posix())
             assert isinstance(name, SciName)

@@ -155,7 +155,7 @@ def raw_quadrant(
         for column in amp.dead_columns:
             total[:, column] = bias_part[:, column]
             block_saturated[:, column] = False
-        for column, excess in zip(amp.hot_columns, amp.hot_excess):
+        for column, excess in zip(amp.hot_columns, amp.hot_excess, strict=True):
             total[:, column] += np.float32(excess)
         data[start:stop] = _to_uint16(total)
 

@@ -51,12 +51,11 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from streamer.archive.naming import DATA_PATH, SEARCH_PATH
 from streamer.errors import UsageError
-
-from streamer.sim.faults import FaultCounter, FaultProfile, uniform, choose_fault, load_profile
+from streamer.sim.faults import FaultCounter, FaultProfile, choose_fault, load_profile, uniform
 from streamer.sim.index import COLUMNS, ArchiveIndex
 from streamer.sim.wherequery import QueryError, compile_where
+from streamer.storage.naming import DATA_PATH, SEARCH_PATH
 
 log = logging.getLogger(__name__)
 
@@ -319,9 +318,9 @@ class SimArchive:
         drip_until = asyncio.get_running_loop().time() + self.settings.faults.drip_max_seconds
         for chunk in _chunks(body, path, start, length):
             if corrupt_at is not None and sent <= corrupt_at - start < sent + len(chunk):
-                chunk = bytearray(chunk)
-                chunk[corrupt_at - start - sent] = CORRUPT_BYTE
-                chunk = bytes(chunk)
+                damaged = bytearray(chunk)
+                damaged[corrupt_at - start - sent] = CORRUPT_BYTE
+                chunk = bytes(damaged)
             if sent + len(chunk) > cut:
                 chunk = chunk[: cut - sent]
             if fault == "drip":

@@ -87,8 +87,9 @@ def positions_at(catalogue: Catalogue, obsjd: float) -> tuple[npt.NDArray[np.flo
     """``(ra, dec)`` in degrees carried from epoch 2016.0 to ``obsjd`` with the proper motions."""
     years = (obsjd - JD_2016) / 365.25
     dec2016 = np.asarray(catalogue["dec"], dtype=np.float64)
-    dec = dec2016 + np.asarray(catalogue["pmdec"]) * years / 3.6e6
-    ra = np.asarray(catalogue["ra"]) + np.asarray(catalogue["pmra"]) * years / (3.6e6 * np.cos(np.radians(dec2016)))
+    dec = dec2016 + np.asarray(catalogue["pmdec"], dtype=np.float64) * years / 3.6e6
+    pmra = np.asarray(catalogue["pmra"], dtype=np.float64)
+    ra = np.asarray(catalogue["ra"], dtype=np.float64) + pmra * years / (3.6e6 * np.cos(np.radians(dec2016)))
     return ra, dec
 
 
@@ -155,7 +156,7 @@ def render_stars(
     wy = ndtr((py - y[:, None] + 0.5) / sigma) - ndtr((py - y[:, None] - 0.5) / sigma)
     stamps = ((flux[:, None, None] * wy[:, :, None]) * wx[:, None, :]).astype(np.float32)
     size = 2 * STAMP_HALF_WIDTH + 1
-    for stamp, x_low, y_low in zip(stamps, (cx - STAMP_HALF_WIDTH).tolist(), (cy - STAMP_HALF_WIDTH).tolist()):
+    for stamp, x_low, y_low in zip(stamps, (cx - STAMP_HALF_WIDTH).tolist(), (cy - STAMP_HALF_WIDTH).tolist(), strict=True):
         x0, y0 = max(x_low, 0), max(y_low, 0)
         x1, y1 = min(x_low + size, cols), min(y_low + size, rows)
         if x0 < x1 and y0 < y1:

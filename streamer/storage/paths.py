@@ -1,6 +1,6 @@
 """Every rule that turns facts into a path below the storage root, and the root check.
 
-Archive products keep the archive's own relpath (``streamer.archive.naming``), except
+Archive products keep the archive's own relpath (``streamer.storage.naming``), except
 the stored sciimg header (``..._sciimg.header.fits``) and the stored mask, kept
 tile-compressed (``..._mskimg.fits.fz``). What the service makes:
 
@@ -18,7 +18,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Final
 
-from streamer.archive.naming import NamingError, RawName, SciName, parse_relpath
+from streamer.storage.naming import NamingError, RawName, SciName, parse_relpath
 
 #: Top directories that hold what the service makes (never archive products).
 PRODUCT_DIRECTORIES: Final = ("masters", "apcat", "detrended")

@@ -20,7 +20,6 @@ import numpy.typing as npt
 from astropy.io import fits
 
 from streamer import geometry, photometry
-from streamer.archive.naming import RawName, night_of, parse_filename
 from streamer.config import DetrendConfig, PhotometryConfig
 from streamer.detrend import masks as maskbits
 from streamer.detrend import nonlinearity
@@ -36,6 +35,7 @@ from streamer.formats.apcat import (
     write_apcat,
     write_detrended,
 )
+from streamer.storage.naming import RawName, night_of, parse_filename
 from streamer.storage.paths import apcat_relpath, detrended_relpath
 
 PIXEL_SCALE_ARCSEC: Final = 1.012

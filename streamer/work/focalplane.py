@@ -1,7 +1,7 @@
 """Worker side of the focal-plane flat normalisation: master flat files in, a small JSON of factors out.
 
 The factors come from :func:`streamer.work.masters.focalplane_factors`, fed with what each master
-flat records in its primary header (``NORMFACT``, ``LEVnn``, ``WLEDnn``); the JSON holds
+flat records in its primary header (``MEDIAN``, ``LEVnn``, ``WLEDnn``); the JSON holds
 ``{"night", "filtercode", "factors": {ccdid: factor}}`` and is written atomically.
 """
 
@@ -25,7 +25,7 @@ def _flat_record(path: str) -> MasterResult:
         path=path, kind="flat", night=str(header["NIGHT"]), ccdid=int(header["CCD_ID"]),
         filtercode=str(header["FILTER"]), frames_used=(), frames_rejected=(), quadrants=(), failed_quadrants=(),
         leds_used=tuple(led for led, _ in levels), led_levels=levels, led_weights=weights,
-        normalisation=float(header["NORMFACT"]),
+        median=float(header["MEDIAN"]),
     )  # fmt: skip
 
 

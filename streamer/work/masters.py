@@ -215,7 +215,7 @@ def _combine_quadrant(
         buffer = np.empty((len(frames), BLOCK_ROWS, columns), dtype=np.float32)  # reused: combine copies
 
         def read_rows(start: int, stop: int) -> npt.NDArray[np.float32]:
-            block = buffer[:, : stop - start]
+            block = buffer[:, : stop - start]  # noqa: B023 (called within this round of the loop)
             for i, frame in enumerate(frames):
                 started = time.perf_counter()
                 try:
@@ -544,7 +544,9 @@ def combine_master_flat(
     failed: list[tuple[int, str]] = []
     used_leds: set[int] = set()
     for qid in (1, 2, 3, 4):
-        weighted = variance = mask = None
+        weighted: npt.NDArray[np.float32] | None = None
+        variance: npt.NDArray[np.float32] | None = None
+        mask: npt.NDArray[np.uint16] | None = None
         total_weight = 0.0
         reasons = []
         for led, path in sorted(led_flat_paths.items()):
@@ -556,7 +558,7 @@ def combine_master_flat(
                 continue
             started = timer.add("read", started)
             w = led_weights[led]
-            if weighted is None:
+            if weighted is None or variance is None or mask is None:
                 weighted = flat.data * np.float32(w)
                 variance = flat.variance * np.float32(w * w)
                 mask = flat.mask.copy()

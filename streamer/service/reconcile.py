@@ -25,12 +25,6 @@ from pathlib import Path
 
 from astropy.io import fits
 
-from streamer.archive.naming import (
-    CalName,
-    SciName,
-    data_url,
-    parse_filename,
-)
 from streamer.config import Config, ConsumerConfig
 from streamer.ledger.core import Ledger
 from streamer.ledger.files import adopt_on_disk, files_in_states, mark_gone
@@ -42,6 +36,12 @@ from streamer.rules.retention import (
 )
 from streamer.storage.atomic import is_unfinished_name
 from streamer.storage.deleter import unlink_below
+from streamer.storage.naming import (
+    CalName,
+    SciName,
+    data_url,
+    parse_filename,
+)
 from streamer.storage.paths import archive_relpath_of, kind_of
 from streamer.storage.tree import walk_regular_files
 
