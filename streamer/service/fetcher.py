@@ -122,6 +122,81 @@ class SpaceSignal:
                 self.space_wanted.clear()
 
 
+class DiskGate:
+    """Pauses downloads while the filesystem itself lacks room (another process, ENOSPC, a quota).
+
+    The budget is the service's own limit; this is the disk's. A pause doubles while it lasts, up to an hour.
+    """
+
+    def __init__(self, ledger: Ledger, root: Path, *, min_free_bytes: int, pause_s: float) -> None:
+        self.ledger = ledger
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self.pause_s = pause_s
+        self._paused_until = 0.0
+
+    def paused_for_s(self) -> float:
+        return max(0.0, self._paused_until - time.monotonic())
+
+    async def wait_for_room(self, need: int) -> None:
+        """Return once ``need`` bytes (and the safety margin) are free on the filesystem."""
+        delay = self.pause_s
+        while True:
+            remaining = self._paused_until - time.monotonic()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+                continue
+            free = shutil.disk_usage(self.root).free
+            if free >= need + self.min_free_bytes:
+                return
+            self.pause(f"only {free} bytes free on the filesystem, {need} needed", delay)
+            delay = min(delay * 2, 3600.0)
+
+    def pause(self, message: str, delay: float | None = None) -> None:
+        delay = self.pause_s if delay is None else delay
+        self._paused_until = time.monotonic() + delay
+        log.warning("%s; pausing downloads for %.0f s", message, delay)
+        self.ledger.event("disk_full", f"{message}; downloads paused for {delay:.0f} s", level="warning")
+
+
+def remove_orphan_parts(ledger: Ledger, root: Path) -> int:
+    """Delete ``.part``/``.zpart`` files under the root whose file is not being downloaded."""
+    removed = 0
+    for directory in ("raw", "sci"):
+        base = root / directory
+        if not base.is_dir():
+            continue
+        for path in base.rglob("*"):
+            if path.is_symlink() or not path.is_file() or not path.name.endswith((".part", ".zpart")):
+                continue
+            final_name = path.name.rsplit(".", 1)[0]
+            relpath = path.with_name(final_name).relative_to(root).as_posix()
+            row = ledger.file_by_relpath(relpath)
+            if row is None or row["state"] not in ("reserved", "downloading") or path.name.endswith(".zpart"):
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def failure_recorder(
+    ledger: Ledger, row: dict[str, Any], *, requests: list[int] | None = None
+) -> Callable[[TransientError, FailureCount], None]:
+    """The ``on_failure`` callback of a transfer: each failed request counts against the file (and in ``requests``)."""
+
+    def record(err: TransientError, count: FailureCount) -> None:
+        downloads.record_failed_request(ledger, row["id"], err)
+        if requests is not None:
+            requests[0] += 1
+        log.info("%s: %s (retrying, failure %d)", row["relpath"], err.reason, count.total)
+
+    return record
+
+
+def mark_on_disk(ledger: Ledger, row: dict[str, Any], final: Path, *, status: int) -> None:
+    """A verified file at its final path: on disk, with its allocated and real sizes."""
+    downloads.mark_on_disk(ledger, row["id"], disk_bytes=disk_bytes(final), actual_size=final.stat().st_size, http_status=status)
+
+
 class Fetcher:
     """Takes the ledger's files to disk within the disk budget.
 
@@ -150,41 +225,16 @@ class Fetcher:
         self.space = space or SpaceSignal()
         self._overhead = overhead
         self.expected_shapes = expected_shapes or {}
-        self.min_free_bytes = min_free_bytes
-        self.disk_pause_s = disk_pause_s
+        self.disk = DiskGate(ledger, storage.root, min_free_bytes=min_free_bytes, pause_s=disk_pause_s)
         archive = client.config
         self.missing_retry_s = archive.missing_retry_hours * 3600 if missing_retry_s is None else missing_retry_s
         self.missing_max_attempts = archive.missing_max_attempts
         self.slots = asyncio.Semaphore(archive.max_connections)
-        self._disk_paused_until = 0.0
 
     # --- public API ---------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """For the service's status: outage state, bytes waiting for budget, whether the disk pauses downloads."""
-        return {
-            **self.client.gate.status(),
-            "waiting_for_space_bytes": self.space.bytes_wanted,
-            "disk_paused_for_s": round(max(0.0, self._disk_paused_until - time.monotonic()), 1),
-        }
-
     def remove_orphan_parts(self) -> int:
-        """Delete ``.part``/``.zpart`` files under the root whose file is not being downloaded."""
-        removed = 0
-        for directory in ("raw", "sci"):
-            base = self.root / directory
-            if not base.is_dir():
-                continue
-            for path in base.rglob("*"):
-                if path.is_symlink() or not path.is_file() or not path.name.endswith((".part", ".zpart")):
-                    continue
-                final_name = path.name.rsplit(".", 1)[0]
-                relpath = path.with_name(final_name).relative_to(self.root).as_posix()
-                row = self.ledger.file_by_relpath(relpath)
-                if row is None or row["state"] not in ("reserved", "downloading") or path.name.endswith(".zpart"):
-                    path.unlink(missing_ok=True)
-                    removed += 1
-        return removed
+        return remove_orphan_parts(self.ledger, self.root)
 
     async def fetch(self, file_id: int) -> FetchOutcome:
         """Take one file to a final state (on_disk, missing, corrupt) or report why it was left.
@@ -255,18 +305,9 @@ class Fetcher:
 
     async def _head_size(self, row: dict[str, Any], count: FailureCount) -> int:
         """The size of a file from a HEAD request (retried like any request); recorded as expected_size."""
-        size = await head_size(self.client, row["url"], count=count, on_failure=self._record_failure(row))
+        size = await head_size(self.client, row["url"], count=count, on_failure=failure_recorder(self.ledger, row))
         downloads.record_expected_size(self.ledger, row["id"], size)
         return size
-
-    def _record_failure(self, row: dict[str, Any], *, requests: list[int] | None = None) -> Callable[[TransientError, FailureCount], None]:
-        def record(err: TransientError, count: FailureCount) -> None:
-            downloads.record_failed_request(self.ledger, row["id"], err)
-            if requests is not None:
-                requests[0] += 1
-            log.info("%s: %s (retrying, failure %d)", row["relpath"], err.reason, count.total)
-
-        return record
 
     async def _reserve(self, row: dict[str, Any], n_bytes: int) -> None:
         """Reserve ``n_bytes`` against the budget, waiting (backpressure) until it fits."""
@@ -283,25 +324,6 @@ class Fetcher:
                 announced = True
             await self.space.wait_for_space(row["id"], n_bytes)
 
-    async def _wait_for_disk(self, need: int) -> None:
-        """Pause while the filesystem itself lacks room (another process, ENOSPC, quota)."""
-        delay = self.disk_pause_s
-        while True:
-            remaining = self._disk_paused_until - time.monotonic()
-            if remaining > 0:
-                await asyncio.sleep(remaining)
-                continue
-            free = shutil.disk_usage(self.root).free
-            if free >= need + self.min_free_bytes:
-                return
-            self._pause_for_disk(f"only {free} bytes free on the filesystem, {need} needed", delay)
-            delay = min(delay * 2, 3600.0)
-
-    def _pause_for_disk(self, message: str, delay: float) -> None:
-        self._disk_paused_until = time.monotonic() + delay
-        log.warning("%s; pausing downloads for %.0f s", message, delay)
-        self.ledger.event("disk_full", f"{message}; downloads paused for {delay:.0f} s", level="warning")
-
     async def _fetch_file(self, row: dict[str, Any], final: Path) -> FetchOutcome:
         count = FailureCount()
         size = row["expected_size"] or await self._head_size(row, count)
@@ -309,18 +331,18 @@ class Fetcher:
         final.parent.mkdir(parents=True, exist_ok=True)
         counts = TransferCounts()
         while True:
-            await self._wait_for_disk(reservation)
+            await self.disk.wait_for_room(reservation)
             await self._reserve(self.ledger.file(row["id"]), reservation)
             async with self.slots:
                 downloads.mark_downloading(self.ledger, row["id"])
                 try:
                     await download(
                         self.client, row["url"], final, kind=row["kind"], size=size, shape=self._shape_for(row),
-                        counts=counts, count=count, on_failure=self._record_failure(row),
+                        counts=counts, count=count, on_failure=failure_recorder(self.ledger, row),
                     )  # fmt: skip
                 except DiskFull as err:
                     downloads.pause_download(self.ledger, row["id"], str(err))
-                    self._pause_for_disk(f"{row['relpath']}: {err}", self.disk_pause_s)
+                    self.disk.pause(f"{row['relpath']}: {err}")
                     continue
                 except TransientError as err:
                     state = "corrupt" if err.verification else "missing"
@@ -334,13 +356,8 @@ class Fetcher:
                         self.ledger.file(row["id"]), err.reason, err.status, requests=counts.requests - 1,
                         count_request=err.status is not None,
                     )  # fmt: skip
-                self._mark_on_disk(row, final, status=200)
+                mark_on_disk(self.ledger, row, final, status=200)
             return FetchOutcome(row["id"], row["relpath"], "on_disk", counts.requests, counts.bytes_transferred)
-
-    def _mark_on_disk(self, row: dict[str, Any], final: Path, *, status: int) -> None:
-        downloads.mark_on_disk(
-            self.ledger, row["id"], disk_bytes=disk_bytes(final), actual_size=final.stat().st_size, http_status=status
-        )
 
     def _give_up(
         self, row: dict[str, Any], reason: str, status: int | None, *, state: str = "missing", requests: int = 0,
@@ -364,18 +381,18 @@ class Fetcher:
 
     async def _fetch_header_file(self, row: dict[str, Any], final: Path) -> FetchOutcome:
         final.parent.mkdir(parents=True, exist_ok=True)
-        await self._wait_for_disk(HEADER_RESERVATION)
+        await self.disk.wait_for_room(HEADER_RESERVATION)
         await self._reserve(self.ledger.file(row["id"]), HEADER_RESERVATION)
         requests = [0]
         async with self.slots:
             downloads.mark_downloading(self.ledger, row["id"])
             try:
                 transferred = await download_header(
-                    self.client, row["url"], final, on_failure=self._record_failure(row, requests=requests)
+                    self.client, row["url"], final, on_failure=failure_recorder(self.ledger, row, requests=requests)
                 )
             except TransientError as err:
                 return self._give_up(self.ledger.file(row["id"]), f"gave up: {err.reason}", err.status)
             except PermanentError as err:
                 return self._give_up(self.ledger.file(row["id"]), err.reason, err.status, count_request=True)
-        self._mark_on_disk(row, final, status=206)
+        mark_on_disk(self.ledger, row, final, status=206)
         return FetchOutcome(row["id"], row["relpath"], "on_disk", requests[0] + 1, transferred)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 from streamer.ledger import planning as queries
 from streamer.ledger.core import Ledger
@@ -48,81 +49,89 @@ def build_night_graph(
     focalplane: bool,
 ) -> dict[str, int]:
     """Create (idempotently) the jobs of one night for the given CCDs; return counts by job kind."""
-    counts: dict[str, int] = defaultdict(int)
     with ledger.transaction() as conn:
+        graph = _NightGraph(ledger, conn, night)
         exposures = queries.night_inputs(conn, night, ccds)
-        flat_files_by_filter: dict[str, list[int]] = defaultdict(list)
-        master_flats: dict[tuple[int, str], int] = {}
-        master_biases: dict[int, int] = {}
         for ccdid in ccds:
-            rows = exposures.get(ccdid, [])
-            biases = biases_to_use(
-                [r for r in rows if r["imgtype"] == "bias"], bias_skip_first,
-                order=lambda r: bias_time_order(r["obsjd"], r["filefracday"]),
-            )  # fmt: skip
-            bias_files = [r["raw_file_id"] for r in biases if r["raw_file_id"] is not None]
-            if bias_files:
-                job = ledger.add_job(
-                    conn, kind="master_bias", key=queries.master_bias_key(night, ccdid),
-                    pins=bias_files, night=night, ccdid=ccdid,
-                )  # fmt: skip
-                master_biases[ccdid] = _product(ledger, conn, master_bias_relpath(night, ccdid), "masters", job, night)
-                counts["master_bias"] += 1
-            flats: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-            for r in rows:
-                if r["imgtype"] == "flat" and r["raw_file_id"] is not None and r["led"] is not None:
-                    flats[r["filtercode"]][int(r["led"])].append(r["raw_file_id"])
-            for filtercode in sorted(flats):
-                led_products = []
-                for led in sorted(flats[filtercode]):
-                    pins = list(flats[filtercode][led])
-                    if ccdid in master_biases:
-                        pins.append(master_biases[ccdid])
-                    job = ledger.add_job(
-                        conn, kind="led_flat", key=queries.led_flat_key(night, ccdid, filtercode, led),
-                        pins=pins, night=night, ccdid=ccdid, filtercode=filtercode,
-                    )  # fmt: skip
-                    led_products.append(
-                        _product(ledger, conn, led_flat_relpath(night, ccdid, filtercode, led), "masters", job, night)
-                    )
-                    counts["led_flat"] += 1
-                job = ledger.add_job(
-                    conn, kind="master_flat", key=queries.master_flat_key(night, ccdid, filtercode),
-                    pins=led_products, night=night, ccdid=ccdid, filtercode=filtercode,
-                )  # fmt: skip
-                flat_id = _product(ledger, conn, master_flat_relpath(night, ccdid, filtercode), "masters", job, night)
-                master_flats[(ccdid, filtercode)] = flat_id
-                flat_files_by_filter[filtercode].append(flat_id)
-                counts["master_flat"] += 1
-        focalplane_files: dict[str, int] = {}
+            graph.add_master_bias(ccdid, exposures.get(ccdid, []), bias_skip_first)
+            graph.add_flats(ccdid, exposures.get(ccdid, []))
         if focalplane:
-            for filtercode, flat_ids in sorted(flat_files_by_filter.items()):
-                job = ledger.add_job(
-                    conn, kind="focalplane", key=queries.focalplane_key(night, filtercode),
-                    pins=flat_ids, night=night, filtercode=filtercode,
-                )  # fmt: skip
-                focalplane_files[filtercode] = _product(
-                    ledger, conn, focalplane_relpath(night, filtercode), "masters", job, night
-                )
-                counts["focalplane"] += 1
+            graph.add_focalplane()
         for ccdid in ccds:
-            for r in exposures.get(ccdid, []):
-                if r["imgtype"] != "object" or r["raw_file_id"] is None:
-                    continue
-                pins = [r["raw_file_id"], *r["science_inputs"]]
-                for master in (master_biases.get(ccdid), master_flats.get((ccdid, r["filtercode"]))):
-                    if master is not None:
-                        pins.append(master)
-                if r["filtercode"] in focalplane_files:
-                    pins.append(focalplane_files[r["filtercode"]])
-                raw = RawName(r["filefracday"], r["field"], r["filtercode"], ccdid, "o")
-                job = ledger.add_job(
-                    conn, kind="exposure", key=queries.exposure_key(r["filefracday"], ccdid),
-                    pins=pins, night=night, ccdid=ccdid, filtercode=r["filtercode"], exposure_id=r["id"],
-                )  # fmt: skip
-                apcat = _product(ledger, conn, apcat_relpath(raw), "apcat", job, night)
-                queries.set_file_exposure(conn, apcat, r["id"], r["field"])
-                for detrended in r["detrended_outputs"]:
-                    queries.set_producer(conn, detrended, job)
-                counts["exposure"] += 1
-    return dict(counts)
+            for row in exposures.get(ccdid, []):
+                if row["imgtype"] == "object" and row["raw_file_id"] is not None:
+                    graph.add_exposure(ccdid, row)
+    return dict(graph.counts)
+
+
+class _NightGraph:
+    """The jobs of one night being built in one transaction, with the masters made so far."""
+
+    def __init__(self, ledger: Ledger, conn: sqlite3.Connection, night: str) -> None:
+        self.ledger = ledger
+        self.conn = conn
+        self.night = night
+        self.counts: dict[str, int] = defaultdict(int)
+        self.master_biases: dict[int, int] = {}
+        self.master_flats: dict[tuple[int, str], int] = {}
+        self.flats_by_filter: dict[str, list[int]] = defaultdict(list)
+        self.focalplane_files: dict[str, int] = {}
+
+    def _job(self, kind: str, key: str, pins: Sequence[int], **fields: Any) -> int:
+        self.counts[kind] += 1
+        return self.ledger.add_job(self.conn, kind=kind, key=key, pins=pins, night=self.night, **fields)
+
+    def _product(self, relpath: str, kind: str, job_id: int) -> int:
+        return _product(self.ledger, self.conn, relpath, kind, job_id, self.night)
+
+    def add_master_bias(self, ccdid: int, rows: Sequence[dict[str, Any]], skip_first: int) -> None:
+        biases = biases_to_use(
+            [r for r in rows if r["imgtype"] == "bias"], skip_first,
+            order=lambda r: bias_time_order(r["obsjd"], r["filefracday"]),
+        )  # fmt: skip
+        bias_files = [r["raw_file_id"] for r in biases if r["raw_file_id"] is not None]
+        if bias_files:
+            job = self._job("master_bias", queries.master_bias_key(self.night, ccdid), bias_files, ccdid=ccdid)
+            self.master_biases[ccdid] = self._product(master_bias_relpath(self.night, ccdid), "masters", job)
+
+    def add_flats(self, ccdid: int, rows: Sequence[dict[str, Any]]) -> None:
+        """One LED flat per (filter, LED) with its frames and the master bias, then the filter's master flat."""
+        flats: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            if r["imgtype"] == "flat" and r["raw_file_id"] is not None and r["led"] is not None:
+                flats[r["filtercode"]][int(r["led"])].append(r["raw_file_id"])
+        bias = [self.master_biases[ccdid]] if ccdid in self.master_biases else []
+        for filtercode in sorted(flats):
+            led_products = []
+            for led in sorted(flats[filtercode]):
+                key = queries.led_flat_key(self.night, ccdid, filtercode, led)
+                job = self._job("led_flat", key, [*flats[filtercode][led], *bias], ccdid=ccdid, filtercode=filtercode)
+                led_products.append(self._product(led_flat_relpath(self.night, ccdid, filtercode, led), "masters", job))
+            key = queries.master_flat_key(self.night, ccdid, filtercode)
+            job = self._job("master_flat", key, led_products, ccdid=ccdid, filtercode=filtercode)
+            flat_id = self._product(master_flat_relpath(self.night, ccdid, filtercode), "masters", job)
+            self.master_flats[(ccdid, filtercode)] = flat_id
+            self.flats_by_filter[filtercode].append(flat_id)
+
+    def add_focalplane(self) -> None:
+        for filtercode, flat_ids in sorted(self.flats_by_filter.items()):
+            job = self._job("focalplane", queries.focalplane_key(self.night, filtercode), flat_ids, filtercode=filtercode)
+            self.focalplane_files[filtercode] = self._product(focalplane_relpath(self.night, filtercode), "masters", job)
+
+    def add_exposure(self, ccdid: int, row: dict[str, Any]) -> None:
+        """The exposure job: its raw, IPAC inputs and masters pinned; its catalogue and detrended images its products."""
+        pins = [row["raw_file_id"], *row["science_inputs"]]
+        for master in (self.master_biases.get(ccdid), self.master_flats.get((ccdid, row["filtercode"]))):
+            if master is not None:
+                pins.append(master)
+        if row["filtercode"] in self.focalplane_files:
+            pins.append(self.focalplane_files[row["filtercode"]])
+        job = self._job(
+            "exposure", queries.exposure_key(row["filefracday"], ccdid), pins,
+            ccdid=ccdid, filtercode=row["filtercode"], exposure_id=row["id"],
+        )  # fmt: skip
+        raw = RawName(row["filefracday"], row["field"], row["filtercode"], ccdid, "o")
+        apcat = self._product(apcat_relpath(raw), "apcat", job)
+        queries.set_file_exposure(self.conn, apcat, row["id"], row["field"])
+        for detrended in row["detrended_outputs"]:
+            queries.set_producer(self.conn, detrended, job)

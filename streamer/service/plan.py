@@ -173,87 +173,106 @@ def plan_from_rows(
     With ``write_detrended``, each raw science file's four detrended quadrant images are
     planned too (kind ``detrended``, no URL): the work graph makes its exposure job their producer.
     """
-    leds = leds or {}
-    night_text = night.isoformat()
     prefix = night.strftime("%Y%m%d")
-    wanted_ccds = set(ccds)
-    processing = needs_processing(consumers)
-    photometry = needs_photometry(consumers)
-    biases = used_biases([r for r in raw_rows if r["ccdid"] in wanted_ccds], bias_skip_first)
-
-    footprints: dict[tuple[str, int], list[Footprint]] = defaultdict(list)
-    quadrant_footprints: dict[tuple[str, int, int], Footprint] = {}
-    for row in sci_rows:
-        quadrant_footprint = footprint_of(row, quadrant_shape)
-        footprints[(row["filefracday"], row["ccdid"])].append(quadrant_footprint)
-        quadrant_footprints[(row["filefracday"], row["ccdid"], row["qid"])] = quadrant_footprint
-
-    exposures: dict[tuple[str, int, str], PlannedExposure] = {}
-    files: dict[str, PlannedFile] = {}
-    flats_without_led: set[str] = set()
-
+    wanted = set(ccds)
+    biases = used_biases([r for r in raw_rows if r["ccdid"] in wanted], bias_skip_first)
+    raw_rows = [r for r in raw_rows if r["ccdid"] in wanted and r["filefracday"].startswith(prefix)]
+    sci_rows = [r for r in sci_rows if r["ccdid"] in wanted and r["filefracday"].startswith(prefix)]
+    planner = _NightPlanner(night, consumers, base_url, quadrant_shape, sci_rows)
     for row in raw_rows:
-        if row["ccdid"] not in wanted_ccds or not row["filefracday"].startswith(prefix):
-            continue
-        if row["imgtype"] not in RAW_IMGTYPES:
-            continue
+        if row["imgtype"] in RAW_IMGTYPES:
+            planner.add_raw(row, biases, (leds or {}).get(row["filefracday"]), write_detrended=write_detrended)
+    for row in sci_rows:
+        planner.add_ipac_quadrant(row)
+    return planner.plan()
+
+
+class _NightPlanner:
+    """The exposures and files of one night, gathered from its search rows."""
+
+    def __init__(
+        self, night: dt.date, consumers: Sequence[ConsumerConfig], base_url: str,
+        quadrant_shape: tuple[int, int] | None, sci_rows: Sequence[dict[str, Any]],
+    ) -> None:  # fmt: skip
+        self.night = night
+        self.night_text = night.isoformat()
+        self.consumers = consumers
+        self.base_url = base_url
+        self.quadrant_shape = quadrant_shape
+        self.processing = needs_processing(consumers)
+        self.photometry = needs_photometry(consumers)
+        self.exposures: dict[tuple[str, int, str], PlannedExposure] = {}
+        self.files: dict[str, PlannedFile] = {}
+        self.flats_without_led: set[str] = set()
+        self.footprints: dict[tuple[str, int], list[Footprint]] = defaultdict(list)
+        self.quadrant_footprints: dict[tuple[str, int, int], Footprint] = {}
+        for row in sci_rows:
+            quadrant = footprint_of(row, quadrant_shape)
+            self.footprints[(row["filefracday"], row["ccdid"])].append(quadrant)
+            self.quadrant_footprints[(row["filefracday"], row["ccdid"], row["qid"])] = quadrant
+
+    def add_raw(self, row: dict[str, Any], biases: set[tuple[str, int]], led: int | None, *, write_detrended: bool) -> None:
         name = RawName(row["filefracday"], row["field"], row["filtercode"], row["ccdid"], row["imgtypecode"])
-        facts = FileFacts("raw", row["field"], night, tuple(footprints.get((name.filefracday, name.ccdid), ())))
-        kept = is_kept(consumers, facts)
+        footprints = tuple(self.footprints.get((name.filefracday, name.ccdid), ()))
+        kept = is_kept(self.consumers, FileFacts("raw", row["field"], self.night, footprints))
         used = row["imgtype"] != "bias" or (name.filefracday, name.ccdid) in biases
-        if not (kept or (processing and used)) and not (processing and row["imgtype"] == "bias"):
-            continue
-        led = leds.get(name.filefracday) if row["imgtype"] == "flat" else None
+        wanted = kept or (self.processing and used)
+        if not wanted and not (self.processing and row["imgtype"] == "bias"):
+            return
+        led = led if row["imgtype"] == "flat" else None
         if row["imgtype"] == "flat" and led is None:
-            flats_without_led.add(name.filefracday)
+            self.flats_without_led.add(name.filefracday)
         exposure = PlannedExposure(
-            name.filefracday, name.ccdid, name.imgtypecode, row["imgtype"], night_text, row["field"],
+            name.filefracday, name.ccdid, name.imgtypecode, row["imgtype"], self.night_text, row["field"],
             row["filtercode"], row.get("expid"), row.get("obsjd"), row.get("exptime"), led,
         )  # fmt: skip
-        exposures[exposure.key] = exposure
-        if not (kept or (processing and used)):
-            continue  # a skipped bias: its exposure is recorded (the graph skips by position), its file is not wanted
-        files[name.relpath] = PlannedFile(
-            name.relpath, "raw", name.url(base_url), exposure.key, None, night_text, row["field"], kept
+        self.exposures[exposure.key] = exposure
+        if not wanted:
+            return  # a skipped bias: its exposure is recorded (the graph skips by position), its file is not wanted
+        self.files[name.relpath] = PlannedFile(
+            name.relpath, "raw", name.url(self.base_url), exposure.key, None, self.night_text, row["field"], kept
         )
         if write_detrended and row["imgtype"] == "object":
-            for qid in (1, 2, 3, 4):
-                quadrant = quadrant_footprints.get((name.filefracday, name.ccdid, qid))
-                facts = FileFacts("detrended", row["field"], night, (quadrant,) if quadrant is not None else ())
-                relpath = detrended_relpath(name, qid)
-                files[relpath] = PlannedFile(
-                    relpath, "detrended", "", exposure.key, qid, night_text, row["field"], is_kept(consumers, facts)
-                )
+            self.add_detrended(name, exposure.key, row["field"])
 
-    for row in sci_rows:
-        if row["ccdid"] not in wanted_ccds or not row["filefracday"].startswith(prefix):
-            continue
+    def add_detrended(self, name: RawName, exposure_key: tuple[str, int, str], field_id: int) -> None:
+        for qid in (1, 2, 3, 4):
+            quadrant = self.quadrant_footprints.get((name.filefracday, name.ccdid, qid))
+            facts = FileFacts("detrended", field_id, self.night, (quadrant,) if quadrant is not None else ())
+            relpath = detrended_relpath(name, qid)
+            self.files[relpath] = PlannedFile(
+                relpath, "detrended", "", exposure_key, qid, self.night_text, field_id, is_kept(self.consumers, facts)
+            )
+
+    def add_ipac_quadrant(self, row: dict[str, Any]) -> None:
+        """The IPAC header and mask a catalogue needs, and whatever of the quadrant a consumer keeps."""
         sci = SciName(row["filefracday"], row["field"], row["filtercode"], row["ccdid"], row["qid"], "sciimg.fits")
         mask = SciName(row["filefracday"], row["field"], row["filtercode"], row["ccdid"], row["qid"], "mskimg.fits")
         key = (sci.filefracday, sci.ccdid, "o")
-        if key not in exposures:
-            exposures[key] = PlannedExposure(
-                sci.filefracday, sci.ccdid, "o", "object", night_text, row["field"], row["filtercode"],
+        if key not in self.exposures:
+            self.exposures[key] = PlannedExposure(
+                sci.filefracday, sci.ccdid, "o", "object", self.night_text, row["field"], row["filtercode"],
                 row.get("expid"), row.get("obsjd"), row.get("exptime"),
             )  # fmt: skip
-        footprint = (footprint_of(row, quadrant_shape),)
+        footprint = (footprint_of(row, self.quadrant_shape),)
         candidates = (
-            ("sciimg_header", header_relpath(sci.relpath), sci.url(base_url), photometry),
-            ("mskimg", mask_relpath(mask.relpath), mask.url(base_url), photometry),
-            ("sciimg", sci.relpath, sci.url(base_url), False),
+            ("sciimg_header", header_relpath(sci.relpath), sci.url(self.base_url), self.photometry),
+            ("mskimg", mask_relpath(mask.relpath), mask.url(self.base_url), self.photometry),
+            ("sciimg", sci.relpath, sci.url(self.base_url), False),
         )
         for kind, relpath, url, needed in candidates:
-            kept = is_kept(consumers, FileFacts(kind, row["field"], night, footprint))
+            kept = is_kept(self.consumers, FileFacts(kind, row["field"], self.night, footprint))
             if kept or needed:
-                files[relpath] = PlannedFile(relpath, kind, url, key, row["qid"], night_text, row["field"], kept)
+                self.files[relpath] = PlannedFile(relpath, kind, url, key, row["qid"], self.night_text, row["field"], kept)
 
-    used_keys = {f.exposure for f in files.values()}
-    return NightPlan(
-        night,
-        tuple(e for k, e in sorted(exposures.items()) if k in used_keys or e.imgtype == "bias"),
-        tuple(files[k] for k in sorted(files)),
-        tuple(sorted(flats_without_led)),
-    )
+    def plan(self) -> NightPlan:
+        used_keys = {f.exposure for f in self.files.values()}
+        return NightPlan(
+            self.night,
+            tuple(e for k, e in sorted(self.exposures.items()) if k in used_keys or e.imgtype == "bias"),
+            tuple(self.files[k] for k in sorted(self.files)),
+            tuple(sorted(self.flats_without_led)),
+        )
 
 
 def record_plan(ledger: Ledger, plan: NightPlan) -> PlanSummary:

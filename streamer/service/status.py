@@ -59,7 +59,6 @@ def _service_running(info: dict[str, Any]) -> bool:
 def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
     """Everything status shows, as plain JSON-ready values."""
     now = time.time()
-    service_info = json.loads(ledger.get_meta("service") or "{}")
     files: dict[str, dict[str, Any]] = defaultdict(dict)
     used = reserved = 0
     for (kind, state), figures in ledger.bytes_by_kind_and_state().items():
@@ -69,63 +68,79 @@ def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
     jobs: dict[str, dict[str, int]] = defaultdict(dict)
     for (kind, state), n in ledger.jobs_by_kind_and_state().items():
         jobs[kind][state] = n
-    hour_ago = now - 3600
-    downloads = queries.downloads_since(ledger, hour_ago)
-    jobs_done_hour = queries.jobs_done_since(ledger, hour_ago)
-    unfinished = queries.unfinished_jobs(ledger)
-    erasable = queries.erasable_totals(ledger)
-    consumers = []
-    for consumer in config.consumers:
-        missing = queries.kept_not_on_disk(ledger, consumer.keep)
-        consumers.append(
-            {"name": consumer.name, "keep": list(consumer.keep), "missing_files": missing["files"], "missing_bytes": missing["bytes"]}
-        )
-    fallbacks = [
-        {"job": r["job_id"], "time": _iso(r["t"]), "message": r["message"]} for r in queries.calibration_events(ledger)
-    ]
-    errors = [
-        {"time": _iso(r["t"]), "level": r["level"], "kind": r["kind"], "message": r["message"]}
-        for r in queries.recent_problems(ledger)
-    ]
     outage_state = json.loads(ledger.get_meta(OUTAGE_META_KEY) or "{}")
-    outage = outage_state if outage_state.get("outage") else None
     minimum = ledger.get_meta("minimum_budget_bytes")
-    budget = config.storage.budget
     return {
         "version": __version__,
         "generated_at": _iso(now),
         "ledger": str(ledger.path),
-        "service": {
-            "running": _service_running(service_info),
-            "pid": service_info.get("pid"),
-            "started": _iso(service_info.get("started")),
-            "mode": "backfill" if service_info.get("burst") else "daemon",
-            "executor": service_info.get("executor", {"kind": config.compute.executor}),
-        },
-        "budget": {
-            "budget_bytes": budget,
-            "high_watermark_bytes": int(budget * config.storage.high_watermark),
-            "low_watermark_bytes": int(budget * config.storage.low_watermark),
-            "used_bytes": used,
-            "reserved_bytes": reserved,
-            "free_bytes": budget - used - reserved,
-        },
+        "service": _service(config, ledger),
+        "budget": _budget(config, used, reserved),
         "minimum_budget_bytes": int(minimum) if minimum is not None else None,
         "files": files,
         "jobs": jobs,
+        **_rates(ledger, now),
+        "erasable": queries.erasable_totals(ledger),
+        "consumers": _consumers(config, ledger),
+        "calibration_fallbacks": [
+            {"job": r["job_id"], "time": _iso(r["t"]), "message": r["message"]} for r in queries.calibration_events(ledger)
+        ],
+        "last_errors": [
+            {"time": _iso(r["t"]), "level": r["level"], "kind": r["kind"], "message": r["message"]}
+            for r in queries.recent_problems(ledger)
+        ],
+        "stuck": queries.stuck_reason(ledger),
+        "outage": outage_state if outage_state.get("outage") else None,
+    }
+
+
+def _service(config: Config, ledger: Ledger) -> dict[str, Any]:
+    info = json.loads(ledger.get_meta("service") or "{}")
+    return {
+        "running": _service_running(info),
+        "pid": info.get("pid"),
+        "started": _iso(info.get("started")),
+        "mode": "backfill" if info.get("burst") else "daemon",
+        "executor": info.get("executor", {"kind": config.compute.executor}),
+    }
+
+
+def _budget(config: Config, used: int, reserved: int) -> dict[str, int]:
+    budget = config.storage.budget
+    return {
+        "budget_bytes": budget,
+        "high_watermark_bytes": int(budget * config.storage.high_watermark),
+        "low_watermark_bytes": int(budget * config.storage.low_watermark),
+        "used_bytes": used,
+        "reserved_bytes": reserved,
+        "free_bytes": budget - used - reserved,
+    }
+
+
+def _rates(ledger: Ledger, now: float) -> dict[str, Any]:
+    """The last hour's downloads and jobs, and the time left at that pace."""
+    hour_ago = now - 3600
+    downloads = queries.downloads_since(ledger, hour_ago)
+    jobs_done_hour = queries.jobs_done_since(ledger, hour_ago)
+    unfinished = queries.unfinished_jobs(ledger)
+    return {
         "rates": {
             "downloads_last_hour": downloads["n"],
             "downloaded_bytes_last_hour": downloads["bytes"],
             "jobs_done_last_hour": jobs_done_hour,
         },
         "eta_seconds": (unfinished / jobs_done_hour * 3600) if jobs_done_hour and unfinished else (0 if not unfinished else None),
-        "erasable": erasable,
-        "consumers": consumers,
-        "calibration_fallbacks": fallbacks,
-        "last_errors": errors,
-        "stuck": queries.stuck_reason(ledger),
-        "outage": outage,
     }
+
+
+def _consumers(config: Config, ledger: Ledger) -> list[dict[str, Any]]:
+    out = []
+    for consumer in config.consumers:
+        missing = queries.kept_not_on_disk(ledger, consumer.keep)
+        out.append(
+            {"name": consumer.name, "keep": list(consumer.keep), "missing_files": missing["files"], "missing_bytes": missing["bytes"]}
+        )
+    return out
 
 
 #: File states shown as columns of the text status.
