@@ -13,13 +13,14 @@ import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from streamer import __version__
 from streamer.config import Config
 from streamer.ledger.core import Ledger
 from streamer.ledger.files import job_inputs, job_outputs
 from streamer.ledger.planning import led_of_led_flat_key
+from streamer.rules.failures import ErrorClass
 from streamer.storage.paths import local_path
 
 
@@ -34,9 +35,9 @@ class Call:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What to do with a failed job: ``blocked`` for good, ``refetch`` its raw file, or ``retry``."""
+    """A worker's failure as the failure policy names it, with the reason to record."""
 
-    kind: str
+    kind: ErrorClass
     reason: str
 
 
@@ -56,83 +57,120 @@ def provenance(config: Config, job: dict[str, Any]) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class JobContext:
+    """What a job kind's builder sees: the job row, its inputs on disk, its outputs, and the configuration."""
+
+    job: dict[str, Any]
+    config: Config
+    on_disk: tuple[dict[str, Any], ...]
+    outputs: tuple[str, ...]
+
+    def path(self, row: dict[str, Any]) -> str:
+        return str(local_path(self.config.storage.root, row["relpath"]))
+
+    def produced(self, kind: str) -> dict[str, Any] | None:
+        """The pinned input made by a job of ``kind`` (a master), if on disk."""
+        return next((r for r in self.on_disk if r["producer_kind"] == kind), None)
+
+    def raws(self) -> list[str]:
+        return [self.path(r) for r in self.on_disk if r["kind"] == "raw"]
+
+    @property
+    def out_path(self) -> str:
+        return str(local_path(self.config.storage.root, self.outputs[0])) if self.outputs else ""
+
+    @property
+    def common(self) -> dict[str, Any]:
+        return {"provenance": provenance(self.config, self.job), "out_path": self.out_path}
+
+
+def _master_bias(ctx: JobContext) -> Call:
+    from streamer.work.masters import build_master_bias
+
+    # The work graph pinned the biases that rules.bias chose: the worker combines them all.
+    job = ctx.job
+    kwargs = {**ctx.common, "bias_paths": ctx.raws(), "night": job["night"], "ccdid": job["ccdid"], "detrend": ctx.config.detrend}
+    return Call(build_master_bias, kwargs, ctx.outputs)
+
+
+def _led_flat(ctx: JobContext) -> Call:
+    from streamer.work.masters import build_led_flat
+
+    job, bias = ctx.job, ctx.produced("master_bias")
+    return Call(
+        build_led_flat,
+        {**ctx.common, "flat_paths": ctx.raws(), "master_bias_path": ctx.path(bias) if bias else None,
+         "led": led_of_led_flat_key(job["key"]), "night": job["night"], "ccdid": job["ccdid"],
+         "filtercode": job["filtercode"], "detrend": ctx.config.detrend},
+        ctx.outputs,
+    )  # fmt: skip
+
+
+def _master_flat(ctx: JobContext) -> Call:
+    from streamer.work.masters import combine_master_flat
+
+    job = ctx.job
+    led_flats = {led_of_led_flat_key(r["producer_key"]): ctx.path(r) for r in ctx.on_disk if r["producer_kind"] == "led_flat"}
+    return Call(
+        combine_master_flat,
+        {**ctx.common, "led_flat_paths": led_flats, "night": job["night"], "ccdid": job["ccdid"],
+         "filtercode": job["filtercode"], "detrend": ctx.config.detrend},
+        ctx.outputs,
+    )  # fmt: skip
+
+
+def _focalplane(ctx: JobContext) -> Call:
+    from streamer.work.focalplane import write_focalplane_factors
+
+    flats = {int(r["producer_ccd"]): ctx.path(r) for r in ctx.on_disk if r["producer_kind"] == "master_flat"}
+    return Call(write_focalplane_factors, {**ctx.common, "master_flat_paths": flats}, ctx.outputs)
+
+
+def _exposure(ctx: JobContext) -> Call:
+    from streamer.work.exposure import process_exposure
+    from streamer.work.focalplane import read_focalplane_factor
+
+    job, config = ctx.job, ctx.config
+    raw = next(r for r in ctx.on_disk if r["kind"] == "raw")
+    bias, flat, focal = ctx.produced("master_bias"), ctx.produced("master_flat"), ctx.produced("focalplane")
+    headers = {q: None for q in (1, 2, 3, 4)} | {r["qid"]: ctx.path(r) for r in ctx.on_disk if r["kind"] == "sciimg_header"}
+    masks = {q: None for q in (1, 2, 3, 4)} | {r["qid"]: ctx.path(r) for r in ctx.on_disk if r["kind"] == "mskimg"}
+    calibration = {
+        "master_bias": bias["relpath"] if bias else "",
+        "master_bias_night": bias["producer_night"] if bias else "",
+        "master_flat": flat["relpath"] if flat else "",
+        "master_flat_night": flat["producer_night"] if flat else "",
+    }
+    factor = read_focalplane_factor(ctx.path(focal), job["ccdid"]) if focal else 1.0
+    return Call(
+        process_exposure,
+        {"raw_path": ctx.path(raw), "master_bias_path": ctx.path(bias) if bias else None,
+         "master_flat_path": ctx.path(flat) if flat else None, "sciimg_header_paths": headers,
+         "mask_paths": masks, "catalog_dir": str(config.photometry.catalog_dir), "storage_root": str(config.storage.root),
+         "detrend_config": config.detrend, "photometry_config": config.photometry,
+         "provenance": {**ctx.common["provenance"], **calibration}, "focalplane_factor": factor},
+        ctx.outputs,
+    )  # fmt: skip
+
+
+#: Each job kind's builder of its worker call.
+JOB_KINDS: Final[dict[str, Callable[[JobContext], Call]]] = {
+    "master_bias": _master_bias,
+    "led_flat": _led_flat,
+    "master_flat": _master_flat,
+    "focalplane": _focalplane,
+    "exposure": _exposure,
+}
+
+
 def build_call(ledger: Ledger, config: Config, job: dict[str, Any]) -> Call:
     """The worker call for a ready job."""
-    from streamer.work import exposure as work
-    from streamer.work import focalplane as work_focalplane
-    from streamer.work import masters as work_masters
-
-    root = config.storage.root
-    inputs = job_inputs(ledger, job["id"])
-    outputs = tuple(job_outputs(ledger, job["id"]))
-    on_disk = [r for r in inputs if r["state"] == "on_disk"]
-
-    def path(row: dict[str, Any]) -> str:
-        return str(local_path(root, row["relpath"]))
-
-    def produced(kind: str) -> dict[str, Any] | None:
-        return next((r for r in on_disk if r["producer_kind"] == kind), None)
-
-    common = {"provenance": provenance(config, job)}
-    out_path = str(local_path(root, outputs[0])) if outputs else ""
-    kind = job["kind"]
-    if kind == "master_bias":
-        # The work graph pinned the biases that rules.bias chose: the worker combines them all.
-        return Call(
-            work_masters.build_master_bias,
-            {**common, "bias_paths": [path(r) for r in on_disk if r["kind"] == "raw"], "out_path": out_path,
-             "night": job["night"], "ccdid": job["ccdid"], "detrend": config.detrend},
-            outputs,
-        )  # fmt: skip
-    if kind == "led_flat":
-        bias = produced("master_bias")
-        return Call(
-            work_masters.build_led_flat,
-            {**common, "flat_paths": [path(r) for r in on_disk if r["kind"] == "raw"],
-             "master_bias_path": path(bias) if bias else None, "out_path": out_path,
-             "led": led_of_led_flat_key(job["key"]), "night": job["night"], "ccdid": job["ccdid"],
-             "filtercode": job["filtercode"], "detrend": config.detrend},
-            outputs,
-        )  # fmt: skip
-    if kind == "master_flat":
-        led_flats = {
-            led_of_led_flat_key(r["producer_key"]): path(r) for r in on_disk if r["producer_kind"] == "led_flat"
-        }
-        return Call(
-            work_masters.combine_master_flat,
-            {**common, "led_flat_paths": led_flats, "out_path": out_path, "night": job["night"],
-             "ccdid": job["ccdid"], "filtercode": job["filtercode"], "detrend": config.detrend},
-            outputs,
-        )  # fmt: skip
-    if kind == "focalplane":
-        flats = {int(r["producer_ccd"]): path(r) for r in on_disk if r["producer_kind"] == "master_flat"}
-        return Call(
-            work_focalplane.write_focalplane_factors,
-            {**common, "master_flat_paths": flats, "out_path": out_path},
-            outputs,
-        )  # fmt: skip
-    if kind == "exposure":
-        raw = next(r for r in on_disk if r["kind"] == "raw")
-        bias, flat, focal = produced("master_bias"), produced("master_flat"), produced("focalplane")
-        headers = {q: None for q in (1, 2, 3, 4)} | {r["qid"]: path(r) for r in on_disk if r["kind"] == "sciimg_header"}
-        masks = {q: None for q in (1, 2, 3, 4)} | {r["qid"]: path(r) for r in on_disk if r["kind"] == "mskimg"}
-        calibration = {
-            "master_bias": bias["relpath"] if bias else "",
-            "master_bias_night": bias["producer_night"] if bias else "",
-            "master_flat": flat["relpath"] if flat else "",
-            "master_flat_night": flat["producer_night"] if flat else "",
-        }
-        factor = work_focalplane.read_focalplane_factor(path(focal), job["ccdid"]) if focal else 1.0
-        return Call(
-            work.process_exposure,
-            {"raw_path": path(raw), "master_bias_path": path(bias) if bias else None,
-             "master_flat_path": path(flat) if flat else None, "sciimg_header_paths": headers,
-             "mask_paths": masks, "catalog_dir": str(config.photometry.catalog_dir), "storage_root": str(root),
-             "detrend_config": config.detrend, "photometry_config": config.photometry,
-             "provenance": {**common["provenance"], **calibration}, "focalplane_factor": factor},
-            outputs,
-        )  # fmt: skip
-    raise ValueError(f"job {job['key']}: unknown kind {kind!r}")
+    builder = JOB_KINDS.get(job["kind"])
+    if builder is None:
+        raise ValueError(f"job {job['key']}: unknown kind {job['kind']!r}: expected one of {', '.join(JOB_KINDS)}")
+    on_disk = tuple(r for r in job_inputs(ledger, job["id"]) if r["state"] == "on_disk")
+    return builder(JobContext(job=job, config=config, on_disk=on_disk, outputs=tuple(job_outputs(ledger, job["id"]))))
 
 
 def result_record(result: Any) -> dict[str, Any]:

@@ -84,8 +84,7 @@ def error_class(error: BaseException) -> tuple[ErrorClass, str]:
     if isinstance(error, BrokenProcessPool | WorkerLost):
         return "worker_lost", "worker process died; retried"
     verdict = job_kinds.classify_failure(error)
-    kind: ErrorClass = "blocked" if verdict.kind == "blocked" else "refetch" if verdict.kind == "refetch" else "retry"
-    return kind, verdict.reason
+    return verdict.kind, verdict.reason
 
 
 def record_failure(ctx: Context, item: Submitted, error: BaseException) -> None:
