@@ -1,1 +1,1 @@
-"""Storage under the root: path rules, the root check, durable atomic writes, the deleter, reconcile."""
+"""Storage under the root: IRSA names and every local path rule, the root check, the one durable atomic write, the one walker, the deleter."""
