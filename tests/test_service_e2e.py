@@ -401,6 +401,7 @@ def test_demo_small(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "aperture catalogues under" in result.stdout
+    assert "service not running" in result.stdout  # the demo prints status after its backfill ended
     report = status_json(tmp_path / "config.toml")
     assert report["budget"]["used_bytes"] <= report["budget"]["budget_bytes"]
     assert len(catalogues(tmp_path / "store")) == 8

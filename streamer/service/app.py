@@ -110,6 +110,7 @@ class Service:
         if ctx.burst and ctx.stuck_reason is None:
             evict(ctx, force=True)
         record_minimum(ctx.config, ctx.ledger)
+        record_service_info(ctx, stopped=True)
         return summary(ctx)
 
     def _install_signal_handlers(self) -> None:

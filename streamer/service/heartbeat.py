@@ -47,8 +47,8 @@ async def heartbeat(ctx: Context) -> None:
             progress.close()
 
 
-def record_service_info(ctx: Context) -> None:
-    """What status shows of the running service, executor workers and load included."""
+def record_service_info(ctx: Context, *, stopped: bool = False) -> None:
+    """What status shows of the running service, executor workers and load included; ``stopped`` at its end."""
     try:
         executor = ctx.executor.describe()
     except Exception as err:  # a cluster that went away must not stop the heartbeat
@@ -57,7 +57,7 @@ def record_service_info(ctx: Context) -> None:
         "service",
         json.dumps({"pid": os.getpid(), "started": ctx.started, "burst": ctx.burst, "executor": executor,
                     "version": __version__, "running_tasks": len(ctx.running_jobs),
-                    "downloads": len(ctx.downloading)}),
+                    "downloads": len(ctx.downloading), "stopped": time.time() if stopped else None}),
     )  # fmt: skip
 
 

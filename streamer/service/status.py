@@ -37,8 +37,8 @@ from streamer import __version__
 from streamer.config import Config, format_size
 from streamer.ledger import status as queries
 from streamer.ledger.core import Ledger
+from streamer.ledger.downloads import OUTAGE_META_KEY
 
-OUTAGE_META_KEY = "archive.outage"  # written by archive/client.py's outage gate
 
 
 def _iso(t: float | None) -> str | None:
@@ -46,8 +46,9 @@ def _iso(t: float | None) -> str | None:
 
 
 def _service_running(info: dict[str, Any]) -> bool:
+    """The recorded service has not said it stopped, and its process is still a streamer."""
     pid = info.get("pid")
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or info.get("stopped") is not None:
         return False
     try:
         cmdline = open(f"/proc/{pid}/cmdline", "rb").read()  # noqa: SIM115
