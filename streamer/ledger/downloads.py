@@ -109,7 +109,7 @@ def mark_on_disk(ledger: Ledger, file_id: int, *, disk_bytes: int, actual_size: 
         conn.execute("UPDATE files SET attempts = attempts + 1 WHERE id = ?", (file_id,))
         ledger.set_file_state(
             conn, file_id, "on_disk", expect=("downloading",), disk_bytes=disk_bytes, actual_size=actual_size,
-            reserved_bytes=0, last_error=None, http_status=http_status, retry_at=None,
+            reserved_bytes=0, last_error=None, http_status=http_status, retry_at=None, fetched_at=time.time(),
         )  # fmt: skip
 
 
