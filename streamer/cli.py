@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     status.set_defaults(handler=_status)
 
+    explain = commands.add_parser("explain", help="why one file is kept, pinned or erasable, and its history (read-only)")
+    explain.add_argument("name", metavar="NAME|PATH", help="the file's relpath, absolute path under the root, or file name")
+    explain.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
+    explain.set_defaults(handler=_explain)
+
     reconcile = commands.add_parser("reconcile", help="compare the storage root with the ledger")
     reconcile.add_argument("--fix", action="store_true", help="register unknown files and remove orphan .part files")
     reconcile.add_argument("--erasable-list", metavar="FILE", help="write the read-only trees' files no consumer needs")
@@ -131,6 +136,13 @@ def _status(args: argparse.Namespace) -> int:
     from streamer.service.status import show
 
     return show(config, as_json=args.json)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from streamer.service.explain import show
+
+    return show(config, args.name, as_json=args.json)
 
 
 def _reconcile(args: argparse.Namespace) -> int:

@@ -448,6 +448,27 @@ class ServiceConfig:
     log_level: str = _option(_choice("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO")
 
 
+_LISTEN_EXPECTED: Final = 'a "host:port" such as "127.0.0.1:9464" (or a port alone, which binds 127.0.0.1)'
+
+
+def _listen(value: Any, key: str, ctx: _Context) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or a port alone (loopback) -> (host, port)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ctx.error(key, value, _LISTEN_EXPECTED)
+    match = re.fullmatch(r"(?:(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)?:)?([0-9]{1,5})", str(value).strip())
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        raise ctx.error(key, value, _LISTEN_EXPECTED)
+    host = (match.group(1) or "127.0.0.1").strip("[]")
+    return host, int(match.group(2))
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint: off unless ``listen`` is given."""
+
+    listen: tuple[str, int] | None = _option(_listen, default=None)
+
+
 def _consumers(value: Any, key: str, ctx: _Context) -> tuple[ConsumerConfig, ...]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise ctx.error(key, value, "an array of tables [[consumers]]")
@@ -472,11 +493,13 @@ class Config:
     backfill: BackfillConfig = _option(_section(BackfillConfig), default=BackfillConfig())
     follow: FollowConfig = _option(_section(FollowConfig), default=FollowConfig())
     service: ServiceConfig = _option(_section(ServiceConfig), default=ServiceConfig())
+    metrics: MetricsConfig = _option(_section(MetricsConfig), default=MetricsConfig())
     source: str = field(default="<defaults>", compare=False, repr=False, metadata={"parse": None})
 
     def config_hash(self) -> str:
         """A stable hash of the effective configuration (for provenance)."""
-        payload = json.dumps(_plain(self), sort_keys=True, separators=(",", ":"))
+        plain = {k: v for k, v in _plain(self).items() if k != "metrics"}  # operational, not provenance
+        payload = json.dumps(plain, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from streamer.service.dispatch import block, dispatcher, ready_jobs
 from streamer.service.downloads import candidates, downloader
 from streamer.service.evictor import evict, evictor
 from streamer.service.heartbeat import heartbeat, record_service_info
+from streamer.service.metrics import metrics_server
 from streamer.service.planner import planner
 from streamer.service.records import Submitted, record, recorder
 from streamer.storage.deleter import recover_deletions, unlink_below
@@ -100,6 +101,8 @@ class Service:
                     group.create_task(evictor(ctx))
                     group.create_task(heartbeat(ctx))
                     group.create_task(until_finished(ctx))
+                    if ctx.config.metrics.listen is not None:
+                        group.create_task(metrics_server(ctx))
             except* Finished:
                 pass
             except* StreamerError as group:
