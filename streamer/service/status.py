@@ -40,7 +40,6 @@ from streamer.ledger.core import Ledger
 from streamer.ledger.downloads import OUTAGE_META_KEY
 
 
-
 def _iso(t: float | None) -> str | None:
     return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
 
