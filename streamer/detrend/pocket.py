@@ -21,8 +21,11 @@ pixel's equation solved given the pocket of the corrected pixels before it. With
 ``v = o - r(q)``, the pixel's true value is the root of ``n - C(q) (n / nmax)**beta = v``
 (``C(q) = cmax (1 - x)**alpha``), found by ``iterations`` Newton steps from ``n0 = v + C ((v + C) /
 nmax)**beta``, which lies above the root (the function is convex, so the steps fall monotonically
-onto it); ``DEFAULT_ITERATIONS`` = 3 steps reach 1e-4 ADU rms on rows with bright stars over a faint
-sky. The overscan columns carry no charge: those of the corrected row are set to their true level
+onto it). For speed the correction reads ``r(q)``, ``C(q)`` and ``(n / nmax)**beta`` from tables
+(:func:`tables`: 4097 pocket fills over [0, cmax], 4097 values of sqrt(n) up to 2**17 ADU, linear
+interpolation) and advances 16 rows together; the forward model computes the powers exactly.
+``DEFAULT_ITERATIONS`` = 2 steps reach 1.4e-3 ADU rms against the exact forward model on rows with
+bright stars over a faint sky (3 steps: 4e-5, the tables' floor). The overscan columns carry no charge: those of the corrected row are set to their true level
 (0 after overscan subtraction); since the model is causal they play no part in the data columns.
 
 Low signal: the register holds no negative charge, and the read noise that makes values negative
@@ -63,7 +66,7 @@ import numpy.typing as npt
 
 from streamer.detrend.readout import OVERSCAN_COLUMNS
 
-DEFAULT_ITERATIONS = 3  # Newton steps per pixel
+DEFAULT_ITERATIONS = 2  # Newton steps per pixel
 DEFAULT_THRESHOLD = 8.0  # ADU of deficit (observed - release) at or below which nothing is taken as captured
 MODELS = ("v0.1",)
 
@@ -168,17 +171,59 @@ def forward_reference(rows: npt.ArrayLike, p: Parameters) -> tuple[FloatArray, F
     return observed, pocket
 
 
-def _invert_pixel_reference(observed: FloatArray, pocket: FloatArray, p: Parameters, iterations: int, threshold: float) -> FloatArray:
+@dataclass(frozen=True)
+class Tables:
+    """The correction's functions of one amplifier, tabulated for linear interpolation.
+
+    ``release`` and ``scale`` (``C(q) = cmax (1 - q / cmax)**alpha``) at ``FILL_CELLS + 1`` pocket fills
+    ``q = k / per_fill`` over [0, cmax]; ``fraction`` = ``(n / nmax)**beta`` at ``ROOT_CELLS + 1`` values of
+    ``sqrt(n) = k / per_root`` over [0, sqrt(ROOT_TOP)] (beyond, the last cell is extended).
+    """
+
+    release: npt.NDArray[np.float64]
+    scale: npt.NDArray[np.float64]
+    fraction: npt.NDArray[np.float64]
+    per_fill: float
+    per_root: float
+
+
+FILL_CELLS = 4096
+ROOT_CELLS = 4096
+ROOT_TOP = 2.0**17  # ADU: above any linearised 16-bit pixel
+
+
+@cache
+def tables(p: Parameters) -> Tables:
+    """The tabulated release, capture scale and capture fraction of ``p`` (exact at the nodes)."""
+    fill = np.linspace(0.0, p.cmax, FILL_CELLS + 1)
+    x = fill / p.cmax
+    root = np.linspace(0.0, np.sqrt(ROOT_TOP), ROOT_CELLS + 1)
+    return Tables(
+        release=np.minimum(p.cmax * x**p.alpha, fill),
+        scale=p.cmax * (1.0 - x) ** p.alpha,
+        fraction=(root * root / p.nmax) ** p.beta,
+        per_fill=FILL_CELLS / p.cmax,
+        per_root=ROOT_CELLS / np.sqrt(ROOT_TOP),
+    )
+
+
+def _lookup(table: FloatArray, position: FloatArray) -> FloatArray:
+    """Linear interpolation of ``table`` at fractional indices ``position`` >= 0 (the last cell extended)."""
+    index = np.clip(position.astype(np.int64), 0, table.shape[0] - 2)
+    weight = position - index
+    return np.asarray(table[index] + weight * (table[index + 1] - table[index]))
+
+
+def _invert_column_reference(observed: FloatArray, pocket: FloatArray, t: Tables, beta: float, iterations: int, threshold: float) -> FloatArray:
     """True values of one column (vectorised over rows) given the pocket before it: the rule of :func:`correct`."""
-    x = np.clip(pocket / p.cmax, 0.0, 1.0)
-    deficit = observed - np.minimum(p.cmax * x**p.alpha, pocket)
-    scale = p.cmax * (1.0 - x) ** p.alpha
+    fill = pocket * t.per_fill
+    deficit = observed - _lookup(t.release, fill)
+    scale = _lookup(t.scale, fill)
+    n = deficit + scale * _lookup(t.fraction, np.sqrt(np.maximum(deficit, 0.0) + scale) * t.per_root)
     with np.errstate(invalid="ignore", divide="ignore"):
-        n = deficit + scale * ((np.maximum(deficit, 0.0) + scale) / p.nmax) ** p.beta
         for _ in range(iterations):
-            captured = scale * (n / p.nmax) ** p.beta
-            slope = 1.0 - p.beta * captured / n
-            n = n - (n - captured - deficit) / slope
+            captured = scale * _lookup(t.fraction, np.sqrt(np.maximum(n, 0.0)) * t.per_root)
+            n = n - (n - captured - deficit) * n / (n - beta * captured)
     return np.asarray(np.where(deficit > threshold, n, deficit), dtype=np.float64)
 
 
@@ -194,10 +239,11 @@ def correct_reference(
     """The true rows (float64) estimated from observed rows: :func:`correct` in numpy, column by column."""
     observed = np.atleast_2d(np.asarray(rows, dtype=np.float64))
     data_columns = observed.shape[1] - overscan_columns
+    t = tables(p)
     estimate = np.full_like(observed, overscan_level)
     pocket = np.zeros(observed.shape[0])
     for j in range(data_columns):
-        n = _invert_pixel_reference(observed[:, j], pocket, p, iterations, threshold)
+        n = _invert_column_reference(observed[:, j], pocket, t, p.beta, iterations, threshold)
         estimate[:, j] = n
         pocket = pocket - (observed[:, j] - n)
     return estimate
@@ -219,35 +265,64 @@ def _forward_rows(true: FloatArray, alpha: float, cmax: float, beta: float, nmax
             q = q - r + c
 
 
+BLOCK_ROWS = 16  # rows advanced together, column by column, so that their independent pockets overlap in the CPU
+
+
 def _correct_rows(
     observed: FloatArray,
-    alpha: float,
-    cmax: float,
+    release: FloatArray,
+    scale: FloatArray,
+    fraction: FloatArray,
+    per_fill: float,
+    per_root: float,
     beta: float,
-    nmax: float,
     iterations: int,
     threshold: float,
     data_columns: int,
     overscan_level: float,
     out: FloatArray,
 ) -> None:
-    for i in numba.prange(observed.shape[0]):
-        q = 0.0
+    rows = observed.shape[0]
+    last_fill = release.shape[0] - 2
+    last_root = fraction.shape[0] - 2
+    for block in numba.prange((rows + BLOCK_ROWS - 1) // BLOCK_ROWS):
+        first = block * BLOCK_ROWS
+        count = min(BLOCK_ROWS, rows - first)
+        q = np.zeros(BLOCK_ROWS)
+        o = np.zeros(BLOCK_ROWS)
+        v = np.zeros(BLOCK_ROWS)
+        c_scale = np.zeros(BLOCK_ROWS)
+        n = np.zeros(BLOCK_ROWS)
         for j in range(data_columns):
-            o = float(observed[i, j])
-            x = min(max(q / cmax, 0.0), 1.0)
-            deficit = o - min(cmax * x**alpha, q)
-            n = deficit
-            if deficit > threshold:
-                scale = cmax * (1.0 - x) ** alpha
-                n = deficit + scale * ((deficit + scale) / nmax) ** beta
-                for _ in range(iterations):
-                    captured = scale * (n / nmax) ** beta
-                    n = n - (n - captured - deficit) / (1.0 - beta * captured / n)
-            out[i, j] = n
-            q = q - (o - n)
-        for j in range(data_columns, observed.shape[1]):
-            out[i, j] = overscan_level
+            for b in range(count):
+                o[b] = observed[first + b, j]
+            for b in range(BLOCK_ROWS):
+                u = q[b] * per_fill
+                i = min(max(int(u), 0), last_fill)
+                w = u - i
+                deficit = o[b] - (release[i] + w * (release[i + 1] - release[i]))
+                s = scale[i] + w * (scale[i + 1] - scale[i])
+                u = np.sqrt(max(deficit, 0.0) + s) * per_root
+                k = min(int(u), last_root)
+                n[b] = deficit + s * (fraction[k] + (u - k) * (fraction[k + 1] - fraction[k]))
+                v[b] = deficit
+                c_scale[b] = s
+            for _ in range(iterations):
+                for b in range(BLOCK_ROWS):
+                    m = n[b]
+                    u = np.sqrt(max(m, 0.0)) * per_root
+                    k = min(int(u), last_root)
+                    captured = c_scale[b] * (fraction[k] + (u - k) * (fraction[k + 1] - fraction[k]))
+                    n[b] = m - (m - captured - v[b]) * m / (m - beta * captured)
+            for b in range(BLOCK_ROWS):
+                m = n[b] if v[b] > threshold else v[b]
+                n[b] = m
+                q[b] = q[b] - o[b] + m
+            for b in range(count):
+                out[first + b, j] = n[b]
+        for b in range(count):
+            for j in range(data_columns, observed.shape[1]):
+                out[first + b, j] = overscan_level
 
 
 # parallel over rows (prange); cache=True keeps the compiled code beside the module for the next process
@@ -286,7 +361,8 @@ def correct(
         raise ValueError(f"overscan_columns {overscan_columns}, iterations {iterations}, threshold {threshold}: out of range")
     out = np.empty_like(observed)
     data_columns = observed.shape[1] - overscan_columns
-    _correct_kernel(observed, p.alpha, p.cmax, p.beta, p.nmax, iterations, threshold, data_columns, overscan_level, out)
+    t = tables(p)
+    _correct_kernel(observed, t.release, t.scale, t.fraction, t.per_fill, t.per_root, p.beta, iterations, threshold, data_columns, overscan_level, out)
     return out
 
 
