@@ -1,13 +1,13 @@
 """Cost of the pocket-effect correction on one full quadrant, against one numpy pass over the same array.
 
-    python -m bench.pocket [--repeat N] [--iterations K]
+    python -m bench.pocket [--repeat N]
 
 On one thread (NUMBA_NUM_THREADS=1, set here before numba loads), in CPU seconds of the process
 (time.process_time): a simulated quadrant of 3080 rows x (3072 data + 30 overscan) columns in
 readout order (Poisson sky of 150 ADU, 5 stars of 10^3 to 10^5.5 ADU per row, CCD 6 q1, the
 strongest pocket), put through the compiled forward model, then:
 
-- correct: ``streamer.detrend.pocket.correct`` at the given Newton steps (default: the module's);
+- correct: ``streamer.detrend.pocket.correct`` (tables built once, before the timing, as in a worker);
 - forward: ``streamer.detrend.pocket.forward`` (the simulator's direction, exact powers);
 - floor: one numpy pass over the same float32 array (``observed * 1.0001`` into a new array).
 
@@ -62,23 +62,22 @@ def cpu_seconds(action: Callable[[], object], repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--iterations", type=int, default=pocket.DEFAULT_ITERATIONS)
     args = parser.parse_args()
 
     p = pocket.pocket_parameters("v0.1", 6, 1, dt.date(2020, 9, 24))
     assert p is not None
     true = true_quadrant(np.random.default_rng(2020))
-    pocket.correct(pocket.forward(true[:32], p), p, iterations=args.iterations)  # compile (or load the cache)
+    pocket.correct(pocket.forward(true[:32], p), p)  # compile (or load the cache)
     observed = pocket.forward(true, p)
 
-    corrected = pocket.correct(observed, p, iterations=args.iterations)
+    corrected = pocket.correct(observed, p)
     residual = float(np.sqrt(np.mean((corrected - true)[:, : QUADRANT_SHAPE[1]].astype(np.float64) ** 2)))
-    correct_s = cpu_seconds(lambda: pocket.correct(observed, p, iterations=args.iterations), args.repeat)
+    correct_s = cpu_seconds(lambda: pocket.correct(observed, p), args.repeat)
     forward_s = cpu_seconds(lambda: pocket.forward(true, p), args.repeat)
     floor_s = cpu_seconds(lambda: observed * np.float32(1.0001), args.repeat)
 
     print(f"quadrant {observed.shape[0]} x {observed.shape[1]} float32, CCD 6 q1, sky {SKY:.0f} ADU, "
-          f"{args.iterations} Newton steps, median of {args.repeat}, CPU s, 1 thread")  # fmt: skip
+          f"median of {args.repeat}, CPU s, 1 thread")  # fmt: skip
     print(f"correct  {correct_s * 1e3:8.1f} ms   (residual {residual:.2e} ADU rms)")
     print(f"forward  {forward_s * 1e3:8.1f} ms")
     print(f"floor    {floor_s * 1e3:8.1f} ms   (one numpy pass)")

@@ -18,15 +18,17 @@ capture is the whole pixel and ``x* = (n / cmax)**(1 / alpha)``).
 The correction solves the row's fixed point ``n = o - delta(n)`` (``delta = r - c`` from running the
 pocket over ``n``): because the model is causal, that is done in one pass in readout order, each
 pixel's equation solved given the pocket of the corrected pixels before it. With the deficit
-``v = o - r(q)``, the pixel's true value is the root of ``n - C(q) (n / nmax)**beta = v``
-(``C(q) = cmax (1 - x)**alpha``), found by ``iterations`` Newton steps from ``n0 = v + C ((v + C) /
-nmax)**beta``, which lies above the root (the function is convex, so the steps fall monotonically
-onto it). For speed the correction reads ``r(q)``, ``C(q)`` and ``(n / nmax)**beta`` from tables
-(:func:`tables`: 4097 pocket fills over [0, cmax], 4097 values of sqrt(n) up to 2**17 ADU, linear
-interpolation) and advances 16 rows together; the forward model computes the powers exactly.
-``DEFAULT_ITERATIONS`` = 2 steps reach 1.4e-3 ADU rms against the exact forward model on rows with
-bright stars over a faint sky (3 steps: 4e-5, the tables' floor). The overscan columns carry no charge: those of the corrected row are set to their true level
-(0 after overscan subtraction); since the model is causal they play no part in the data columns.
+``v = o - r(q)`` and ``C(q) = cmax (1 - x)**alpha``, the pixel's true value is the root of
+``n - C(q) (n / nmax)**beta = v``. Writing ``n = lambda(q) z`` with ``lambda = (C / nmax**beta)**(1 /
+(1 - beta))`` turns it into ``z - z**beta = v / lambda``, one equation per amplifier whatever the
+pocket: its root (on the branch ``z >= 1``) is found once, by Newton to convergence, on a grid of
+``w = v / lambda`` (:func:`tables`), so that a pixel costs table look-ups and no iteration:
+``n = v + lambda(q) * z(w)**beta``. ``r(q)``, ``lambda(q)`` and ``1 / lambda(q)`` are tabulated over 4097
+pocket fills and ``z**beta`` over 8193 values of ``w**(1/4)`` (linear interpolation); 16 rows advance
+together so that their independent pockets overlap in the CPU. Against the exact forward model,
+rows with bright stars over a faint sky come back within 2e-4 ADU rms (the tables' accuracy).
+The overscan columns carry no charge: those of the corrected row are set to their true level (0
+after overscan subtraction); since the model is causal they play no part in the data columns.
 
 Low signal: the register holds no negative charge, and the read noise that makes values negative
 is added after it, so the capture sees ``n+ = max(n, 0)``, and the pixel values themselves are
@@ -43,7 +45,7 @@ is at most ``threshold`` (default 8 ADU, 5 x the 1.6 ADU read noise of a ZTF amp
 (``n = v``: the release of earlier pixels is still removed). So biases and darks pass unchanged
 but for their pixels above the threshold. The pixels read first in a row, while the pocket is
 still nearly empty, have the largest ``n_c``: for CCD 6 q1 a first pixel below about 82 ADU shows a
-deficit under 8 ADU and is left uncorrected (3.6 % of first pixels at a sky of 100 ADU, none at
+deficit under 8 ADU and is left uncorrected (about 3 % of first pixels at a sky of 100 ADU, none at
 150). Past the first pixels, a sky above about ``n_c`` is corrected exactly; at skies of roughly
 8-50 ADU the model itself cannot be inverted pixel by pixel.
 
@@ -66,7 +68,6 @@ import numpy.typing as npt
 
 from streamer.detrend.readout import OVERSCAN_COLUMNS
 
-DEFAULT_ITERATIONS = 2  # Newton steps per pixel
 DEFAULT_THRESHOLD = 8.0  # ADU of deficit (observed - release) at or below which nothing is taken as captured
 MODELS = ("v0.1",)
 
@@ -175,55 +176,62 @@ def forward_reference(rows: npt.ArrayLike, p: Parameters) -> tuple[FloatArray, F
 class Tables:
     """The correction's functions of one amplifier, tabulated for linear interpolation.
 
-    ``release`` and ``scale`` (``C(q) = cmax (1 - q / cmax)**alpha``) at ``FILL_CELLS + 1`` pocket fills
-    ``q = k / per_fill`` over [0, cmax]; ``fraction`` = ``(n / nmax)**beta`` at ``ROOT_CELLS + 1`` values of
-    ``sqrt(n) = k / per_root`` over [0, sqrt(ROOT_TOP)] (beyond, the last cell is extended).
+    Over ``FILL_CELLS + 1`` pocket fills ``q = k / per_fill`` in [0, cmax]: ``release`` r(q), ``unit``
+    ``lambda(q) = (C(q) / nmax**beta)**(1 / (1 - beta))`` and ``inverse_unit`` 1 / lambda (0 where lambda
+    is 0). Over ``ROOT_CELLS + 1`` values ``s = k / per_root`` in [0, ROOT_TOP]: ``capture`` = ``z**beta``
+    for the root ``z >= 1`` of ``z - z**beta = s**4`` (flat beyond the last node).
     """
 
     release: npt.NDArray[np.float64]
-    scale: npt.NDArray[np.float64]
-    fraction: npt.NDArray[np.float64]
+    unit: npt.NDArray[np.float64]
+    inverse_unit: npt.NDArray[np.float64]
+    capture: npt.NDArray[np.float64]
     per_fill: float
     per_root: float
 
 
 FILL_CELLS = 4096
-ROOT_CELLS = 4096
-ROOT_TOP = 2.0**17  # ADU: above any linearised 16-bit pixel
+ROOT_CELLS = 8192
+ROOT_TOP = 64.0  # s = w**(1/4): w up to 1.7e7, beyond any pixel over the unit of a pocket under 99 % full
+ROOT_NEWTON_STEPS = 60
 
 
 @cache
 def tables(p: Parameters) -> Tables:
-    """The tabulated release, capture scale and capture fraction of ``p`` (exact at the nodes)."""
+    """The tables of ``p``, exact at the nodes (the root by Newton to convergence from above)."""
     fill = np.linspace(0.0, p.cmax, FILL_CELLS + 1)
     x = fill / p.cmax
-    root = np.linspace(0.0, np.sqrt(ROOT_TOP), ROOT_CELLS + 1)
+    unit = (p.cmax * (1.0 - x) ** p.alpha / p.nmax**p.beta) ** (1.0 / (1.0 - p.beta))
+    with np.errstate(divide="ignore"):
+        inverse_unit = np.where(unit > 0.0, 1.0 / unit, 0.0)
+    w = np.linspace(0.0, ROOT_TOP, ROOT_CELLS + 1) ** 4
+    z = w + w**p.beta + 1.0  # above the root: z - z**beta < z - 1 <= w + w**beta
+    for _ in range(ROOT_NEWTON_STEPS):
+        z = z - (z - z**p.beta - w) / (1.0 - p.beta * z ** (p.beta - 1.0))
     return Tables(
         release=np.minimum(p.cmax * x**p.alpha, fill),
-        scale=p.cmax * (1.0 - x) ** p.alpha,
-        fraction=(root * root / p.nmax) ** p.beta,
+        unit=unit,
+        inverse_unit=inverse_unit,
+        capture=z**p.beta,
         per_fill=FILL_CELLS / p.cmax,
-        per_root=ROOT_CELLS / np.sqrt(ROOT_TOP),
+        per_root=ROOT_CELLS / ROOT_TOP,
     )
 
 
 def _lookup(table: FloatArray, position: FloatArray) -> FloatArray:
     """Linear interpolation of ``table`` at fractional indices ``position`` >= 0 (the last cell extended)."""
-    index = np.clip(position.astype(np.int64), 0, table.shape[0] - 2)
+    index = np.minimum(position.astype(np.int64), table.shape[0] - 2)
     weight = position - index
     return np.asarray(table[index] + weight * (table[index + 1] - table[index]))
 
 
-def _invert_column_reference(observed: FloatArray, pocket: FloatArray, t: Tables, beta: float, iterations: int, threshold: float) -> FloatArray:
+def _invert_column_reference(observed: FloatArray, pocket: FloatArray, t: Tables, threshold: float) -> FloatArray:
     """True values of one column (vectorised over rows) given the pocket before it: the rule of :func:`correct`."""
     fill = pocket * t.per_fill
     deficit = observed - _lookup(t.release, fill)
-    scale = _lookup(t.scale, fill)
-    n = deficit + scale * _lookup(t.fraction, np.sqrt(np.maximum(deficit, 0.0) + scale) * t.per_root)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for _ in range(iterations):
-            captured = scale * _lookup(t.fraction, np.sqrt(np.maximum(n, 0.0)) * t.per_root)
-            n = n - (n - captured - deficit) * n / (n - beta * captured)
+    unit = _lookup(t.unit, fill)
+    root = np.sqrt(np.sqrt(np.maximum(deficit * _lookup(t.inverse_unit, fill), 0.0))) * t.per_root
+    n = deficit + unit * _lookup(t.capture, np.minimum(root, float(t.capture.shape[0] - 1)))
     return np.asarray(np.where(deficit > threshold, n, deficit), dtype=np.float64)
 
 
@@ -231,7 +239,6 @@ def correct_reference(
     rows: npt.ArrayLike,
     p: Parameters,
     *,
-    iterations: int = DEFAULT_ITERATIONS,
     threshold: float = DEFAULT_THRESHOLD,
     overscan_columns: int = OVERSCAN_COLUMNS,
     overscan_level: float = 0.0,
@@ -243,7 +250,7 @@ def correct_reference(
     estimate = np.full_like(observed, overscan_level)
     pocket = np.zeros(observed.shape[0])
     for j in range(data_columns):
-        n = _invert_column_reference(observed[:, j], pocket, t, p.beta, iterations, threshold)
+        n = _invert_column_reference(observed[:, j], pocket, t, threshold)
         estimate[:, j] = n
         pocket = pocket - (observed[:, j] - n)
     return estimate
@@ -271,12 +278,11 @@ BLOCK_ROWS = 16  # rows advanced together, column by column, so that their indep
 def _correct_rows(
     observed: FloatArray,
     release: FloatArray,
-    scale: FloatArray,
-    fraction: FloatArray,
+    unit: FloatArray,
+    inverse_unit: FloatArray,
+    capture: FloatArray,
     per_fill: float,
     per_root: float,
-    beta: float,
-    iterations: int,
     threshold: float,
     data_columns: int,
     overscan_level: float,
@@ -284,38 +290,27 @@ def _correct_rows(
 ) -> None:
     rows = observed.shape[0]
     last_fill = release.shape[0] - 2
-    last_root = fraction.shape[0] - 2
+    last_root = capture.shape[0] - 2
     for block in numba.prange((rows + BLOCK_ROWS - 1) // BLOCK_ROWS):
         first = block * BLOCK_ROWS
         count = min(BLOCK_ROWS, rows - first)
         q = np.zeros(BLOCK_ROWS)
         o = np.zeros(BLOCK_ROWS)
-        v = np.zeros(BLOCK_ROWS)
-        c_scale = np.zeros(BLOCK_ROWS)
         n = np.zeros(BLOCK_ROWS)
         for j in range(data_columns):
             for b in range(count):
                 o[b] = observed[first + b, j]
             for b in range(BLOCK_ROWS):
                 u = q[b] * per_fill
-                i = min(max(int(u), 0), last_fill)
+                i = min(int(u), last_fill)
                 w = u - i
                 deficit = o[b] - (release[i] + w * (release[i + 1] - release[i]))
-                s = scale[i] + w * (scale[i + 1] - scale[i])
-                u = np.sqrt(max(deficit, 0.0) + s) * per_root
+                lam = unit[i] + w * (unit[i + 1] - unit[i])
+                inverse = inverse_unit[i] + w * (inverse_unit[i + 1] - inverse_unit[i])
+                u = min(np.sqrt(np.sqrt(max(deficit * inverse, 0.0))) * per_root, last_root + 1.0)
                 k = min(int(u), last_root)
-                n[b] = deficit + s * (fraction[k] + (u - k) * (fraction[k + 1] - fraction[k]))
-                v[b] = deficit
-                c_scale[b] = s
-            for _ in range(iterations):
-                for b in range(BLOCK_ROWS):
-                    m = n[b]
-                    u = np.sqrt(max(m, 0.0)) * per_root
-                    k = min(int(u), last_root)
-                    captured = c_scale[b] * (fraction[k] + (u - k) * (fraction[k + 1] - fraction[k]))
-                    n[b] = m - (m - captured - v[b]) * m / (m - beta * captured)
-            for b in range(BLOCK_ROWS):
-                m = n[b] if v[b] > threshold else v[b]
+                m = deficit + lam * (capture[k] + (u - k) * (capture[k + 1] - capture[k]))
+                m = m if deficit > threshold else deficit
                 n[b] = m
                 q[b] = q[b] - o[b] + m
             for b in range(count):
@@ -349,7 +344,6 @@ def correct(
     rows: npt.ArrayLike,
     p: Parameters,
     *,
-    iterations: int = DEFAULT_ITERATIONS,
     threshold: float = DEFAULT_THRESHOLD,
     overscan_columns: int = OVERSCAN_COLUMNS,
     overscan_level: float = 0.0,
@@ -357,19 +351,19 @@ def correct(
     """The true rows (float32, a new array) of observed rows in readout order, data then overscan columns:
     the compiled correction. The overscan columns of the result are ``overscan_level``."""
     observed = _rows_2d(rows)
-    if not 0 <= overscan_columns <= observed.shape[1] or iterations < 0 or not threshold >= 0:
-        raise ValueError(f"overscan_columns {overscan_columns}, iterations {iterations}, threshold {threshold}: out of range")
+    if not 0 <= overscan_columns <= observed.shape[1] or not threshold >= 0:
+        raise ValueError(f"overscan_columns {overscan_columns}, threshold {threshold}: out of range")
     out = np.empty_like(observed)
     data_columns = observed.shape[1] - overscan_columns
     t = tables(p)
-    _correct_kernel(observed, t.release, t.scale, t.fraction, t.per_fill, t.per_root, p.beta, iterations, threshold, data_columns, overscan_level, out)
+    _correct_kernel(observed, t.release, t.unit, t.inverse_unit, t.capture, t.per_fill, t.per_root, threshold, data_columns, overscan_level, out)
     return out
 
 
-def row_correction(p: Parameters, *, iterations: int = DEFAULT_ITERATIONS) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
+def row_correction(p: Parameters, *, threshold: float = DEFAULT_THRESHOLD) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
     """The correction as a ``calibrate.RowCorrection`` (rows in readout order, 30 overscan columns)."""
 
     def pocket_correction(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return correct(rows, p, iterations=iterations)
+        return correct(rows, p, threshold=threshold)
 
     return pocket_correction
