@@ -460,3 +460,7 @@ def test_calibration_gap_zero_blocks_the_night_without_flats(runs: Runs, referen
     assert status_json(run.config)["jobs"]["exposure"] == {"blocked": 1, "done": 2}
     assert _catalogues(run.store) == _catalogues(reference.store)
     assert _catalogues(run.store, NIGHT2) == {} and len(_catalogues(reference.store, NIGHT2)) > 20
+    # with the default gap (10 days) night 2 was calibrated by night 1's flat
+    night2 = next((reference.store / "apcat" / f"{NIGHT2:%Y}" / f"{NIGHT2:%m%d}").glob("*_apcat.parquet"))
+    record = json.loads(pq.read_schema(night2).metadata[b"streamer"])
+    assert (record["master_flat_night"], record["master_bias_night"]) == (NIGHT.isoformat(), NIGHT2.isoformat())
