@@ -171,7 +171,6 @@ def test_each_catalogue_records_its_ccds_factor(runs: dict[str, tuple[Path, dict
         assert json.loads(pq.read_schema(path).metadata[b"streamer"])["focalplane_factor"] == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="a consumer's keep = [\"masters\"] is accepted but no master is ever marked kept (service/graph.py)")
 def test_a_consumer_keeping_masters_keeps_the_focalplane_json(runs: dict[str, tuple[Path, dict[str, Any]]]) -> None:
     config, copies = runs["focalplane"]
     store = store_of(config)

@@ -16,14 +16,17 @@ night (:mod:`streamer.service.plan`, which knows the consumers) and given their 
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from streamer.config import ConsumerConfig
 from streamer.ledger import planning as queries
 from streamer.ledger.core import Ledger
 from streamer.rules.bias import bias_time_order, biases_to_use
+from streamer.rules.retention import FileFacts, is_kept
 from streamer.storage.naming import RawName
 from streamer.storage.paths import (
     apcat_relpath,
@@ -34,8 +37,10 @@ from streamer.storage.paths import (
 )
 
 
-def _product(ledger: Ledger, conn: sqlite3.Connection, relpath: str, kind: str, job_id: int, night: str) -> int:
-    file_id = ledger.want_file(conn, relpath=relpath, kind=kind, night=night)
+def _product(
+    ledger: Ledger, conn: sqlite3.Connection, relpath: str, kind: str, job_id: int, night: str, *, kept: bool = False
+) -> int:
+    file_id = ledger.want_file(conn, relpath=relpath, kind=kind, night=night, kept=kept)
     queries.set_producer(conn, file_id, job_id)
     return file_id
 
@@ -47,10 +52,15 @@ def build_night_graph(
     *,
     bias_skip_first: int,
     focalplane: bool,
+    consumers: Sequence[ConsumerConfig] = (),
 ) -> dict[str, int]:
-    """Create (idempotently) the jobs of one night for the given CCDs; return counts by job kind."""
+    """Create (idempotently) the jobs of one night for the given CCDs; return counts by job kind.
+
+    A master is kept when a consumer keeps ``masters`` for that night (masters have no field or footprint,
+    so a consumer restricted to fields or targets keeps none).
+    """
     with ledger.transaction() as conn:
-        graph = _NightGraph(ledger, conn, night)
+        graph = _NightGraph(ledger, conn, night, consumers)
         exposures = queries.night_inputs(conn, night, ccds)
         for ccdid in ccds:
             graph.add_master_bias(ccdid, exposures.get(ccdid, []), bias_skip_first)
@@ -67,10 +77,11 @@ def build_night_graph(
 class _NightGraph:
     """The jobs of one night being built in one transaction, with the masters made so far."""
 
-    def __init__(self, ledger: Ledger, conn: sqlite3.Connection, night: str) -> None:
+    def __init__(self, ledger: Ledger, conn: sqlite3.Connection, night: str, consumers: Sequence[ConsumerConfig]) -> None:
         self.ledger = ledger
         self.conn = conn
         self.night = night
+        self.keep_masters = is_kept(consumers, FileFacts("masters", None, dt.date.fromisoformat(night)))
         self.counts: dict[str, int] = defaultdict(int)
         self.master_biases: dict[int, int] = {}
         self.master_flats: dict[tuple[int, str], int] = {}
@@ -82,7 +93,8 @@ class _NightGraph:
         return self.ledger.add_job(self.conn, kind=kind, key=key, pins=pins, night=self.night, **fields)
 
     def _product(self, relpath: str, kind: str, job_id: int) -> int:
-        return _product(self.ledger, self.conn, relpath, kind, job_id, self.night)
+        kept = kind == "masters" and self.keep_masters
+        return _product(self.ledger, self.conn, relpath, kind, job_id, self.night, kept=kept)
 
     def add_master_bias(self, ccdid: int, rows: Sequence[dict[str, Any]], skip_first: int) -> None:
         biases = biases_to_use(
