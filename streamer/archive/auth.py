@@ -23,6 +23,9 @@ from streamer.errors import StreamerError
 
 LOGIN_PATH: Final = "/account/signon/login.do"
 SESSION_COOKIE: Final = "JOSSO_SESSIONID"
+#: Same-origin redirects the login follows by hand before it gives up.
+MAX_LOGIN_REDIRECTS: Final = 3
+REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 
 
 class AuthError(StreamerError):
@@ -97,20 +100,17 @@ def session_cookie(session: aiohttp.ClientSession, base_url: str) -> str | None:
 
 
 async def login(session: aiohttp.ClientSession, base_url: str, credentials: Credentials, *, timeout_s: float = 60.0) -> None:
-    """Log in with a POST form; raise AuthError naming the login unless a session cookie comes back."""
+    """Log in with a POST form; raise AuthError naming the login unless a session cookie comes back.
+
+    Redirects are followed by hand, at most :data:`MAX_LOGIN_REDIRECTS` times and only within the
+    archive's origin (scheme, host, port): a redirect elsewhere is refused before anything is sent,
+    so the password never leaves the archive (aiohttp would re-post the form to any ``Location``).
+    """
     url = base_url.rstrip("/") + LOGIN_PATH
     form = {"josso_cmd": "login", "josso_username": credentials.username, "josso_password": credentials.password}
     session.cookie_jar.clear(lambda morsel: morsel.key == SESSION_COOKIE)
     try:
-        async with session.post(
-            url, data=form, allow_redirects=True, timeout=aiohttp.ClientTimeout(total=timeout_s)
-        ) as response:
-            status = response.status
-            await response.read()
-            # The cookie can arrive on a redirect hop: look in the jar, not only in this response.
-            got = session_cookie(session, base_url) or (
-                response.cookies[SESSION_COOKIE].value if SESSION_COOKIE in response.cookies else None
-            )
+        status, got = await _post_login(session, URL(url), form, timeout_s)
     except (aiohttp.ClientError, TimeoutError) as err:
         raise AuthError(
             f"IRSA login {credentials.username!r} at {url}: request failed ({safe_error_text(err, credentials)})"
@@ -124,6 +124,46 @@ async def login(session: aiohttp.ClientSession, base_url: str, credentials: Cred
         )
     if SESSION_COOKIE not in {c.key for c in session.cookie_jar}:
         session.cookie_jar.update_cookies({SESSION_COOKIE: got}, URL(base_url))
+
+
+def same_origin(a: URL, b: URL) -> bool:
+    """Whether two absolute URLs share scheme, host and port (the origin credentials may go to)."""
+    return (a.scheme.lower(), (a.host or "").lower(), a.port) == (b.scheme.lower(), (b.host or "").lower(), b.port)
+
+
+async def _post_login(
+    session: aiohttp.ClientSession, url: URL, form: dict[str, str], timeout_s: float
+) -> tuple[int, str | None]:
+    """POST the form, following same-origin redirects by hand; return (final status, session cookie or None).
+
+    A 307/308 re-posts the form (same origin only); 301/302/303 continue with a GET without it.
+    """
+    origin = url
+    method = "POST"
+    data_or_none: dict[str, str] | None = form
+    for _ in range(MAX_LOGIN_REDIRECTS + 1):
+        async with session.request(
+            method, url, data=data_or_none, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as response:
+            status = response.status
+            await response.read()
+            # The cookie can arrive on a redirect hop: look in the jar, not only in this response.
+            got = session_cookie(session, str(origin.origin())) or (
+                response.cookies[SESSION_COOKIE].value if SESSION_COOKIE in response.cookies else None
+            )
+            location = response.headers.get("Location")
+        if status not in REDIRECT_STATUSES or location is None:
+            return status, got
+        target = url.join(URL(location))
+        if not same_origin(origin, target):
+            raise AuthError(
+                f"IRSA login at {origin}: refused to follow a redirect (HTTP {status}) to another origin "
+                f"({target.scheme}://{target.host}:{target.port}); the password is only sent to {origin.origin()}"
+            )
+        url = target
+        if status not in (307, 308):
+            method, data_or_none = "GET", None
+    raise AuthError(f"IRSA login at {origin}: more than {MAX_LOGIN_REDIRECTS} redirects")
 
 
 def safe_error_text(err: BaseException, credentials: Credentials | None = None) -> str:
