@@ -26,11 +26,12 @@ import errno
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import aiohttp
 import numpy as np
@@ -47,6 +48,7 @@ from streamer.archive.client import (
 )
 from streamer.archive.verify import BLOCK, VerificationError, header_end, verify_fits
 from streamer.storage.naming import NamingError, parse_relpath
+from streamer.storage.nofollow import UnsafePathError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,42 @@ def part_path(final: Path) -> Path:
 
 def _compressed_part(final: Path) -> Path:
     return final.with_name(final.name + ".zpart")
+
+
+_PART_FLAGS: Final = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def part_size(part: Path) -> int:
+    """Bytes already in a ``.part`` (0 when there is none); UnsafePathError if it is not a regular file."""
+    try:
+        info = os.lstat(part)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafePathError(f"{part.name}: the partial file is a symlink or not a regular file; refusing to write it")
+    return info.st_size
+
+
+def open_part(part: Path, *, resume: bool) -> BinaryIO:
+    """Open a ``.part`` for writing without following a symlink: resumed in place, or made anew (O_EXCL)."""
+    if resume:
+        flags = os.O_RDWR
+    else:
+        clear_part(part)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(part, flags | _PART_FLAGS, 0o644)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EEXIST):
+            raise UnsafePathError(f"{part.name}: the partial file is a symlink or was planted; refusing to write it") from None
+        raise
+    return os.fdopen(fd, "r+b" if resume else "wb")
+
+
+def clear_part(part: Path) -> None:
+    """Remove a regular ``.part`` before it is written anew; UnsafePathError if it is a symlink or not a file."""
+    part_size(part)
+    part.unlink(missing_ok=True)
 
 
 def disk_bytes(path: Path) -> int:
@@ -311,6 +349,7 @@ async def download_header(client: ArchiveClient, url: str, final: Path, *, on_fa
     """Store the primary header of a remote image at ``final`` as a header-only FITS file; return bytes transferred."""
     header_bytes, transferred = await client.retrying(lambda: read_header_once(client, url), on_failure=on_failure)
     part = part_path(final)
+    await asyncio.to_thread(clear_part, part)
     try:
         await asyncio.to_thread(write_header_file, header_bytes, part)
         await asyncio.to_thread(verify_fits, part, "sciimg_header")
@@ -327,7 +366,7 @@ async def _attempt(
 ) -> None:  # fmt: skip
     """One GET: stream into the .part (resuming it when the server honours Range), verify, finalise."""
     part = part_path(final)
-    offset = part.stat().st_size if part.exists() else 0
+    offset = part_size(part)
     if offset >= size:
         part.unlink()
         offset = 0
@@ -382,7 +421,7 @@ async def _stream(
     guard = _RateGuard(client.config.min_rate_bytes_per_s, client.config.min_rate_window_s)
     resume = status == 206 and offset > 0
     expected_overlap = await asyncio.to_thread(_read_tail, part, offset, overlap) if resume else b""
-    handle = await asyncio.to_thread(open, part, "r+b" if resume else "wb")
+    handle = await asyncio.to_thread(open_part, part, resume=resume)
     try:
         if resume:
             handle.seek(offset)
@@ -437,6 +476,7 @@ def _finalise(kind: str, shape: tuple[int, int] | None, part: Path, final: Path,
     verify_fits(part, kind, expected_size=size, expected_shape=shape)
     if kind == "mskimg" and final.name.endswith(".fz"):
         compressed = _compressed_part(final)
+        clear_part(compressed)
         compress_mask(part, compressed)
         verify_fits(compressed, "mskimg", expected_shape=shape)
         replace_durably(compressed, final)
@@ -455,9 +495,11 @@ def html_error(client: ArchiveClient) -> TransientError:
 
 
 def _read_tail(part: Path, offset: int, overlap: int) -> bytes:
-    with open(part, "rb") as handle:
-        handle.seek(offset - overlap)
-        return handle.read(overlap)
+    fd = os.open(part, os.O_RDONLY | _PART_FLAGS)
+    try:
+        return os.pread(fd, overlap, offset - overlap)
+    finally:
+        os.close(fd)
 
 
 def _write_all(handle: Any, data: bytes) -> None:
