@@ -12,11 +12,13 @@ import csv
 import dataclasses
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import math
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,9 +105,24 @@ def _choice(*allowed: str) -> Parser:
     return parse
 
 
+_URL_EXPECTED: Final = 'an http(s) URL such as "https://irsa.ipac.caltech.edu" (a host, an optional port 1-65535)'
+_HOST_LABEL: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
 def _url(value: Any, key: str, ctx: _Context) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[^\s?#]*)?", value):
-        raise ctx.error(key, value, "an http(s) URL such as \"https://irsa.ipac.caltech.edu\"")
+        raise ctx.error(key, value, _URL_EXPECTED)
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+        ipaddress.ip_address(parts.hostname or "") if parts.netloc.startswith("[") else None
+    except ValueError:
+        raise ctx.error(key, value, _URL_EXPECTED) from None
+    host = parts.hostname or ""
+    labels = host.removesuffix(".").split(".")
+    plain_host = parts.netloc.startswith("[") or all(_HOST_LABEL.fullmatch(label) for label in labels)
+    if not host or not plain_host or port == 0 or parts.netloc.endswith(":"):
+        raise ctx.error(key, value, _URL_EXPECTED)
     return value.rstrip("/")
 
 
