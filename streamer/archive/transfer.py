@@ -43,6 +43,7 @@ from streamer.archive.client import (
     FailureCount,
     SessionExpired,
     TransientError,
+    check_identity_encoding,
     classify_status,
     transient_from_exception,
 )
@@ -316,6 +317,7 @@ async def head_size(client: ArchiveClient, url: str, *, count: FailureCount | No
             async with client.session.head(url, allow_redirects=True) as response:
                 if response.status != 200:
                     raise classify_status(response.status, response.reason or "", response.headers)
+                check_identity_encoding(response.headers)
                 if _is_html(response.headers.get("Content-Type", ""), b""):
                     raise html_error(client)
                 length = response.content_length
@@ -404,6 +406,7 @@ async def _stream(
         raise TransientError("HTTP 416: the partial file does not match; starting over", status=416, outage_like=False)
     if status not in (200, 206):
         raise classify_status(status, response.reason or "", response.headers)
+    check_identity_encoding(response.headers)
     if "html" in response.headers.get("Content-Type", "").lower():
         raise html_error(client)
     start = 0
@@ -546,6 +549,7 @@ async def _read_header(client: ArchiveClient, url: str) -> tuple[bytes, int]:
             async with client.session.get(url, headers=headers, allow_redirects=True) as response:
                 if response.status not in (200, 206):
                     raise classify_status(response.status, response.reason or "", response.headers)
+                check_identity_encoding(response.headers)
                 content_type = response.headers.get("Content-Type", "")
                 if response.status == 206:
                     match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
