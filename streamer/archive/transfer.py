@@ -60,6 +60,9 @@ WRITE_CHUNK: Final = 1 << 20
 HEADER_FIRST_BLOCKS: Final = 10
 RESUME_OVERLAP: Final = 4 * 2880
 HEADER_MAX_BYTES: Final = 2880 * 2000
+#: The largest size the archive may announce for one file (a ZTF raw CCD file is about 30 MB):
+#: a larger HEAD answer is refused as invalid rather than reserved against the budget.
+MAX_FILE_BYTES: Final = 4 * 2**30
 DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -309,6 +312,19 @@ def verify_in_place(final: Path, kind: str, *, expected_size: int | None, shape:
     return True
 
 
+def checked_size(length: int | None) -> int:
+    """A size announced by the archive, if usable; TransientError for none, 0 or more than MAX_FILE_BYTES."""
+    if length is None or length <= 0:
+        shown = "no Content-Length" if length is None else "Content-Length 0"
+        raise TransientError(f"HEAD with {shown}: the file's size is unknown", outage_like=False)
+    if length > MAX_FILE_BYTES:
+        raise TransientError(
+            f"HEAD announces {length} bytes, more than the {MAX_FILE_BYTES} bytes a file may have: an invalid answer",
+            outage_like=False,
+        )
+    return length
+
+
 async def head_size(client: ArchiveClient, url: str, *, count: FailureCount | None = None, on_failure: OnFailure | None = None) -> int:
     """The size of a remote file from a HEAD request (retried like any request)."""
 
@@ -325,9 +341,7 @@ async def head_size(client: ArchiveClient, url: str, *, count: FailureCount | No
             raise
         except (aiohttp.ClientError, TimeoutError) as err:
             raise transient_from_exception(err, client.credentials) from None
-        if length is None:
-            raise TransientError("HEAD without Content-Length", outage_like=False)
-        return length
+        return checked_size(length)
 
     return await client.retrying(head, count=count, on_failure=on_failure)
 

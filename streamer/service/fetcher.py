@@ -39,6 +39,7 @@ from typing import Any, Final
 from streamer.archive.client import ArchiveClient, FailureCount, PermanentError, TransientError
 from streamer.archive.transfer import (
     HEADER_RESERVATION,
+    MAX_FILE_BYTES,
     DiskFull,
     TransferCounts,
     disk_bytes,
@@ -184,6 +185,12 @@ def prepare_directories(root: Path, relpath: str, final: Path) -> None:
     make_dirs_below(root, relpath)
     if final.is_symlink():
         raise UnsafePathError(f"{relpath!r}: the file is a symlink")
+
+
+def known_size(row: dict[str, Any]) -> int | None:
+    """A file's recorded expected size when it is plausible (1 byte to MAX_FILE_BYTES), else None (ask HEAD)."""
+    size = row["expected_size"]
+    return size if size is not None and 0 < size <= MAX_FILE_BYTES else None
 
 
 def failure_recorder(
@@ -337,7 +344,7 @@ class Fetcher:
 
     async def _fetch_file(self, row: dict[str, Any], final: Path) -> FetchOutcome:
         count = FailureCount()
-        size = row["expected_size"] or await self._head_size(row, count)
+        size = known_size(row) or await self._head_size(row, count)
         reservation = reservation_for(row["kind"], size)
         counts = TransferCounts()
         while True:
