@@ -179,9 +179,15 @@ def _date(value: Any, key: str, ctx: _Context) -> dt.date:
         raise ctx.error(key, value, "a date YYYY-MM-DD") from None
 
 
+_ENV_REFERENCE: Final = re.compile(r"\$(?:(\w+)|\{([^}]*)\})")
+
+
 def _path(value: Any, key: str, ctx: _Context) -> Path:
     if not isinstance(value, str) or not value.strip() or "\0" in value:
         raise ctx.error(key, value, "a path (string)")
+    unset = [m[1] or m[2] for m in _ENV_REFERENCE.finditer(value) if (m[1] or m[2]) not in os.environ]
+    if unset:
+        raise ctx.error(key, value, f"a path whose environment variables are set (${unset[0]} is not set)")
     path = Path(os.path.expandvars(os.path.expanduser(value)))
     return path if path.is_absolute() else (ctx.base_dir / path)
 
@@ -374,7 +380,7 @@ class Target:
 def load_targets(path: Path) -> tuple[Target, ...]:
     """Read a targets CSV (ra, dec, radius_deg[, start, end]); UsageError with file and line on bad rows."""
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's BOM is not part of "ra"
             reader = csv.DictReader(handle)
             header = reader.fieldnames or []
             missing = [c for c in ("ra", "dec", "radius_deg") if c not in header]

@@ -137,3 +137,31 @@ def test_a_malformed_base_url_is_refused_at_load(base_url: str, tmp_path: Path, 
     config = _write_config(tmp_path, base_url=base_url)
     code, lines = _run_cli(["--config", str(config), "status"], capsys)
     assert code == 2 and len(lines) == 1 and "archive.base_url" in lines[0], lines
+
+
+def test_a_targets_csv_with_a_bom_is_read(minimal_config_text: str, tmp_path: Path) -> None:
+    from streamer.config import load_config
+
+    csv_path = tmp_path / "excel.csv"
+    csv_path.write_bytes("ra,dec,radius_deg\r\n10.5,-20.25,0.01\r\n".encode("utf-8-sig"))
+    path = tmp_path / "c.toml"
+    path.write_text(minimal_config_text + f'\n[[consumers]]\nname = "sn"\nkeep = ["sciimg"]\ntargets = "{csv_path}"\n')
+    (consumer,) = load_config(path).consumers
+    assert [(t.ra, t.dec, t.radius_deg) for t in consumer.targets] == [(10.5, -20.25, 0.01)]
+
+
+@pytest.mark.parametrize("reference", ["$STREAMER_TEST_UNSET_ROOT", "${STREAMER_TEST_UNSET_ROOT}"])
+def test_an_unset_variable_in_a_path_is_one_line_exit_2(
+    reference: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STREAMER_TEST_UNSET_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        CONFIG.format(root=f"{reference}/store", catalog=tmp_path / "refcat", auth="", base_url="http://127.0.0.1:9")
+    )
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, lines = _run_cli(["--config", str(config), "status"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "storage.root" in lines[0] and "STREAMER_TEST_UNSET_ROOT" in lines[0] and "not set" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
