@@ -122,13 +122,13 @@ _PART_FLAGS: Final = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def part_size(part: Path) -> int:
-    """Bytes already in a ``.part`` (0 when there is none); UnsafePathError if it is not a regular file."""
+    """Bytes already in a ``.part`` (0 when there is none); UnsafePathError if it is a symlink."""
     try:
         info = os.lstat(part)
     except FileNotFoundError:
         return 0
-    if not stat.S_ISREG(info.st_mode):
-        raise UnsafePathError(f"{part.name}: the partial file is a symlink or not a regular file; refusing to write it")
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafePathError(f"{part.name}: the partial file is a symlink; refusing to write through it")
     return info.st_size
 
 
@@ -149,7 +149,7 @@ def open_part(part: Path, *, resume: bool) -> BinaryIO:
 
 
 def clear_part(part: Path) -> None:
-    """Remove a regular ``.part`` before it is written anew; UnsafePathError if it is a symlink or not a file."""
+    """Remove a ``.part`` before it is written anew; UnsafePathError if it is a symlink (left for reconcile)."""
     part_size(part)
     part.unlink(missing_ok=True)
 

@@ -181,7 +181,8 @@ def remove_orphan_parts(ledger: Ledger, root: Path) -> int:
 
 
 def prepare_directories(root: Path, relpath: str, final: Path) -> None:
-    """Make the directories of a download below the root, refusing any symlink on the way or as the file."""
+    """Make the directories of a download below the root (made first if need be), refusing any symlink on the way."""
+    root.mkdir(parents=True, exist_ok=True)
     make_dirs_below(root, relpath)
     if final.is_symlink():
         raise UnsafePathError(f"{relpath!r}: the file is a symlink")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
@@ -36,7 +37,9 @@ def open_dir_below(root: Path, relpath: str, directories: Sequence[str], *, crea
     """A descriptor of ``root/<directories...>`` opened without following any symlink (None if absent).
 
     ``create`` makes each missing directory (mode 0o755 less the umask). A component that is a
-    symlink or not a directory raises UnsafePathError naming ``relpath``. The descriptor is closed on exit.
+    symlink raises UnsafePathError naming ``relpath``; one that is not a directory does too, except
+    with ``create``, where it stays the NotADirectoryError it is (an obstacle, not an escape).
+    The descriptor is closed on exit.
     """
     dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -47,7 +50,9 @@ def open_dir_below(root: Path, relpath: str, directories: Sequence[str], *, crea
                 yield None
                 return
             except OSError as err:
-                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                if not create or _is_symlink(dir_fd, part):
                     raise UnsafePathError(f"{relpath!r}: {part!r} is a symlink or not a directory") from None
                 raise
             os.close(dir_fd)
@@ -55,6 +60,10 @@ def open_dir_below(root: Path, relpath: str, directories: Sequence[str], *, crea
         yield dir_fd
     finally:
         os.close(dir_fd)
+
+
+def _is_symlink(dir_fd: int, name: str) -> bool:
+    return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
 
 
 def _open_child(dir_fd: int, name: str, create: bool) -> int:
