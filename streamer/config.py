@@ -12,11 +12,13 @@ import csv
 import dataclasses
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import math
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,9 +105,24 @@ def _choice(*allowed: str) -> Parser:
     return parse
 
 
+_URL_EXPECTED: Final = 'an http(s) URL such as "https://irsa.ipac.caltech.edu" (a host, an optional port 1-65535)'
+_HOST_LABEL: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
 def _url(value: Any, key: str, ctx: _Context) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[^\s?#]*)?", value):
-        raise ctx.error(key, value, "an http(s) URL such as \"https://irsa.ipac.caltech.edu\"")
+        raise ctx.error(key, value, _URL_EXPECTED)
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+        ipaddress.ip_address(parts.hostname or "") if parts.netloc.startswith("[") else None
+    except ValueError:
+        raise ctx.error(key, value, _URL_EXPECTED) from None
+    host = parts.hostname or ""
+    labels = host.removesuffix(".").split(".")
+    plain_host = parts.netloc.startswith("[") or all(_HOST_LABEL.fullmatch(label) for label in labels)
+    if not host or not plain_host or port == 0 or parts.netloc.endswith(":"):
+        raise ctx.error(key, value, _URL_EXPECTED)
     return value.rstrip("/")
 
 
@@ -162,9 +179,15 @@ def _date(value: Any, key: str, ctx: _Context) -> dt.date:
         raise ctx.error(key, value, "a date YYYY-MM-DD") from None
 
 
+_ENV_REFERENCE: Final = re.compile(r"\$(?:(\w+)|\{([^}]*)\})")
+
+
 def _path(value: Any, key: str, ctx: _Context) -> Path:
     if not isinstance(value, str) or not value.strip() or "\0" in value:
         raise ctx.error(key, value, "a path (string)")
+    unset = [m[1] or m[2] for m in _ENV_REFERENCE.finditer(value) if (m[1] or m[2]) not in os.environ]
+    if unset:
+        raise ctx.error(key, value, f"a path whose environment variables are set (${unset[0]} is not set)")
     path = Path(os.path.expandvars(os.path.expanduser(value)))
     return path if path.is_absolute() else (ctx.base_dir / path)
 
@@ -357,7 +380,7 @@ class Target:
 def load_targets(path: Path) -> tuple[Target, ...]:
     """Read a targets CSV (ra, dec, radius_deg[, start, end]); UsageError with file and line on bad rows."""
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's BOM is not part of "ra"
             reader = csv.DictReader(handle)
             header = reader.fieldnames or []
             missing = [c for c in ("ra", "dec", "radius_deg") if c not in header]

@@ -38,6 +38,8 @@ OUTAGE_META_KEY: Final = "archive.outage"
 #: During an outage an operation gives up only after this many times its usual attempts.
 OUTAGE_ATTEMPTS_FACTOR: Final = 5
 PERMANENT_STATUSES: Final = frozenset({400, 401, 403, 404, 405, 410, 414, 451})
+#: Sent with every request: bodies are stored and verified as served, never decompressed on the way.
+REQUEST_HEADERS: Final = {"Accept-Encoding": "identity"}
 
 
 class ArchiveError(Exception):
@@ -98,6 +100,15 @@ def classify_status(status: int, reason: str, headers: Any) -> ArchiveError:
     if status in PERMANENT_STATUSES or 400 <= status < 500:
         return PermanentError(f"HTTP {status} {reason}".strip(), status=status)
     return TransientError(f"unexpected HTTP {status} {reason}".strip(), status=status, outage_like=False)
+
+
+def check_identity_encoding(headers: Any) -> None:
+    """TransientError when a response is encoded (gzip, ...) although ``identity`` was asked for."""
+    encoding = headers.get("Content-Encoding", "").strip().lower()
+    if encoding and encoding != "identity":
+        raise TransientError(
+            f"the archive answered with Content-Encoding {encoding!r} although identity was asked for", outage_like=False
+        )
 
 
 def transient_from_exception(err: BaseException, credentials: Credentials | None = None) -> TransientError:
@@ -267,7 +278,7 @@ class ArchiveClient:
         # unsafe=True: also keep cookies of hosts given by IP address (a local mirror, the simulator).
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, read_bufsize=READ_BUFSIZE, auto_decompress=False,
-            cookie_jar=aiohttp.CookieJar(unsafe=True),
+            cookie_jar=aiohttp.CookieJar(unsafe=True), headers=REQUEST_HEADERS,
         )  # fmt: skip
         if self.credentials is not None:
             try:

@@ -18,7 +18,14 @@ from typing import Any, Final
 
 import aiohttp
 
-from streamer.archive.client import ArchiveClient, ArchiveError, TransientError, classify_status, transient_from_exception
+from streamer.archive.client import (
+    ArchiveClient,
+    ArchiveError,
+    TransientError,
+    check_identity_encoding,
+    classify_status,
+    transient_from_exception,
+)
 from streamer.errors import StreamerError
 from streamer.storage.naming import search_url
 
@@ -130,6 +137,7 @@ async def search_table(
             async with client.session.get(url, params=params) as response:
                 if response.status != 200:
                     raise classify_status(response.status, response.reason or "", response.headers)
+                check_identity_encoding(response.headers)
                 text = await response.text(encoding="utf-8", errors="strict")
         except ArchiveError:
             raise

@@ -26,11 +26,12 @@ import errno
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import aiohttp
 import numpy as np
@@ -42,11 +43,13 @@ from streamer.archive.client import (
     FailureCount,
     SessionExpired,
     TransientError,
+    check_identity_encoding,
     classify_status,
     transient_from_exception,
 )
 from streamer.archive.verify import BLOCK, VerificationError, header_end, verify_fits
 from streamer.storage.naming import NamingError, parse_relpath
+from streamer.storage.nofollow import UnsafePathError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,9 @@ WRITE_CHUNK: Final = 1 << 20
 HEADER_FIRST_BLOCKS: Final = 10
 RESUME_OVERLAP: Final = 4 * 2880
 HEADER_MAX_BYTES: Final = 2880 * 2000
+#: The largest size the archive may announce for one file (a ZTF raw CCD file is about 30 MB):
+#: a larger HEAD answer is refused as invalid rather than reserved against the budget.
+MAX_FILE_BYTES: Final = 4 * 2**30
 DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -110,6 +116,42 @@ def part_path(final: Path) -> Path:
 
 def _compressed_part(final: Path) -> Path:
     return final.with_name(final.name + ".zpart")
+
+
+_PART_FLAGS: Final = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def part_size(part: Path) -> int:
+    """Bytes already in a ``.part`` (0 when there is none); UnsafePathError if it is a symlink."""
+    try:
+        info = os.lstat(part)
+    except FileNotFoundError:
+        return 0
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafePathError(f"{part.name}: the partial file is a symlink; refusing to write through it")
+    return info.st_size
+
+
+def open_part(part: Path, *, resume: bool) -> BinaryIO:
+    """Open a ``.part`` for writing without following a symlink: resumed in place, or made anew (O_EXCL)."""
+    if resume:
+        flags = os.O_RDWR
+    else:
+        clear_part(part)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(part, flags | _PART_FLAGS, 0o644)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EEXIST):
+            raise UnsafePathError(f"{part.name}: the partial file is a symlink or was planted; refusing to write it") from None
+        raise
+    return os.fdopen(fd, "r+b" if resume else "wb")
+
+
+def clear_part(part: Path) -> None:
+    """Remove a ``.part`` before it is written anew; UnsafePathError if it is a symlink (left for reconcile)."""
+    part_size(part)
+    part.unlink(missing_ok=True)
 
 
 def disk_bytes(path: Path) -> int:
@@ -270,6 +312,19 @@ def verify_in_place(final: Path, kind: str, *, expected_size: int | None, shape:
     return True
 
 
+def checked_size(length: int | None) -> int:
+    """A size announced by the archive, if usable; TransientError for none, 0 or more than MAX_FILE_BYTES."""
+    if length is None or length <= 0:
+        shown = "no Content-Length" if length is None else "Content-Length 0"
+        raise TransientError(f"HEAD with {shown}: the file's size is unknown", outage_like=False)
+    if length > MAX_FILE_BYTES:
+        raise TransientError(
+            f"HEAD announces {length} bytes, more than the {MAX_FILE_BYTES} bytes a file may have: an invalid answer",
+            outage_like=False,
+        )
+    return length
+
+
 async def head_size(client: ArchiveClient, url: str, *, count: FailureCount | None = None, on_failure: OnFailure | None = None) -> int:
     """The size of a remote file from a HEAD request (retried like any request)."""
 
@@ -278,6 +333,7 @@ async def head_size(client: ArchiveClient, url: str, *, count: FailureCount | No
             async with client.session.head(url, allow_redirects=True) as response:
                 if response.status != 200:
                     raise classify_status(response.status, response.reason or "", response.headers)
+                check_identity_encoding(response.headers)
                 if _is_html(response.headers.get("Content-Type", ""), b""):
                     raise html_error(client)
                 length = response.content_length
@@ -285,9 +341,7 @@ async def head_size(client: ArchiveClient, url: str, *, count: FailureCount | No
             raise
         except (aiohttp.ClientError, TimeoutError) as err:
             raise transient_from_exception(err, client.credentials) from None
-        if length is None:
-            raise TransientError("HEAD without Content-Length", outage_like=False)
-        return length
+        return checked_size(length)
 
     return await client.retrying(head, count=count, on_failure=on_failure)
 
@@ -311,6 +365,7 @@ async def download_header(client: ArchiveClient, url: str, final: Path, *, on_fa
     """Store the primary header of a remote image at ``final`` as a header-only FITS file; return bytes transferred."""
     header_bytes, transferred = await client.retrying(lambda: read_header_once(client, url), on_failure=on_failure)
     part = part_path(final)
+    await asyncio.to_thread(clear_part, part)
     try:
         await asyncio.to_thread(write_header_file, header_bytes, part)
         await asyncio.to_thread(verify_fits, part, "sciimg_header")
@@ -327,7 +382,7 @@ async def _attempt(
 ) -> None:  # fmt: skip
     """One GET: stream into the .part (resuming it when the server honours Range), verify, finalise."""
     part = part_path(final)
-    offset = part.stat().st_size if part.exists() else 0
+    offset = part_size(part)
     if offset >= size:
         part.unlink()
         offset = 0
@@ -365,6 +420,7 @@ async def _stream(
         raise TransientError("HTTP 416: the partial file does not match; starting over", status=416, outage_like=False)
     if status not in (200, 206):
         raise classify_status(status, response.reason or "", response.headers)
+    check_identity_encoding(response.headers)
     if "html" in response.headers.get("Content-Type", "").lower():
         raise html_error(client)
     start = 0
@@ -382,7 +438,7 @@ async def _stream(
     guard = _RateGuard(client.config.min_rate_bytes_per_s, client.config.min_rate_window_s)
     resume = status == 206 and offset > 0
     expected_overlap = await asyncio.to_thread(_read_tail, part, offset, overlap) if resume else b""
-    handle = await asyncio.to_thread(open, part, "r+b" if resume else "wb")
+    handle = await asyncio.to_thread(open_part, part, resume=resume)
     try:
         if resume:
             handle.seek(offset)
@@ -437,6 +493,7 @@ def _finalise(kind: str, shape: tuple[int, int] | None, part: Path, final: Path,
     verify_fits(part, kind, expected_size=size, expected_shape=shape)
     if kind == "mskimg" and final.name.endswith(".fz"):
         compressed = _compressed_part(final)
+        clear_part(compressed)
         compress_mask(part, compressed)
         verify_fits(compressed, "mskimg", expected_shape=shape)
         replace_durably(compressed, final)
@@ -455,9 +512,11 @@ def html_error(client: ArchiveClient) -> TransientError:
 
 
 def _read_tail(part: Path, offset: int, overlap: int) -> bytes:
-    with open(part, "rb") as handle:
-        handle.seek(offset - overlap)
-        return handle.read(overlap)
+    fd = os.open(part, os.O_RDONLY | _PART_FLAGS)
+    try:
+        return os.pread(fd, overlap, offset - overlap)
+    finally:
+        os.close(fd)
 
 
 def _write_all(handle: Any, data: bytes) -> None:
@@ -504,6 +563,7 @@ async def _read_header(client: ArchiveClient, url: str) -> tuple[bytes, int]:
             async with client.session.get(url, headers=headers, allow_redirects=True) as response:
                 if response.status not in (200, 206):
                     raise classify_status(response.status, response.reason or "", response.headers)
+                check_identity_encoding(response.headers)
                 content_type = response.headers.get("Content-Type", "")
                 if response.status == 206:
                     match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())

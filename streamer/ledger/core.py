@@ -10,10 +10,12 @@ and which dies with the process); ``status`` opens the database read-only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -225,6 +227,12 @@ def _statements(script: str) -> Iterator[str]:
         raise ValueError(f"incomplete SQL statement in a migration: {buffer.strip()[:60]!r}")
 
 
+class LedgerUnusableError(StreamerError):
+    """A ledger that cannot be opened as it is (not SQLite, a directory, a newer schema, a planted lock): exit 2."""
+
+    exit_code = 2
+
+
 class TransitionError(StreamerError):
     """A state change that the state machine does not allow."""
 
@@ -257,30 +265,27 @@ class Ledger:
     def open(cls, path: Path | str, *, readonly: bool = False, lock: bool = True) -> Ledger:
         """Open (and migrate) the ledger; as a writer, take the single-writer lock first."""
         path = Path(path)
-        lock_fd = None
-        if readonly:
-            if not path.exists():
-                raise StreamerError(f"{path}: no ledger yet (the service has not run with this configuration)")
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
-        else:
-            if lock:
-                lock_fd = _acquire_lock(path)
-            conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=10000")
+        if readonly and not path.exists():
+            raise StreamerError(f"{path}: no ledger yet (the service has not run with this configuration)")
+        if path.is_dir():
+            raise LedgerUnusableError(f"{path}: the ledger path is a directory; expected an SQLite file")
+        lock_fd = _acquire_lock(path) if lock and not readonly else None
+        conn: sqlite3.Connection | None = None
         try:
+            conn = _connect(path, readonly=readonly)
             ledger = cls(sqlite_utils.Database(conn), path, lock_fd, readonly)
             if not readonly:
                 ledger._migrate()
             else:
                 ledger._check_version()
-        except sqlite3.DatabaseError as err:
-            conn.close()
+        except (sqlite3.Error, StreamerError) as err:
+            if conn is not None:
+                conn.close()
             if lock_fd is not None:
-                os.close(lock_fd)
-            raise StreamerError(f"{path}: not a usable ledger database ({err})") from None
+                _release_lock(path, lock_fd)
+            if isinstance(err, StreamerError):
+                raise
+            raise LedgerUnusableError(f"{path}: not a usable ledger database ({err}); expected an SQLite ledger") from None
         return ledger
 
     @classmethod
@@ -294,11 +299,9 @@ class Ledger:
 
     def close(self) -> None:
         self.db.conn.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            if self.path is not None:
-                _HELD_LOCKS.discard(str(self.path.resolve()))
+        if self._lock_fd is not None and self.path is not None:
+            _release_lock(self.path, self._lock_fd)
+        self._lock_fd = None
 
     def __enter__(self) -> Ledger:
         return self
@@ -309,7 +312,10 @@ class Ledger:
     def _migrate(self) -> None:
         version = self.db.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
-            raise StreamerError(f"{self.path}: ledger schema {version} is newer than this program ({len(MIGRATIONS)})")
+            raise LedgerUnusableError(
+                f"{self.path}: ledger schema {version} is newer than this program ({len(MIGRATIONS)}); "
+                "expected an older or equal schema (upgrade streamer)"
+            )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             with self.transaction() as conn:
                 for statement in _statements(script):
@@ -319,7 +325,7 @@ class Ledger:
     def _check_version(self) -> None:
         version = self.db.conn.execute("PRAGMA user_version").fetchone()[0]
         if version != len(MIGRATIONS):
-            raise StreamerError(f"{self.path}: ledger schema {version}, this program reads {len(MIGRATIONS)}")
+            raise LedgerUnusableError(f"{self.path}: ledger schema {version}, this program reads {len(MIGRATIONS)}")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -604,7 +610,15 @@ def _acquire_lock(ledger_path: Path) -> int:
     """Take the single-writer lock beside the ledger, or raise LedgerLockedError naming the holder."""
     lock_path = ledger_path.with_name(ledger_path.name + ".lock")
     key = str(ledger_path.resolve())
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        # O_NOFOLLOW: a planted symlink must not have its target truncated and filled with our pid.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    except OSError as err:
+        reason = "is a symlink" if err.errno == errno.ELOOP else f"cannot be opened ({err.strerror})"
+        raise LedgerUnusableError(f"{lock_path}: the ledger's lock file {reason}; expected a regular file") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LedgerUnusableError(f"{lock_path}: the ledger's lock file is not a regular file")
     try:
         if key in _HELD_LOCKS:
             raise BlockingIOError
@@ -620,3 +634,26 @@ def _acquire_lock(ledger_path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def _release_lock(ledger_path: Path, fd: int) -> None:
+    os.close(fd)
+    _HELD_LOCKS.discard(str(ledger_path.resolve()))
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    """An SQLite connection set up for the ledger (WAL and full sync for a writer)."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    try:
+        if not readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+    except BaseException:
+        conn.close()
+        raise
+    return conn

@@ -39,6 +39,7 @@ from typing import Any, Final
 from streamer.archive.client import ArchiveClient, FailureCount, PermanentError, TransientError
 from streamer.archive.transfer import (
     HEADER_RESERVATION,
+    MAX_FILE_BYTES,
     DiskFull,
     TransferCounts,
     disk_bytes,
@@ -55,6 +56,7 @@ from streamer.errors import StreamerError
 from streamer.ledger import downloads
 from streamer.ledger.core import Ledger
 from streamer.storage.naming import NamingError
+from streamer.storage.nofollow import UnsafePathError, make_dirs_below
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,20 @@ def remove_orphan_parts(ledger: Ledger, root: Path) -> int:
     return removed
 
 
+def prepare_directories(root: Path, relpath: str, final: Path) -> None:
+    """Make the directories of a download below the root (made first if need be), refusing any symlink on the way."""
+    root.mkdir(parents=True, exist_ok=True)
+    make_dirs_below(root, relpath)
+    if final.is_symlink():
+        raise UnsafePathError(f"{relpath!r}: the file is a symlink")
+
+
+def known_size(row: dict[str, Any]) -> int | None:
+    """A file's recorded expected size when it is plausible (1 byte to MAX_FILE_BYTES), else None (ask HEAD)."""
+    size = row["expected_size"]
+    return size if size is not None and 0 < size <= MAX_FILE_BYTES else None
+
+
 def failure_recorder(
     ledger: Ledger, row: dict[str, Any], *, requests: list[int] | None = None
 ) -> Callable[[TransientError, FailureCount], None]:
@@ -275,12 +291,15 @@ class Fetcher:
             return FetchOutcome(file_id, relpath, state)
         if state == "missing" and (row["retry_at"] is None or row["retry_at"] > time.time()):
             return FetchOutcome(file_id, relpath, "missing", error=row["last_error"], http_status=row["http_status"])
-        if final.exists() and await self._adopt_existing(row, final):
-            return FetchOutcome(file_id, relpath, "on_disk")
         try:
+            prepare_directories(self.root, relpath, final)
+            if final.exists() and await self._adopt_existing(row, final):
+                return FetchOutcome(file_id, relpath, "on_disk")
             if row["kind"] == "sciimg_header":
                 return await self._fetch_header_file(row, final)
             return await self._fetch_file(row, final)
+        except UnsafePathError as err:  # a symlink planted under the root: nothing is written through it
+            return self._give_up(self.ledger.file(file_id), f"unsafe path: {err}", None, retryable=False)
         except PermanentError as err:
             return self._give_up(self.ledger.file(file_id), err.reason, err.status, count_request=err.status is not None)
         except TransientError as err:  # the size request (HEAD) failed every time
@@ -326,9 +345,8 @@ class Fetcher:
 
     async def _fetch_file(self, row: dict[str, Any], final: Path) -> FetchOutcome:
         count = FailureCount()
-        size = row["expected_size"] or await self._head_size(row, count)
+        size = known_size(row) or await self._head_size(row, count)
         reservation = reservation_for(row["kind"], size)
-        final.parent.mkdir(parents=True, exist_ok=True)
         counts = TransferCounts()
         while True:
             await self.disk.wait_for_room(reservation)
@@ -380,7 +398,6 @@ class Fetcher:
     # --- header-only files ----------------------------------------------------------------------
 
     async def _fetch_header_file(self, row: dict[str, Any], final: Path) -> FetchOutcome:
-        final.parent.mkdir(parents=True, exist_ok=True)
         await self.disk.wait_for_room(HEADER_RESERVATION)
         await self._reserve(self.ledger.file(row["id"]), HEADER_RESERVATION)
         requests = [0]

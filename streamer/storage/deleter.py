@@ -9,22 +9,18 @@ path one directory at a time with ``O_NOFOLLOW`` so that no symlink is ever foll
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from streamer.ledger.core import Ledger
 from streamer.ledger.files import files_in_states, still_deletable
+from streamer.storage.nofollow import UnsafePathError, checked_parts, open_dir_below
 from streamer.storage.tree import disk_usage
 
 __all__ = ["UnsafePathError", "allocated_bytes", "delete_files", "disk_usage", "finish_deletion", "recover_deletions", "unlink_below"]
-
-
-class UnsafePathError(Exception):
-    """A path that leaves the storage root, or goes through a symlink."""
 
 
 def allocated_bytes(path: Path) -> int:
@@ -36,33 +32,16 @@ def allocated_bytes(path: Path) -> int:
     return info.st_blocks * 512 if stat.S_ISREG(info.st_mode) else 0
 
 
-def _checked_parts(relpath: str) -> Sequence[str]:
-    parts = PurePosixPath(relpath).parts
-    if not parts or relpath.startswith("/") or any(p in ("..", ".", "") for p in parts):
-        raise UnsafePathError(f"{relpath!r}: not a plain path below the storage root")
-    return parts
-
-
 def unlink_below(root: Path, relpath: str) -> int:
     """Unlink the regular file ``root/relpath``; return its allocated bytes (0 if it was already gone).
 
-    Every directory is opened relative to the previous one with O_NOFOLLOW, so a symlink anywhere
-    on the way (or as the file itself) raises UnsafePathError and nothing is deleted.
+    The directories are walked with :func:`streamer.storage.nofollow.open_dir_below`, so a symlink
+    anywhere on the way (or as the file itself) raises UnsafePathError and nothing is deleted.
     """
-    parts = _checked_parts(relpath)
-    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for part in parts[:-1]:
-            try:
-                next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-            except FileNotFoundError:
-                return 0
-            except OSError as err:
-                if err.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafePathError(f"{relpath!r}: {part!r} is a symlink or not a directory") from None
-                raise
-            os.close(dir_fd)
-            dir_fd = next_fd
+    parts = checked_parts(relpath)
+    with open_dir_below(root, relpath, parts[:-1]) as dir_fd:
+        if dir_fd is None:
+            return 0
         try:
             info = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -71,8 +50,6 @@ def unlink_below(root: Path, relpath: str) -> int:
             raise UnsafePathError(f"{relpath!r}: not a regular file")
         os.unlink(parts[-1], dir_fd=dir_fd)
         return info.st_blocks * 512
-    finally:
-        os.close(dir_fd)
 
 
 def delete_files(ledger: Ledger, root: Path, rows: Sequence[dict[str, Any]]) -> int:
