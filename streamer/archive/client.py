@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 READ_BUFSIZE: Final = 1 << 20
-#: meta key holding the outage state as JSON (``{"outage": bool, "since": t, "until": t, "delay_s": s, ...}``).
-OUTAGE_META_KEY: Final = "archive.outage"
 #: During an outage an operation gives up only after this many times its usual attempts.
 OUTAGE_ATTEMPTS_FACTOR: Final = 5
 PERMANENT_STATUSES: Final = frozenset({400, 401, 403, 404, 405, 410, 414, 451})

@@ -30,7 +30,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 import aiohttp
@@ -48,7 +48,7 @@ from streamer.archive.client import (
     transient_from_exception,
 )
 from streamer.archive.verify import BLOCK, VerificationError, header_end, verify_fits
-from streamer.storage.naming import NamingError, parse_relpath
+from streamer.storage.atomic import fsync_directory
 from streamer.storage.nofollow import UnsafePathError
 
 log = logging.getLogger(__name__)
@@ -75,38 +75,6 @@ class DiskFull(Exception):
 def allocation_for(n_bytes: int) -> int:
     """Bytes to reserve for a file of ``n_bytes``: rounded up to 4096, plus slack for metadata blocks."""
     return -(-n_bytes // ALLOC_UNIT) * ALLOC_UNIT + RESERVE_SLACK
-
-
-def header_relpath(sciimg_relpath: str) -> str:
-    """Where the header of a sciimg is stored: ``..._sciimg.fits`` -> ``..._sciimg.header.fits``."""
-    if not sciimg_relpath.endswith("_sciimg.fits"):
-        raise NamingError(f"path {sciimg_relpath!r}: expected a ..._sciimg.fits path")
-    return sciimg_relpath[: -len(".fits")] + ".header.fits"
-
-
-def mask_relpath(mskimg_relpath: str) -> str:
-    """Where a mask is stored (tile-compressed): ``..._mskimg.fits`` -> ``..._mskimg.fits.fz``."""
-    if not mskimg_relpath.endswith("_mskimg.fits"):
-        raise NamingError(f"path {mskimg_relpath!r}: expected a ..._mskimg.fits path")
-    return mskimg_relpath + ".fz"
-
-
-def check_local_relpath(relpath: str) -> str:
-    """Validate a local relpath (an archive path, a stored mask or a stored header); return it."""
-    archive_path = relpath
-    if relpath.endswith("_sciimg.header.fits"):
-        archive_path = relpath[: -len(".header.fits")] + ".fits"
-    parse_relpath(archive_path)  # rejects absolute paths, '..' and names that are not ZTF products
-    return relpath
-
-
-def local_path(root: Path, relpath: str) -> Path:
-    """``<root>/<relpath>`` after checking that nothing can escape the root."""
-    check_local_relpath(relpath)
-    path = root.joinpath(*PurePosixPath(relpath).parts)
-    if os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) != os.path.abspath(root):
-        raise NamingError(f"path {relpath!r}: outside the storage root")
-    return path
 
 
 def part_path(final: Path) -> Path:
@@ -159,21 +127,12 @@ def disk_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def fsync_dir(directory: Path) -> None:
-    """fsync a directory, so that a rename in it is durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_durably(source: Path, final: Path) -> None:
     """fsync ``source``, rename it to ``final`` and fsync the directory."""
     with open(source, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(source, final)
-    fsync_dir(final.parent)
+    fsync_directory(final.parent)
 
 
 def compress_mask(source: Path, target: Path) -> None:
@@ -498,7 +457,7 @@ def _finalise(kind: str, shape: tuple[int, int] | None, part: Path, final: Path,
         verify_fits(compressed, "mskimg", expected_shape=shape)
         replace_durably(compressed, final)
         part.unlink()
-        fsync_dir(final.parent)
+        fsync_directory(final.parent)
     else:
         replace_durably(part, final)
 

@@ -450,17 +450,7 @@ class Ledger:
         self, conn: sqlite3.Connection, file_id: int, state: str, *, expect: Sequence[str] | None = None, **fields: Any
     ) -> None:
         """Move one file to ``state`` (checked against the state machine), updating ``fields`` too."""
-        current = conn.execute("SELECT state FROM files WHERE id = ?", (file_id,)).fetchone()
-        if current is None:
-            raise TransitionError(f"file {file_id}: no such file")
-        old = current[0]
-        if expect is not None and old not in expect:
-            raise TransitionError(f"file {file_id}: is {old}, expected one of {', '.join(expect)}")
-        if state != old and state not in FILE_TRANSITIONS[old]:
-            raise TransitionError(f"file {file_id}: {old} -> {state} is not allowed")
-        fields = {**fields, "state": state, "updated": time.time()}
-        assignments = ", ".join(f"{name} = :{name}" for name in fields)
-        conn.execute(f"UPDATE files SET {assignments} WHERE id = :file_id", {**fields, "file_id": file_id})
+        _transition(conn, "file", file_id, state, FILE_TRANSITIONS, expect, {**fields, "updated": time.time()})
 
     # --- the disk budget -------------------------------------------------------------------
 
@@ -511,20 +501,10 @@ class Ledger:
     def set_job_state(
         self, conn: sqlite3.Connection, job_id: int, state: str, *, expect: Sequence[str] | None = None, **fields: Any
     ) -> None:
-        """Move one job to ``state``; a job that ends (done, parked, blocked) releases its pins."""
-        current = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if current is None:
-            raise TransitionError(f"job {job_id}: no such job")
-        old = current[0]
-        if expect is not None and old not in expect:
-            raise TransitionError(f"job {job_id}: is {old}, expected one of {', '.join(expect)}")
-        if state != old and state not in JOB_TRANSITIONS[old]:
-            raise TransitionError(f"job {job_id}: {old} -> {state} is not allowed")
+        """Move one job to ``state``; a job that is done releases its pins."""
         if "result" in fields and not isinstance(fields["result"], str | None):
             fields["result"] = json.dumps(fields["result"], sort_keys=True)
-        fields = {**fields, "state": state}
-        assignments = ", ".join(f"{name} = :{name}" for name in fields)
-        conn.execute(f"UPDATE jobs SET {assignments} WHERE id = :job_id", {**fields, "job_id": job_id})
+        _transition(conn, "job", job_id, state, JOB_TRANSITIONS, expect, fields)
         if state == "done":
             conn.execute("DELETE FROM pins WHERE job_id = ?", (job_id,))
 
@@ -600,6 +580,30 @@ class Ledger:
     def get_meta(self, key: str) -> str | None:
         value = self.scalar("SELECT value FROM meta WHERE key = ?", (key,))
         return None if value is None else str(value)
+
+
+def _transition(
+    conn: sqlite3.Connection,
+    what: str,
+    row_id: int,
+    state: str,
+    transitions: dict[str, frozenset[str]],
+    expect: Sequence[str] | None,
+    fields: dict[str, Any],
+) -> None:
+    """Move one row of ``files`` or ``jobs`` (``what`` = "file" or "job") to ``state`` if the state machine allows it."""
+    table = {"file": "files", "job": "jobs"}[what]
+    current = conn.execute(f"SELECT state FROM {table} WHERE id = ?", (row_id,)).fetchone()
+    if current is None:
+        raise TransitionError(f"{what} {row_id}: no such {what}")
+    old = current[0]
+    if expect is not None and old not in expect:
+        raise TransitionError(f"{what} {row_id}: is {old}, expected one of {', '.join(expect)}")
+    if state != old and state not in transitions[old]:
+        raise TransitionError(f"{what} {row_id}: {old} -> {state} is not allowed")
+    values = {**fields, "state": state}
+    assignments = ", ".join(f"{name} = :{name}" for name in values)
+    conn.execute(f"UPDATE {table} SET {assignments} WHERE id = :row_id", {**values, "row_id": row_id})
 
 
 # POSIX record locks never conflict within one process, so this process's own locks are kept here.

@@ -20,7 +20,7 @@ from typing import Any, Final, Protocol
 from streamer.ledger.core import Ledger
 
 MISSING_EVENT: Final = "file_missing"
-#: meta key holding the archive's outage state as JSON.
+#: meta key holding the archive's outage state as JSON (``{"outage": bool, "since": t, "until": t, "delay_s": s, ...}``).
 OUTAGE_META_KEY: Final = "archive.outage"
 
 # A file is due when it is not on disk and was not given up on, or when a refused file's retry date has come.

@@ -46,7 +46,6 @@ from streamer.archive.transfer import (
     download,
     download_header,
     head_size,
-    local_path,
     part_path,
     reservation_for,
     verify_in_place,
@@ -57,6 +56,7 @@ from streamer.ledger import downloads
 from streamer.ledger.core import Ledger
 from streamer.storage.naming import NamingError
 from streamer.storage.nofollow import UnsafePathError, make_dirs_below
+from streamer.storage.paths import check_archive_relpath, local_path
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class Fetcher:
         row = self.ledger.file(file_id)
         relpath = row["relpath"]
         try:
-            final = local_path(self.root, relpath)
+            final = local_path(self.root, check_archive_relpath(relpath))
         except NamingError as err:
             return self._give_up(row, f"unsafe or unknown path: {err}", None, retryable=False)
         state = row["state"]
