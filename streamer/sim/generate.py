@@ -28,6 +28,7 @@ Physical order of effects, per pixel of a quadrant (ADU unless stated):
        (``streamer.detrend.pocket.forward`` with the model's parameters of the CCD, amplifier and night;
        none outside the model's periods): bright pixels lose charge, the pixels read after them and the
        overscan columns get it back (the overscan part then goes through step 3 and adds to step 4-6).
+       The hot columns' excess (step 8) is then dark charge added before the pocket, in biases too.
     3. nonlinearity: ``uncorrect(S_noisy, A, B)`` (``streamer.detrend.nonlinearity``; evaluated in float32,
        see ``pixels.apply_nonlinearity``) with the night's epoch table for (CCD, qid), so overscan
        subtraction followed by ``correct()`` inverts it exactly.

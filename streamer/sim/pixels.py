@@ -138,8 +138,10 @@ def raw_quadrant(
 
     ``signal`` (float32, ADU) is None for a bias (zero signal, no photon noise). Computed in blocks of
     ``BLOCK_ROWS`` rows so that temporaries stay in cache; random numbers are drawn block by block.
-    ``pocket``: the parameters of the amplifier's pocket, applied to the charge after photon noise
-    (a bias has no charge to trap); its trail in the overscan goes through the nonlinearity too.
+    ``pocket``: the parameters of the amplifier's pocket, applied to the charge after photon noise;
+    its trail in the overscan goes through the nonlinearity too. With a pocket the hot columns'
+    excess is dark charge that goes through it (in biases too), as on the sky: added before it
+    instead of after the clip.
     """
     rows, cols = bias_structure.shape
     drift_readout = drift.rows(rows)
@@ -159,12 +161,17 @@ def raw_quadrant(
         bias_part *= read_noise
         bias_part += bias_rows[start:stop]
         bias_part += bias_structure[start:stop]
-        if signal is None:
+        if signal is None and pocket is None:
             total = bias_part.copy()
         else:
-            measured = np.minimum(signal[start:stop], np.float32(FULL_WELL_ADU))
-            add_poisson_noise(measured, amp.gain, rng_poisson)
+            if signal is None:
+                measured = np.zeros((stop - start, cols), dtype=np.float32)
+            else:
+                measured = np.minimum(signal[start:stop], np.float32(FULL_WELL_ADU))
+                add_poisson_noise(measured, amp.gain, rng_poisson)
             if pocket is not None:
+                for column, excess in zip(amp.hot_columns, amp.hot_excess, strict=True):
+                    measured[:, column] += np.float32(excess)
                 measured, pocket_overscan[start:stop] = through_pocket(measured, pocket, amp.qid, overscan_columns)
             apply_nonlinearity(measured, *nonlinearity)
             last_read[start:stop] = measured[:, last_column]
@@ -176,8 +183,9 @@ def raw_quadrant(
         for column in amp.dead_columns:
             total[:, column] = bias_part[:, column]
             block_saturated[:, column] = False
-        for column, excess in zip(amp.hot_columns, amp.hot_excess, strict=True):
-            total[:, column] += np.float32(excess)
+        if pocket is None:
+            for column, excess in zip(amp.hot_columns, amp.hot_excess, strict=True):
+                total[:, column] += np.float32(excess)
         data[start:stop] = _to_uint16(total)
 
     overscan = rng_read.standard_normal((rows, overscan_columns), dtype=np.float32)
