@@ -693,12 +693,14 @@ def read_params(out: Path) -> dict[str, Any]:
     return result
 
 
-def _map(jobs: int, function: Any, items: list[Any]) -> Iterable[Any]:
+def _map(jobs: int, function: Any, items: list[Any], *, fork: bool = True) -> Iterable[Any]:
     """``map`` in this process, or over a pool of ``jobs`` processes (forked when this process has no
-    other thread, so workers start at once; spawned otherwise, since forking a threaded process is unsafe)."""
+    other thread and ``fork``, so workers start at once; spawned otherwise, since forking a threaded
+    process is unsafe: the pocket's compiled kernels may have started numba's threads, which
+    ``threading`` does not see)."""
     if jobs <= 1 or len(items) <= 1:
         return map(function, items)
-    context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
+    context = multiprocessing.get_context("fork" if fork and threading.active_count() == 1 else "spawn")
     chunksize = max(1, len(items) // (4 * jobs))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as executor:
         return list(executor.map(function, items, chunksize=chunksize))
@@ -763,7 +765,7 @@ def generate_night(
     spec = NightSpec(out, night, seed, instrument, flat_medians, pocket)
     order = {"bias": 0, "flat": 1, "object": 2}
     work = sorted(((spec, e, c) for e in exposures for c in ccds), key=lambda j: (j[2], order[j[1].imgtype], j[1].filtercode, j[1].index))
-    results: list[FileResult] = list(_map(jobs, _write_ccd_file_job, work))
+    results: list[FileResult] = list(_map(jobs, _write_ccd_file_job, work, fork=pocket == "off"))
 
     catalogues = [instrument.catalogue(f, c) for f in sorted({e.field for e in exposures if e.imgtype == "object"}) for c in ccds]
     pixels: set[int] = set()
