@@ -147,7 +147,7 @@ def main() -> None:
         for name, value in zip(runs, medians, strict=True):
             curves[name].append(value)
         twin_ratio = [float(np.median([runs[n][k]["f_0"] / reference[k]["f_0"] for k in keys])) for n in ("pocket night, off", "pocket night, v0.1")]
-        print(f"[{low:.0f}, {high:.0f}) | " + " | ".join(f"{m:.4f}" for m in medians) + f" | {twin_ratio[0]:.4f} | {twin_ratio[1]:.4f} | {len(keys)}")
+        print(f"[{low:.1f}, {high:.1f}) | " + " | ".join(f"{m:.4f}" for m in medians) + f" | {twin_ratio[0]:.4f} | {twin_ratio[1]:.4f} | {len(keys)}")
     near_first, other_first, near_model, other_model = _overscan(pocket, twin)
     print(
         f"raw overscan, pocket night less twin (ADU, median): readout columns 0-4: rows with a bright star read in the "
