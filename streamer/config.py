@@ -351,6 +351,12 @@ class DetrendConfig:
     max_calibration_gap_days: int = _option(_integer(0, 366), default=10)
     write_detrended: bool = _option(_boolean, default=False)
     detrended_quantize_step: float = _option(_number(0, lo_open=True), default=0.25)
+    pocket: str = _option(_choice("off", "v0.1"), default="off")
+
+
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("detrend", "pocket"): "off"}
+"""(section, key): value left out of the configuration hashes when the key has it: keys added after
+products were made, so that configurations that do not use them keep their provenance hash."""
 
 
 @dataclass(frozen=True)
@@ -522,6 +528,9 @@ class Config:
     def config_hash(self) -> str:
         """A stable hash of the effective configuration (for provenance)."""
         plain = {k: v for k, v in _plain(self).items() if k != "metrics"}  # operational, not provenance
+        for (section, key), neutral in HASH_NEUTRAL_DEFAULTS.items():
+            if plain[section].get(key) == neutral:
+                del plain[section][key]
         payload = json.dumps(plain, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -10,7 +10,9 @@ on that grid; orientation is handled by :mod:`.readout` only. Units are stated a
        skipped if "off"
     4. row corrections (none by default): callables on whole rows in readout order, data columns
        then the 30 overscan columns, both overscan-subtracted and linearised; the place of the
-       pocket effect and of brighter-fatter
+       pocket effect (``[detrend] pocket``, chosen per quadrant and night by :func:`pocket_step`;
+       first, since the serial register is the last thing the charge went through) and of
+       brighter-fatter
     5. minus master bias (ADU)
     6. divided by master flat x flat factor (ADU, flat-fielded)
     7. variance (ADU^2): read noise, Poisson with the gain, the master bias' and flat's variance
@@ -19,15 +21,17 @@ on that grid; orientation is handled by :mod:`.readout` only. Units are stated a
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from streamer.config import DetrendConfig
 from streamer.detrend import masks as maskbits
+from streamer.detrend import pocket
 from streamer.detrend.overscan import OverscanModel, model_overscan
 from streamer.detrend.readout import from_readout, to_readout
 
@@ -65,6 +69,60 @@ class DetrendedQuadrant:
     variance: npt.NDArray[np.float32]  # ADU^2
     mask: npt.NDArray[np.uint16]  # our bits (streamer.detrend.masks)
     overscan: OverscanModel
+
+
+@dataclass(frozen=True)
+class PocketStep:
+    """The pocket-effect step of one quadrant on one night.
+
+    ``model`` is the configured model ("off" or a version such as "v0.1"); ``parameters`` the
+    amplifier's parameters when the correction is applied, else None with ``reason`` saying why
+    (e.g. "not applied: no period covers 2017-05-01").
+    """
+
+    model: str
+    parameters: pocket.Parameters | None = None
+    period: int | None = None
+    reason: str | None = None
+    threshold: float = pocket.DEFAULT_THRESHOLD
+
+    @property
+    def row_corrections(self) -> tuple[RowCorrection, ...]:
+        """The step as row corrections for the chain: one, or none when not applied."""
+        if self.parameters is None:
+            return ()
+        return (pocket.row_correction(self.parameters, threshold=self.threshold),)
+
+    def record(self) -> dict[str, Any]:
+        """Provenance (plain values): the model, its version, and the parameter set or why none."""
+        if self.model == "off":
+            return {"model": "off"}
+        record: dict[str, Any] = {"model": "ztfsensors pocket", "version": self.model}
+        if self.parameters is None:
+            return record | {"applied": False, "reason": self.reason}
+        p = self.parameters
+        parameters = {"alpha": p.alpha, "cmax": p.cmax, "beta": p.beta, "nmax": p.nmax}
+        return record | {"applied": True, "period": self.period, "parameters": parameters, "threshold": self.threshold}
+
+    def summary(self) -> str:
+        """The record in one line (for a FITS card)."""
+        if self.parameters is None:
+            return self.reason or "off"
+        p = self.parameters
+        return f"{self.model} period {self.period}: alpha={p.alpha:.5g} cmax={p.cmax:.5g} beta={p.beta:.5g} nmax={p.nmax:.5g}"
+
+
+def pocket_step(config: DetrendConfig, ccdid: int, qid: int, night: dt.date) -> PocketStep:
+    """The pocket-effect step that ``config`` asks for on quadrant (``ccdid``, ``qid``) on ``night``."""
+    if config.pocket == "off":
+        return PocketStep("off", reason="off")
+    period = pocket.period_of(night)
+    if period is None:
+        return PocketStep(config.pocket, reason=f"not applied: no period covers {night.isoformat()}")
+    parameters = pocket.pocket_parameters(config.pocket, ccdid, qid, night)
+    if parameters is None:
+        return PocketStep(config.pocket, period=period, reason=f"not applied: no parameters for CCD {ccdid} q{qid} in period {period}")
+    return PocketStep(config.pocket, parameters=parameters, period=period)
 
 
 def linearise(measured: npt.NDArray[np.number], a: float, b: float) -> npt.NDArray[np.float32]:

@@ -22,11 +22,14 @@ from streamer.execution.base import BrokenProcessPool
 __all__ = ["LocalExecutor", "worker_initializer"]
 
 _PR_SET_PDEATHSIG = 1
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+# read by the libraries when they are imported; numba's (the pocket-effect kernels) as well
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def worker_initializer() -> None:
-    """Per-process settings of a pool worker: one BLAS thread, die with the parent, ignore Ctrl-C."""
+    """Per-process settings of a pool worker: one BLAS and one numba thread, die with the parent,
+    ignore Ctrl-C. Runs in the fresh (spawned) process before any job is unpickled, so before the
+    job modules import numba; the pool has as many workers as cores, so a job runs on one."""
     for name in _THREAD_VARIABLES:
         os.environ[name] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)

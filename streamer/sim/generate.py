@@ -23,6 +23,12 @@ Physical order of effects, per pixel of a quadrant (ADU unless stated):
     1. true linear signal ``S``: science ``(sky + stars) * T``; LED flat ``level_led * F_led * I_led``; bias 0.
        ``stars``: pixel-integrated circular Gaussians of FWHM ``seeing_fwhm_arcsec / 1.012`` px.
     2. photon noise in electrons (``S * GAIN``), back to ADU (Gaussian approximation above 20 e-).
+    2b. pocket effect, only with ``generate_night(pocket="v0.1")`` (off by default): each row of charge,
+       in readout order with its 30 (empty) overscan columns, goes through the serial register's pocket
+       (``streamer.detrend.pocket.forward`` with the model's parameters of the CCD, amplifier and night;
+       none outside the model's periods): bright pixels lose charge, the pixels read after them and the
+       overscan columns get it back (the overscan part then goes through step 3 and adds to step 4-6).
+       The hot columns' excess (step 8) is then dark charge added before the pocket, in biases too.
     3. nonlinearity: ``uncorrect(S_noisy, A, B)`` (``streamer.detrend.nonlinearity``; evaluated in float32,
        see ``pixels.apply_nonlinearity``) with the night's epoch table for (CCD, qid), so overscan
        subtraction followed by ``correct()`` inverts it exactly.
@@ -63,7 +69,9 @@ Truth, in the units of the pipeline's output
       bias_level_adu, dead_columns, hot_columns, hot_excess_adu), ``flats`` (by filter then ccd: LED
       medians, median of T) and ``nights`` (by YYYY-MM-DD: seed, nonlinearity epoch and (A, B) by ccd then
       qid, and ``exposures``: filefracday, imgtype, filtercode, field, obsjd, expid, exptime, led,
-      seeing_fwhm_arcsec, sky_adu, magzp, airmass, tangent point, and ``drift`` by ccd then qid).
+      seeing_fwhm_arcsec, sky_adu, magzp, airmass, tangent point, and ``drift`` by ccd then qid), and
+      with the pocket injected ``pocket``: ``model`` and ``parameters`` by ccd then qid (alpha, cmax,
+      beta, nmax in ADU; null where the model has none for that night).
 
 Science products and geometry
     ``sciimg.fits``: float32, the noise-free expectation ``sky + stars`` in ADU (what perfect detrending
@@ -111,6 +119,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.io import fits
 
+from streamer.detrend import pocket as pocket_model
 from streamer.detrend.nonlinearity import coefficients, correct, epoch_for
 from streamer.errors import UsageError
 from streamer.sim import sky
@@ -389,6 +398,7 @@ class NightSpec:
     seed: int
     instrument: Instrument
     flat_medians: dict[tuple[int, str], dict[int, float]]
+    pocket: str = "off"  # "off" or a pocket model of streamer.detrend.pocket.MODELS
 
 
 @dataclass(frozen=True)
@@ -593,6 +603,7 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
             shape.overscan,
             stream(spec.seed, "poisson", *key, qid),
             stream(spec.seed, "read_noise", *key, qid),
+            pocket=_pocket_parameters(spec.pocket, ccdid, qid, spec.night),
         )
         quadrants.append(fits.CompImageHDU(raw.data, header=amplifier_header(amp, str(qid)), compression_type="RICE_1"))
         overscans.append(fits.CompImageHDU(raw.overscan, header=amplifier_header(amp, str(qid + 4)), compression_type="RICE_1"))
@@ -611,6 +622,11 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
     _atomic_write(fits.HDUList([fits.PrimaryHDU(header=primary), *quadrants, *overscans]), spec.out / name.relpath)
     stars = {k: np.concatenate([t[k] for t in star_truth]) for k in star_truth[0]} if star_truth else None
     return FileResult(tuple(relpaths), stars, time.perf_counter() - start, time.process_time() - cpu_start)
+
+
+def _pocket_parameters(model: str, ccdid: int, qid: int, night: dt.date) -> pocket_model.Parameters | None:
+    """The pocket injected into (CCD, qid) on ``night``: the model's parameters, None when off or uncovered."""
+    return None if model == "off" else pocket_model.pocket_parameters(model, ccdid, qid, night)
 
 
 def _write_ccd_file_job(job: tuple[NightSpec, Exposure, int]) -> FileResult:
@@ -677,12 +693,14 @@ def read_params(out: Path) -> dict[str, Any]:
     return result
 
 
-def _map(jobs: int, function: Any, items: list[Any]) -> Iterable[Any]:
+def _map(jobs: int, function: Any, items: list[Any], *, fork: bool = True) -> Iterable[Any]:
     """``map`` in this process, or over a pool of ``jobs`` processes (forked when this process has no
-    other thread, so workers start at once; spawned otherwise, since forking a threaded process is unsafe)."""
+    other thread and ``fork``, so workers start at once; spawned otherwise, since forking a threaded
+    process is unsafe: the pocket's compiled kernels may have started numba's threads, which
+    ``threading`` does not see)."""
     if jobs <= 1 or len(items) <= 1:
         return map(function, items)
-    context = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
+    context = multiprocessing.get_context("fork" if fork and threading.active_count() == 1 else "spawn")
     chunksize = max(1, len(items) // (4 * jobs))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as executor:
         return list(executor.map(function, items, chunksize=chunksize))
@@ -704,13 +722,17 @@ def generate_night(
     flat_filters: Sequence[str] = DEFAULT_FILTERS,
     instrument_seed: int = 0,
     stars_per_quadrant: int | None = None,
+    pocket: str = "off",
 ) -> NightTruth:
     """Write the night ``night`` of CCDs ``ccds`` under ``out`` (IRSA layout, refcat and truth).
 
     ``filters``: the science filters, in rotation; ``flat_filters``: the filters whose LED flats are taken
-    tonight (leave one out for a night without its flats). Raise UsageError on bad arguments.
+    tonight (leave one out for a night without its flats); ``pocket``: "off" or a pocket model ("v0.1")
+    whose parameters are injected (step 2b). Raise UsageError on bad arguments.
     """
     _check_arguments(ccds, n_exposures, flats_per_led, n_biases, jobs, fields, filters, flat_filters)
+    if pocket != "off" and pocket not in pocket_model.MODELS:
+        raise UsageError(f"pocket {pocket!r}: expected \"off\" or one of {', '.join(pocket_model.MODELS)}")
     frame = shape_named(shape)
     instrument = Instrument(frame, instrument_seed, stars_per_quadrant or STARS_PER_QUADRANT[frame.name])
     out = Path(out)
@@ -740,10 +762,10 @@ def generate_night(
         }
     list(_map(jobs, _bias_truth_job, [(instrument, out, c) for c in ccds]))
 
-    spec = NightSpec(out, night, seed, instrument, flat_medians)
+    spec = NightSpec(out, night, seed, instrument, flat_medians, pocket)
     order = {"bias": 0, "flat": 1, "object": 2}
     work = sorted(((spec, e, c) for e in exposures for c in ccds), key=lambda j: (j[2], order[j[1].imgtype], j[1].filtercode, j[1].index))
-    results: list[FileResult] = list(_map(jobs, _write_ccd_file_job, work))
+    results: list[FileResult] = list(_map(jobs, _write_ccd_file_job, work, fork=pocket == "off"))
 
     catalogues = [instrument.catalogue(f, c) for f in sorted({e.field for e in exposures if e.imgtype == "object"}) for c in ccds]
     pixels: set[int] = set()
@@ -753,6 +775,8 @@ def generate_night(
 
     stars = _write_stars(out, night, [r.stars for r in results if r.stars is not None])
     params = _night_params(params, instrument, night, seed, ccds, exposures, flats_params)
+    if pocket != "off":
+        params["nights"][night.isoformat()]["pocket"] = _pocket_truth(pocket, night, ccds)
     _write_json(out / "truth" / "params.json", params)
     relpaths = sorted(p for r in results for p in r.relpaths)
     return NightTruth(
@@ -837,6 +861,16 @@ def _night_params(
         night_record["exposures"].append(record)
     params.setdefault("nights", {})[night.isoformat()] = night_record
     return params
+
+
+def _pocket_truth(model: str, night: dt.date, ccds: Sequence[int]) -> dict[str, Any]:
+    parameters: dict[str, dict[str, Any]] = {}
+    for ccdid in ccds:
+        parameters[str(ccdid)] = {}
+        for qid in (1, 2, 3, 4):
+            p = _pocket_parameters(model, ccdid, qid, night)
+            parameters[str(ccdid)][str(qid)] = None if p is None else asdict(p)
+    return {"model": model, "parameters": parameters}
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 Pure numpy: arrays and parameters in, arrays out. Units are ADU unless a name says ``_e`` (electrons).
 The order (see ``streamer.sim.generate`` for the full convention): linear signal -> Poisson noise ->
+pocket effect (optional; serial register, whole rows in readout order into the overscan) ->
 nonlinearity -> bias (level + row drift + fixed structure) -> read noise -> trailing charge in the
 overscan -> saturation clip -> dead and hot columns -> rounding to uint16.
 """
@@ -14,7 +15,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from streamer.detrend.readout import from_readout
+from streamer.detrend import pocket as pocket_model
+from streamer.detrend.readout import from_readout, to_readout
 
 SATURATION_RAW_ADU: Final = 60000.0
 FULL_WELL_ADU: Final = 150000.0
@@ -108,6 +110,19 @@ def trailing_charge(last_column_read: npt.NDArray[np.float32], overscan_columns:
     return (last_column_read[:, None] * decay[None, :]).astype(np.float32)
 
 
+def through_pocket(
+    charge: FloatImage, p: pocket_model.Parameters, qid: int, overscan_columns: int
+) -> tuple[FloatImage, FloatImage]:
+    """Stored rows of charge (linear ADU) read out through the serial register's pocket (the v0.1
+    forward model, :func:`streamer.detrend.pocket.forward`): each row in readout order, data columns
+    then ``overscan_columns`` empty ones. Returns (data, overscan), both on the stored grid."""
+    columns = charge.shape[1]
+    empty = np.zeros((charge.shape[0], overscan_columns), dtype=np.float32)
+    observed = pocket_model.forward(np.concatenate([to_readout(charge, qid), empty], axis=1), p)
+    data = np.ascontiguousarray(from_readout(observed[:, :columns], qid))
+    return data, np.ascontiguousarray(from_readout(observed[:, columns:], qid))
+
+
 def raw_quadrant(
     signal: FloatImage | None,
     amp: Amplifier,
@@ -117,11 +132,16 @@ def raw_quadrant(
     overscan_columns: int,
     rng_poisson: np.random.Generator,
     rng_read: np.random.Generator,
+    pocket: pocket_model.Parameters | None = None,
 ) -> RawQuadrant:
     """The stored (IPAC grid) uint16 data and overscan of a quadrant whose true linear signal is ``signal``.
 
     ``signal`` (float32, ADU) is None for a bias (zero signal, no photon noise). Computed in blocks of
     ``BLOCK_ROWS`` rows so that temporaries stay in cache; random numbers are drawn block by block.
+    ``pocket``: the parameters of the amplifier's pocket, applied to the charge after photon noise;
+    its trail in the overscan goes through the nonlinearity too. With a pocket the hot columns'
+    excess is dark charge that goes through it (in biases too), as on the sky: added before it
+    instead of after the clip.
     """
     rows, cols = bias_structure.shape
     drift_readout = drift.rows(rows)
@@ -133,6 +153,7 @@ def raw_quadrant(
     saturated = np.empty((rows, cols), dtype=bool)
     read_noise = np.float32(amp.read_noise_adu)
     saturation = np.float32(SATURATION_RAW_ADU)
+    pocket_overscan = np.zeros((rows, overscan_columns), dtype=np.float32)
 
     for start in range(0, rows, BLOCK_ROWS):
         stop = min(rows, start + BLOCK_ROWS)
@@ -140,11 +161,18 @@ def raw_quadrant(
         bias_part *= read_noise
         bias_part += bias_rows[start:stop]
         bias_part += bias_structure[start:stop]
-        if signal is None:
+        if signal is None and pocket is None:
             total = bias_part.copy()
         else:
-            measured = np.minimum(signal[start:stop], np.float32(FULL_WELL_ADU))
-            add_poisson_noise(measured, amp.gain, rng_poisson)
+            if signal is None:
+                measured = np.zeros((stop - start, cols), dtype=np.float32)
+            else:
+                measured = np.minimum(signal[start:stop], np.float32(FULL_WELL_ADU))
+                add_poisson_noise(measured, amp.gain, rng_poisson)
+            if pocket is not None:
+                for column, excess in zip(amp.hot_columns, amp.hot_excess, strict=True):
+                    measured[:, column] += np.float32(excess)
+                measured, pocket_overscan[start:stop] = through_pocket(measured, pocket, amp.qid, overscan_columns)
             apply_nonlinearity(measured, *nonlinearity)
             last_read[start:stop] = measured[:, last_column]
             total = measured
@@ -155,8 +183,9 @@ def raw_quadrant(
         for column in amp.dead_columns:
             total[:, column] = bias_part[:, column]
             block_saturated[:, column] = False
-        for column, excess in zip(amp.hot_columns, amp.hot_excess, strict=True):
-            total[:, column] += np.float32(excess)
+        if pocket is None:
+            for column, excess in zip(amp.hot_columns, amp.hot_excess, strict=True):
+                total[:, column] += np.float32(excess)
         data[start:stop] = _to_uint16(total)
 
     overscan = rng_read.standard_normal((rows, overscan_columns), dtype=np.float32)
@@ -164,6 +193,8 @@ def raw_quadrant(
     overscan += bias_rows
     last_read_readout = last_read[::-1] if amp.qid in (3, 4) else last_read
     overscan += from_readout(trailing_charge(last_read_readout, overscan_columns), amp.qid)
+    if pocket is not None:
+        overscan += apply_nonlinearity(pocket_overscan, *nonlinearity)
     np.minimum(overscan, saturation, out=overscan)
     return RawQuadrant(data, _to_uint16(overscan), saturated)
 

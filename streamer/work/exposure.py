@@ -23,7 +23,7 @@ from streamer import geometry, photometry
 from streamer.config import DetrendConfig, PhotometryConfig
 from streamer.detrend import masks as maskbits
 from streamer.detrend import nonlinearity
-from streamer.detrend.calibrate import MasterQuadrant, detrend_science
+from streamer.detrend.calibrate import MasterQuadrant, detrend_science, pocket_step
 from streamer.errors import StreamerError
 from streamer.formats import masters as masterio
 from streamer.formats import raw as rawio
@@ -283,6 +283,7 @@ def process_exposure(
         "masters": {"bias": _master_record(master_bias_path), "flat": _master_record(master_flat_path)},
         "focalplane_factor": focalplane_factor,
         "detrend_config": _plain(detrend_config),
+        **_pocket_record(detrend_config, name),
         "photometry_config": _plain(photometry_config),
         "refcat_pixels_read": list(catalogue.sources.pixels_read),
         "refcat_pixels_missing": list(catalogue.sources.pixels_missing),
@@ -333,6 +334,7 @@ def _process_quadrant(
         raise ValueError("no GAIN or READNOI in the raw extension header nor in the IPAC header")
     saturate = _header_number(own_header, "SATURATE") if own_header is not None else None
     night = night_of(name.filefracday)
+    pocket = pocket_step(detrend_config, name.ccdid, qid, night)
     detrended = detrend_science(
         quadrant.data,
         quadrant.overscan,
@@ -345,6 +347,7 @@ def _process_quadrant(
         read_noise=read_noise,
         saturate=saturate,
         flat_factor=focalplane_factor,
+        row_corrections=pocket.row_corrections,
     )
     del quadrant
     mask_note: str | None = None
@@ -426,10 +429,18 @@ def _master_record(path: Path | str) -> dict[str, Any]:
     except masterio.MasterReadError as err:
         record["error"] = str(err)
         return record
-    for key in ("NIGHT", "MKIND", "FILTER", "LEDS", "NFRAMES", "CFGHASH"):
+    for key in ("NIGHT", "MKIND", "FILTER", "LEDS", "NFRAMES", "CFGHASH", "POCKET"):
         if key in header:
             record[key.lower()] = header[key]
     return record
+
+
+def _pocket_record(detrend_config: DetrendConfig, name: RawName) -> dict[str, Any]:
+    """``{"pocket": {qid: record}}`` of the pocket-effect step of each quadrant, nothing when it is off."""
+    if detrend_config.pocket == "off":
+        return {}
+    night = night_of(name.filefracday)
+    return {"pocket": {str(qid): pocket_step(detrend_config, name.ccdid, qid, night).record() for qid in QIDS}}
 
 
 def _plain(config: Any) -> dict[str, Any]:

@@ -26,10 +26,10 @@ import numpy as np
 import numpy.typing as npt
 
 from streamer import __version__
-from streamer.config import DetrendConfig
+from streamer.config import HASH_NEUTRAL_DEFAULTS, DetrendConfig
 from streamer.detrend import masks as maskbits
 from streamer.detrend import nonlinearity
-from streamer.detrend.calibrate import MasterQuadrant, RowCorrection, correct_rows, fit_overscan
+from streamer.detrend.calibrate import MasterQuadrant, RowCorrection, correct_rows, fit_overscan, pocket_step
 from streamer.detrend.combine import ClippedMedian, combine_in_row_blocks
 from streamer.errors import StreamerError
 from streamer.formats.masters import MasterReadError, read_master, read_master_header, write_master
@@ -117,8 +117,13 @@ def _night(night: str | dt.date) -> dt.date:
 
 
 def detrend_config_hash(detrend: DetrendConfig) -> str:
-    """A short stable hash of the detrending settings (recorded in every master)."""
-    payload = json.dumps(dataclasses.asdict(detrend), sort_keys=True, default=str)
+    """A short stable hash of the detrending settings (recorded in every master); keys at their
+    hash-neutral value (``config.HASH_NEUTRAL_DEFAULTS``) are left out."""
+    settings = dataclasses.asdict(detrend)
+    for (section, key), neutral in HASH_NEUTRAL_DEFAULTS.items():
+        if section == "detrend" and settings.get(key) == neutral:
+            del settings[key]
+    payload = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -167,8 +172,10 @@ def _combine_quadrant(
 ) -> tuple[ClippedMedian, tuple[str, ...], list[tuple[str, str]], float | None, float | None]:
     """Clipped median of one quadrant over ``raws`` (overscan, nonlinearity, row corrections, minus
     ``subtract``), frames with an unreadable quadrant left out. Returns (combination, names used,
-    (name, reason) rejected, gain, read noise); _QuadrantFailed if fewer than ``minimum`` remain."""
+    (name, reason) rejected, gain, read noise); _QuadrantFailed if fewer than ``minimum`` remain.
+    The pocket-effect step of ``detrend`` comes first among the row corrections."""
     coefficients = _coefficients(detrend, night, ccdid, qid)
+    row_corrections = (*pocket_step(detrend, ccdid, qid, night).row_corrections, *row_corrections)
     rejected: list[tuple[str, str]] = []
     frames: list[_Frame] = []
     shape: tuple[int, int] | None = None
@@ -278,6 +285,10 @@ def _primary_cards(
     }
     if filtercode is not None:
         cards["FILTER"] = filtercode
+    if detrend.pocket != "off":
+        cards["POCKET"] = detrend.pocket
+        for qid in (1, 2, 3, 4):
+            cards[f"POCKQ{qid}"] = pocket_step(detrend, ccdid, qid, night).summary()
     for i, name in enumerate(frames, start=1):
         cards[f"FRAME{i:03d}"] = name
     if "config_hash" in provenance:

@@ -1,0 +1,179 @@
+"""The pocket effect on a simulated night: flux / true against magnitude at r = 3 px, correction off and on.
+
+    python -m bench.pocket_night [--exposures N] [--stars N] [--out DIR] [--png PATH]
+
+Writes two nights of CCD 6 (the strongest pocket of the v0.1 table, cmax about 1700 ADU) with the
+same seed, small frames (260 x 256 quadrants): one without the pocket (the twin) and one with the
+v0.1 pocket injected. Builds the masters (bias, zg flat) and the catalogues with the work functions
+themselves (no service), with ``[detrend] pocket = "off"`` and ``"v0.1"`` on the pocket night and
+"off" on the twin, and prints
+
+- the median flux / true (simulator truth) at r = 3 px of isolated unflagged stars, in bins of
+  instrumental magnitude ``-2.5 log10(true ADU)``, for the three runs, and the median ratio to the
+  twin (same photon and read noise: the pocket alone);
+- the raw overscan level (readout columns 0-4 and 5-24, the ones the overscan model uses) of the
+  pocket night less the twin's, in rows with a bright star (true > 10^4 ADU) read within the last
+  16 data columns of its row, and in the other rows.
+
+and draws both in a PNG (matplotlib, the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from astropy.io import fits
+
+from streamer.config import DetrendConfig, PhotometryConfig
+from streamer.detrend.readout import to_readout
+from streamer.sim.generate import NightTruth, generate_night
+from streamer.work.exposure import process_exposure
+from streamer.work.masters import build_master_bias, build_master_flat
+
+NIGHT = dt.date(2020, 9, 24)
+CCD = 6
+FILTER = "zg"
+BRIGHT_ADU = 1e4
+LAST_COLUMNS = 16
+MIN_SNR = 20.0
+BINS = np.arange(-11.0, -6.5, 0.5)  # instrumental magnitude; fainter stars pass the S/N cut only when something else adds to them
+
+
+def _night(out: Path, pocket: str, exposures: int, stars: int | None) -> NightTruth:
+    return generate_night(
+        out, NIGHT, ccds=(CCD,), n_exposures=exposures, flats_per_led=3, n_biases=6, seed=11, shape="small",
+        filters=(FILTER,), flat_filters=(FILTER,), stars_per_quadrant=stars, pocket=pocket,
+    )  # fmt: skip
+
+
+def _catalogues(night: NightTruth, work: Path, detrend: DetrendConfig) -> list[Path]:
+    """The apcat files of the night's science exposures, made with ``detrend``."""
+    work.mkdir(parents=True)
+    raws = sorted(night.out.glob("raw/**/*.fits.fz"))
+    biases = [str(p) for p in raws if p.name.endswith("_b.fits.fz")]
+    by_led: dict[int, list[str]] = defaultdict(list)
+    for path in (p for p in raws if p.name.endswith("_f.fits.fz")):
+        by_led[int(fits.getheader(path, 0)["ILUM_LED"])].append(str(path))
+    bias = build_master_bias(biases, str(work / "bias.fits"), night=NIGHT, ccdid=CCD, detrend=detrend)
+    flat = build_master_flat(by_led, bias.path, str(work / "flat.fits"), night=NIGHT, ccdid=CCD, filtercode=FILTER, detrend=detrend)
+    paths = []
+    for exposure in (e for e in night.exposures if e.imgtype == "object"):
+        name = exposure.raw_name(CCD)
+        result = process_exposure(
+            night.out / name.relpath, master_bias_path=bias.path, master_flat_path=flat.path,
+            sciimg_header_paths={q: night.out / name.sci(q, "sciimg.fits").relpath for q in (1, 2, 3, 4)},
+            mask_paths={q: night.out / name.sci(q, "mskimg.fits").relpath for q in (1, 2, 3, 4)},
+            catalog_dir=night.out / "refcat", storage_root=work, detrend_config=detrend,
+            photometry_config=PhotometryConfig(catalog_dir=night.out / "refcat"), provenance={"config_hash": "bench"},
+        )  # fmt: skip
+        paths.append(Path(result.apcat_path))
+    return paths
+
+
+def _rows(paths: list[Path], truth: NightTruth) -> dict[tuple[int, int, int], dict[str, Any]]:
+    true_flux = {(int(r["filefracday"]), r["qid"], r["source_id"]): r["flux"] for r in truth.stars.to_pylist()}
+    rows = {}
+    for path in paths:
+        for row in pq.read_table(path).to_pylist():
+            key = (row["filefracday"], row["qid"], row["source_id"])
+            if row["isolated"] and row["f_0_f"] == 0 and row["f_0"] > MIN_SNR * row["f_0_e"]:
+                rows[key] = row | {"true": true_flux[key]}
+    return rows
+
+
+def _overscan(pocket: NightTruth, twin: NightTruth) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Pocket night less twin, raw overscan: (cols 0-4 bright rows, 0-4 others, 5-24 bright, 5-24 others), ADU."""
+    near_first: list[float] = []
+    other_first: list[float] = []
+    near_model: list[float] = []
+    other_model: list[float] = []
+    stars = pocket.stars.to_pylist()
+    for exposure in (e for e in pocket.exposures if e.imgtype == "object"):
+        relpath = exposure.raw_name(CCD).relpath
+        with fits.open(pocket.out / relpath) as a, fits.open(twin.out / relpath) as b:
+            for qid in (1, 2, 3, 4):
+                rows, columns = a[qid].data.shape
+                difference = a[qid + 4].data.astype(np.float64) - b[qid + 4].data  # stored rows, stored columns
+                readout_columns = to_readout(difference, qid)[::-1 if qid in (3, 4) else 1]  # stored rows, readout columns
+                bright = np.zeros(rows, dtype=bool)
+                for star in stars:
+                    if star["filefracday"] == exposure.filefracday and star["qid"] == qid and star["flux"] > BRIGHT_ADU:
+                        column = star["x"] if qid in (1, 4) else columns - 1 - star["x"]
+                        if column >= columns - LAST_COLUMNS:
+                            y = int(round(star["y"]))
+                            bright[max(0, y - 2) : y + 3] = True
+                first, model = readout_columns[:, :5].mean(axis=1), readout_columns[:, 5:25].mean(axis=1)
+                near_first += list(first[bright])
+                other_first += list(first[~bright])
+                near_model += list(model[bright])
+                other_model += list(model[~bright])
+    return near_first, other_first, near_model, other_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--exposures", type=int, default=8)
+    parser.add_argument("--stars", type=int, default=None, help="stars per quadrant (default: the generator's, 120 on small frames)")
+    parser.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
+    parser.add_argument("--png", type=Path, default=Path("pocket_night.png"))
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="pocket-night-"))
+    twin = _night(out / "twin", "off", args.exposures, args.stars)
+    pocket = _night(out / "pocket", "v0.1", args.exposures, args.stars)
+    runs = {
+        "twin (no pocket), off": _rows(_catalogues(twin, out / "run-twin", DetrendConfig()), twin),
+        "pocket night, off": _rows(_catalogues(pocket, out / "run-off", DetrendConfig()), pocket),
+        "pocket night, v0.1": _rows(_catalogues(pocket, out / "run-on", DetrendConfig(pocket="v0.1")), pocket),
+    }
+    reference = runs["twin (no pocket), off"]
+    print(f"work directory {out}; stars kept (S/N > {MIN_SNR:g} at r = 3 px, isolated, unflagged): "
+          + ", ".join(f"{k}: {len(v)}" for k, v in runs.items()))
+    print("magnitude bin | " + " | ".join(runs) + " | off / twin | v0.1 / twin | stars")
+    curves: dict[str, list[float]] = {k: [] for k in runs}
+    centres = []
+    for low, high in zip(BINS[:-1], BINS[1:], strict=True):
+        keys = [k for k, r in reference.items() if low <= -2.5 * np.log10(r["true"]) < high and all(k in run for run in runs.values())]
+        if len(keys) < 3:
+            continue
+        centres.append((low + high) / 2)
+        medians = [float(np.median([run[k]["f_0"] / run[k]["true"] for k in keys])) for run in runs.values()]
+        for name, value in zip(runs, medians, strict=True):
+            curves[name].append(value)
+        twin_ratio = [float(np.median([runs[n][k]["f_0"] / reference[k]["f_0"] for k in keys])) for n in ("pocket night, off", "pocket night, v0.1")]
+        print(f"[{low:.1f}, {high:.1f}) | " + " | ".join(f"{m:.4f}" for m in medians) + f" | {twin_ratio[0]:.4f} | {twin_ratio[1]:.4f} | {len(keys)}")
+    near_first, other_first, near_model, other_model = _overscan(pocket, twin)
+    print(
+        f"raw overscan, pocket night less twin (ADU, median): readout columns 0-4: rows with a bright star read in the "
+        f"last {LAST_COLUMNS} columns {np.median(near_first):.1f} ({len(near_first)} rows), other rows {np.median(other_first):.1f}; "
+        f"columns 5-24 (the overscan model's): {np.median(near_model):.2f} and {np.median(other_model):.2f}"
+    )
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, values in curves.items():
+        left.plot(centres, values, marker="o", label=name)
+    left.set_xlabel("instrumental magnitude, -2.5 log10(true ADU)")
+    left.set_ylabel("median flux / true at r = 3 px")
+    left.legend()
+    left.set_title(f"CCD {CCD}, {FILTER}, {args.exposures} exposures")
+    right.hist([other_first, near_first], bins=30, label=["other rows", f"bright star in the last {LAST_COLUMNS} columns"], density=True, histtype="step")
+    right.set_xlabel("raw overscan columns 0-4, pocket night less twin (ADU)")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(args.png, dpi=110)
+    print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
