@@ -49,7 +49,7 @@ def free_port() -> int:
 def scrape(port: int) -> Samples | None:
     """Every sample at /metrics keyed by (name, sorted labels); None while nothing answers."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
             text = response.read().decode()
     except OSError:
         return None
@@ -79,7 +79,7 @@ def test_metrics_agree_with_status(tmp_path: Path, archive: Path, base_url: str)
     t0 = time.time()
     process = subprocess.Popen(streamer_cmd(config, "run"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_for(lambda: scrape(port) is not None, timeout=60), "the metrics endpoint never answered"
+        assert wait_for(lambda: scrape(port) is not None, timeout=180), "the metrics endpoint never answered"
         finished = False
         rounds = 0
         while not finished:
