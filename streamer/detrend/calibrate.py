@@ -17,6 +17,9 @@ on that grid; orientation is handled by :mod:`.readout` only. Units are stated a
     6. divided by master flat x flat factor (ADU, flat-fielded)
     7. variance (ADU^2): read noise, Poisson with the gain, the master bias' and flat's variance
     8. mask: saturation, NaN, the masters' bad pixels (bits in :mod:`.masks`)
+
+Step 1 and the row corrections are here; the per-pixel arithmetic of steps 2-3 and 5-8 is the
+compiled :mod:`.fused` (one pass over the pixels), its numpy formulation :mod:`.reference`.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamer.config import DetrendConfig
-from streamer.detrend import masks as maskbits
-from streamer.detrend import pocket
+from streamer.detrend import fused, pocket
 from streamer.detrend.overscan import OverscanModel, model_overscan
 from streamer.detrend.readout import from_readout, to_readout
 
@@ -131,20 +133,11 @@ def linearise(measured: npt.NDArray[np.number], a: float, b: float) -> npt.NDArr
     Same formula as :func:`streamer.detrend.nonlinearity.correct` (float64 reference); relative
     difference below 1e-6.
     """
-    out = np.array(measured, dtype=np.float32, copy=True)
-    _linearise_in_place(out, a, b)
-    return out
+    return fused.linearised(measured, a, b)
 
 
-def _linearise_in_place(values: npt.NDArray[np.float32], a: float, b: float) -> None:
-    denominator = values * np.float32(a)
-    denominator += np.float32(b)
-    denominator *= values
-    denominator += np.float32(1.0)
-    values /= denominator
-
-
-def _check_nonlinearity(order: str, coefficients: tuple[float, float] | None) -> None:
+def check_nonlinearity(order: str, coefficients: tuple[float, float] | None) -> None:
+    """Refuse an unknown nonlinearity order, or one that needs coefficients without them."""
     if order not in NONLINEARITY_ORDERS:
         raise ValueError(f"nonlinearity = {order!r}: expected one of {', '.join(NONLINEARITY_ORDERS)}")
     if order != "off" and coefficients is None:
@@ -159,7 +152,7 @@ def fit_overscan(
     nonlinearity_coefficients: tuple[float, float] | None,
 ) -> OverscanModel:
     """Step 1: the overscan model (ADU per stored row) of a stored overscan array (rows, 30)."""
-    _check_nonlinearity(config.nonlinearity, nonlinearity_coefficients)
+    check_nonlinearity(config.nonlinearity, nonlinearity_coefficients)
     if config.nonlinearity == "before_overscan":
         assert nonlinearity_coefficients is not None
         overscan = linearise(overscan, *nonlinearity_coefficients)
@@ -190,39 +183,28 @@ def correct_rows(
     raw quadrant and its overscan; ``level_rows`` the overscan model of those rows (ADU).
     ``overscan_rows`` is only used when there are row corrections.
     """
-    _check_nonlinearity(nonlinearity, nonlinearity_coefficients)
+    check_nonlinearity(nonlinearity, nonlinearity_coefficients)
     rows = data_rows.shape[0]
     if data_rows.ndim != 2 or level_rows.shape != (rows,) or overscan_rows.shape[0] != rows:
         raise ValueError(
             f"data {data_rows.shape}, overscan {overscan_rows.shape}, levels {level_rows.shape}: expected the same rows"
         )
     if out is None:
-        image = np.array(data_rows, dtype=np.float32, copy=True)
+        image = np.empty(data_rows.shape, dtype=np.float32)
     else:
         if out.shape != data_rows.shape or out.dtype != np.float32:
             raise ValueError(f"out {out.shape} {out.dtype}: expected float32 of shape {data_rows.shape}")
         image = out
-        np.copyto(image, data_rows, casting="unsafe")
-    level = level_rows.astype(np.float32)[:, np.newaxis]
-    overscan_image = np.array(overscan_rows, dtype=np.float32, copy=True) if row_corrections else None
-    if nonlinearity == "before_overscan":
-        assert nonlinearity_coefficients is not None
-        _linearise_in_place(image, *nonlinearity_coefficients)
-        if overscan_image is not None:
-            _linearise_in_place(overscan_image, *nonlinearity_coefficients)
-    image -= level
-    if overscan_image is not None:
-        overscan_image -= level
-    if nonlinearity == "after_overscan":
-        assert nonlinearity_coefficients is not None
-        _linearise_in_place(image, *nonlinearity_coefficients)
-        if overscan_image is not None:
-            _linearise_in_place(overscan_image, *nonlinearity_coefficients)
-    if overscan_image is not None:
-        corrected = apply_row_corrections(image, overscan_image, qid, row_corrections)
-        if out is None:
-            return corrected
-        np.copyto(image, corrected)
+    level = level_rows.astype(np.float32)
+    fused.above_pedestal(data_rows, level, nonlinearity, nonlinearity_coefficients, image)
+    if not row_corrections:
+        return image
+    overscan_image = np.empty(overscan_rows.shape, dtype=np.float32)
+    fused.above_pedestal(overscan_rows, level, nonlinearity, nonlinearity_coefficients, overscan_image)
+    corrected = apply_row_corrections(image, overscan_image, qid, row_corrections)
+    if out is None:
+        return corrected
+    np.copyto(image, corrected)
     return image
 
 
@@ -296,8 +278,10 @@ def detrend_science(
     None; ``flat_factor`` the focal-plane factor (1 for ``flat_normalisation = "ccd"``): the image
     is divided by ``master_flat.data * flat_factor``. Pixels whose flat is not positive become NaN.
 
-    Works through bands of ``block_rows`` rows so that the temporaries stay in the CPU cache; the
-    three outputs are the only full-size allocations.
+    The pixel steps run compiled (:mod:`.fused`): one pass over the pixels without row corrections;
+    with them, bands of ``block_rows`` rows (steps 2-3, the corrections, then 5-8 on each band) so that
+    the corrections' temporaries stay in the CPU cache. The three outputs are the only full-size
+    allocations.
     """
     if not gain > 0 or not read_noise >= 0 or not flat_factor > 0:
         raise ValueError(f"gain {gain}, read_noise {read_noise}, flat_factor {flat_factor}: expected > 0, >= 0, > 0")
@@ -312,62 +296,32 @@ def detrend_science(
     image = np.empty((rows, columns), dtype=np.float32)
     variance = np.empty((rows, columns), dtype=np.float32)
     mask = np.empty((rows, columns), dtype=np.uint16)
-    scratch = np.empty((block_rows, columns), dtype=np.float32)
-    bad = np.empty((block_rows, columns), dtype=bool)
-    poisson_per_adu = np.float32(1.0 / gain)
-    read_variance = np.float32((read_noise / gain) ** 2)
-    inverse_factor = np.float32(1.0 / flat_factor)
-    factor_squared = np.float32(flat_factor**2)
-    saturation = np.float32(saturate * (1.0 - SATURATE_MARGIN)) if saturate is not None else None
-
+    constants = fused.pixel_constants(
+        gain=gain,
+        read_noise=read_noise,
+        flat_factor=flat_factor,
+        saturation=saturate * (1.0 - SATURATE_MARGIN) if saturate is not None else None,
+        raw_ceiling=raw_ceiling,
+        raw_dtype=data.dtype,
+    )
+    if not row_corrections:
+        level = model.level_stored.astype(np.float32)
+        fused.detrend(
+            data, level, config.nonlinearity, nonlinearity_coefficients, master_bias, master_flat, constants,
+            image, variance, mask,
+        )  # fmt: skip
+        return DetrendedQuadrant(image=image, variance=variance, mask=mask, overscan=model)
     for start in range(0, rows, block_rows):
-        stop = min(start + block_rows, rows)
-        band = slice(start, stop)
-        n = stop - start
-        img, var, msk, tmp, flag = image[band], variance[band], mask[band], scratch[:n], bad[:n]
-        flat, flat_variance = master_flat.data[band], master_flat.variance[band]
-
-        # 1-4: linear ADU above the pedestal
+        band = slice(start, min(start + block_rows, rows))
         correct_rows(
             data[band], overscan[band], model.level_stored[band], qid,
             nonlinearity=config.nonlinearity, nonlinearity_coefficients=nonlinearity_coefficients,
-            row_corrections=row_corrections, out=img,
+            row_corrections=row_corrections, out=image[band],
         )  # fmt: skip
-        # 5: ADU of signal, before the flat
-        img -= master_bias.data[band]
-        np.copyto(msk, master_bias.mask[band])
-        msk |= master_flat.mask[band]
-        with np.errstate(invalid="ignore"):
-            if saturation is not None:
-                np.greater_equal(img, saturation, out=flag)
-                msk[flag] |= maskbits.SATURATED
-            if raw_ceiling is not None:
-                np.greater_equal(data[band], raw_ceiling, out=flag)
-                msk[flag] |= maskbits.SATURATED
-        # 7a: variance before the flat, ADU^2: Poisson (signal / gain) + read noise + master bias
-        np.maximum(img, np.float32(0.0), out=var)
-        var *= poisson_per_adu
-        var += read_variance
-        var += master_bias.variance[band]
-        # 6: flat-fielded ADU; tmp = 1 / (flat * factor), NaN where the flat is not positive
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            np.divide(inverse_factor, flat, out=tmp)
-            np.greater(flat, np.float32(0.0), out=flag)
-            np.logical_not(flag, out=flag)
-            if flag.any():
-                tmp[flag] = np.nan
-            img *= tmp
-            # 7b: variance / (flat factor)^2 + image^2 var_flat / flat^2
-            tmp *= tmp
-            var *= tmp
-            tmp *= factor_squared
-            tmp *= flat_variance
-            tmp *= img
-            tmp *= img
-            var += tmp
-        # 8: NaN
-        np.isfinite(img, out=flag)
-        np.logical_not(flag, out=flag)
-        if flag.any():
-            msk[flag] |= maskbits.NAN
+        fused.finish(
+            data[band], image[band],
+            (master_bias.data[band], master_bias.variance[band], master_bias.mask[band]),
+            (master_flat.data[band], master_flat.variance[band], master_flat.mask[band]),
+            constants, variance[band], mask[band],
+        )  # fmt: skip
     return DetrendedQuadrant(image=image, variance=variance, mask=mask, overscan=model)
