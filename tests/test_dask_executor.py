@@ -27,6 +27,12 @@ def _pid() -> int:
     return os.getpid()
 
 
+def _numba_threads() -> tuple[str | None, int]:
+    import numba
+
+    return os.environ.get("NUMBA_NUM_THREADS"), numba.config.NUMBA_NUM_THREADS
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     with LocalCluster(
@@ -50,6 +56,14 @@ def test_submit_returns_results_and_describes_workers(cluster: LocalCluster, tmp
         executor.check_storage(tmp_path)
         with pytest.raises(StreamerError, match="not visible from dask worker"):
             executor.check_storage(tmp_path / "nowhere")
+    finally:
+        executor.shutdown()
+
+
+def test_workers_run_numba_on_one_thread(cluster: LocalCluster) -> None:
+    executor = _executor(cluster.scheduler_address)
+    try:
+        assert executor.submit(_numba_threads).result(timeout=60) == ("1", 1)
     finally:
         executor.shutdown()
 

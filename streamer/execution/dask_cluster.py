@@ -18,12 +18,28 @@ from typing import Any
 import dask
 from distributed import Client
 from distributed.client import FuturesCancelledError
+from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
 from streamer.errors import StreamerError, UsageError
 from streamer.execution.base import WorkerLost
+from streamer.execution.local import _THREAD_VARIABLES
+
+ONE_THREAD_PLUGIN = "streamer-one-thread-numerics"
 
 LOST_WORKER_ERRORS = (KilledWorker, FuturesCancelledError, cf.CancelledError)
+
+
+class OneThreadNumerics(WorkerPlugin):
+    """One BLAS and one numba thread in each worker process, as in the local pool: the variables are
+    read when the libraries load, so this must run before a job imports them (a worker that loaded
+    numba before the plugin keeps its thread count)."""
+
+    name = ONE_THREAD_PLUGIN
+
+    def setup(self, worker: Any) -> None:
+        for variable in _THREAD_VARIABLES:
+            os.environ[variable] = "1"
 
 
 class DaskExecutor:
@@ -31,6 +47,7 @@ class DaskExecutor:
 
     def __init__(self, client: Client, *, memory_per_task: int | None = None, cluster: Any = None) -> None:
         self.client = client
+        client.register_plugin(OneThreadNumerics(), name=ONE_THREAD_PLUGIN)  # on the workers now and those to come
         self._cluster = cluster
         self._resources = {"memory": memory_per_task} if memory_per_task else None
         self._executor = client.get_executor(pure=False, retries=0, resources=self._resources)
