@@ -12,7 +12,9 @@ overscan, an overscan model of degree 8), SATURATE given. Rows:
 - numpy: ``streamer.detrend.reference.detrend_science``, the numpy formulation the kernels replaced;
 - fused: ``streamer.detrend.calibrate.detrend_science``, what the worker runs (overscan fit, the
   compiled pass, three new full-size outputs);
-- pass alone: ``streamer.detrend.fused.detrend`` into existing outputs; the overscan fit alone;
+- pass alone: ``streamer.detrend.fused.detrend`` into existing outputs; its overscan-level and
+  nonlinearity steps alone (``fused.above_pedestal``: the raw read, the image written); the
+  overscan fit alone;
 - with the pocket correction (v0.1, CCD 6 q1), numpy and fused: the pocket kernel runs on
   bands of rows between the two halves of the pixel steps in both;
 - floors: one in-place numpy multiply-add over a float32 quadrant (``x *= c; x += d``), and one
@@ -159,6 +161,9 @@ def main() -> None:
         "  the compiled pass alone": cpu_seconds(
             lambda: fused.detrend(data, level, config.nonlinearity, coefficients, bias, flat, constants, image, variance, mask),
             args.repeat,
+        ),
+        "  steps 2-3 alone (raw to image)": cpu_seconds(
+            lambda: fused.above_pedestal(data, level, config.nonlinearity, coefficients, image), args.repeat
         ),
         "  the overscan fit alone": cpu_seconds(
             lambda: calibrate.fit_overscan(overscan, QID, config=config, nonlinearity_coefficients=coefficients), args.repeat
