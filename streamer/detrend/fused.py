@@ -14,6 +14,8 @@ are here, each rule written once as a scalar function and used by every kernel:
 Everything is float32, operation by operation, in the order of the numpy formulation this replaced
 (``streamer.detrend.reference``), so both agree to float32 rounding, and the mask bit for bit.
 Kernels are single-threaded (no ``prange``): a worker process runs one quadrant on one core.
+numba, because it already compiles the pocket kernels (no build step, cached beside the module), and
+without fast-math it neither reorders nor contracts float operations: the results are numpy's, bit for bit.
 """
 
 from __future__ import annotations
