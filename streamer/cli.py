@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from streamer import __version__
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("name", metavar="NAME|PATH", help="the file's relpath, absolute path under the root, or file name")
     explain.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     explain.set_defaults(handler=_explain)
+
+    report = commands.add_parser("report", help="write a night's QA page (HTML and PNG figures) and print its summary")
+    report.add_argument("--night", required=True, type=_date_arg, help="the night, YYYY-MM-DD")
+    report.add_argument("--out", metavar="DIR", help="where to write it (default: [report] directory/NIGHT, else ./streamer-report-NIGHT)")
+    report.add_argument("--json", action="store_true", help="print report.json instead of the summary")
+    report.set_defaults(handler=_report)
 
     reconcile = commands.add_parser("reconcile", help="compare the storage root with the ledger")
     reconcile.add_argument("--fix", action="store_true", help="register unknown files and remove orphan .part files")
@@ -143,6 +150,13 @@ def _explain(args: argparse.Namespace) -> int:
     from streamer.service.explain import show
 
     return show(config, args.name, as_json=args.json)
+
+
+def _report(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from streamer.service.report import show
+
+    return show(config, args.night, Path(args.out) if args.out else None, as_json=args.json)
 
 
 def _reconcile(args: argparse.Namespace) -> int:
