@@ -110,3 +110,12 @@ def finished_nights_without_report(ledger: Ledger) -> list[str]:
 
 def mark_report_written(ledger: Ledger, night: str, t: float | None = None) -> None:
     ledger.set_meta(REPORT_META_PREFIX + night, repr(time.time() if t is None else t))
+
+
+def catalogues_between(ledger: Ledger, start: str, end: str) -> list[dict[str, Any]]:
+    """Catalogues on disk of the nights ``start`` to ``end`` (YYYY-MM-DD, inclusive): ``relpath, night, filtercode``."""
+    return ledger.rows(
+        "SELECT f.relpath, p.night, p.filtercode FROM products p JOIN files f ON f.id = p.file_id "
+        "WHERE f.kind = 'apcat' AND f.state = 'on_disk' AND p.night BETWEEN ? AND ? ORDER BY f.relpath",
+        (start, end),
+    )

@@ -69,20 +69,26 @@ def _master_figure(title: str, master: Mapping[str, Any], images: Sequence[npt.N
 
 
 def _zero_point_map(report: Report, filtercode: str) -> Any:
-    """Per quadrant, the median over the night's exposures of its zero-point, on a schematic 4 x 4 CCD grid."""
-    plt = _pyplot()
-    grid = np.full((8, 8), np.nan)
+    """Per quadrant, the median over the night's exposures of its zero-point."""
     by_rcid: dict[int, list[float]] = {}
     for zp in report.zero_points:
         if zp["filtercode"] == filtercode:
             by_rcid.setdefault(int(zp["rcid"]), []).append(float(zp["zp"]))
-    for rcid, values in by_rcid.items():
+    values = {rcid: float(np.median(v)) for rcid, v in by_rcid.items()}
+    return _rcid_map_figure(values, f"{report.night} {filtercode}: zero-point per quadrant", "ZP = G + 2.5 log10(flux) [mag]")
+
+
+def _rcid_map_figure(values: Mapping[int, float], title: str, label: str) -> Any:
+    """One value per quadrant (by rcid) on a schematic 4 x 4 grid of CCDs by ccdid, quadrants by qid."""
+    plt = _pyplot()
+    grid = np.full((8, 8), np.nan)
+    for rcid, value in values.items():
         ccd, qid = rcid // 4, rcid % 4 + 1
         row, col = QUADRANT_CELL[qid]
-        grid[2 * (ccd // 4) + row, 2 * (ccd % 4) + col] = float(np.median(values))
+        grid[2 * (ccd // 4) + row, 2 * (ccd % 4) + col] = value
     figure, axis = plt.subplots(figsize=(5.5, 4.8))
     shown = axis.imshow(grid, cmap="viridis", origin="upper")
-    figure.colorbar(shown, ax=axis, label="ZP = G + 2.5 log10(flux) [mag]")
+    figure.colorbar(shown, ax=axis, label=label)
     for ccd in range(16):
         axis.text(2 * (ccd % 4) + 0.5, 2 * (ccd // 4) + 0.5, f"c{ccd + 1:02d}", ha="center", va="center", fontsize=7, color="w")
     axis.set_xticks(np.arange(-0.5, 8, 2), minor=False)
@@ -90,8 +96,13 @@ def _zero_point_map(report: Report, filtercode: str) -> Any:
     axis.grid(color="k", linewidth=1.5)
     axis.set_xticklabels([])
     axis.set_yticklabels([])
-    axis.set_title(f"{report.night} {filtercode}: zero-point per quadrant (schematic grid by ccdid and qid)", fontsize=8)
+    axis.set_title(f"{title}\n(schematic grid by ccdid and qid, not the sky orientation)", fontsize=8)
     return figure
+
+
+def draw_rcid_map(values: Mapping[int, float], title: str, label: str, path: Path) -> str:
+    """Write the schematic per-quadrant map of ``values`` (by rcid) as the PNG ``path``; its file name."""
+    return _save(_rcid_map_figure(values, title, label), path)
 
 
 def _times(values: Sequence[float]) -> list[dt.datetime]:
