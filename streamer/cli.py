@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from streamer import __version__
@@ -70,6 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     explain.set_defaults(handler=_explain)
 
+    report = commands.add_parser("report", help="write a night's QA page (HTML and PNG figures) and print its summary")
+    report.add_argument("--night", required=True, type=_date_arg, help="the night, YYYY-MM-DD")
+    report.add_argument("--out", metavar="DIR", help="where to write it (default: [report] directory/NIGHT, else ./streamer-report-NIGHT)")
+    report.add_argument("--json", action="store_true", help="print report.json instead of the summary")
+    report.set_defaults(handler=_report)
+
+    starflat = commands.add_parser("starflat", help="each quadrant's relative response from stars measured on several quadrants")
+    starflat.add_argument("--start", required=True, type=_date_arg, help="first night, YYYY-MM-DD")
+    starflat.add_argument("--end", required=True, type=_date_arg, help="last night, YYYY-MM-DD (inclusive)")
+    starflat.add_argument("--filter", choices=("zg", "zr", "zi"), help="one filter (default: each filter found)")
+    starflat.add_argument("--radius", type=float, default=3.0, metavar="PX", help="aperture radius used, nearest of the catalogue's (default 3)")
+    starflat.add_argument("--out", default="starflat", metavar="DIR", help="where the tables and maps go (default ./starflat)")
+    starflat.set_defaults(handler=_starflat)
+
     reconcile = commands.add_parser("reconcile", help="compare the storage root with the ledger")
     reconcile.add_argument("--fix", action="store_true", help="register unknown files and remove orphan .part files")
     reconcile.add_argument("--erasable-list", metavar="FILE", help="write the read-only trees' files no consumer needs")
@@ -95,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0, metavar="S")
     generate.add_argument("--shape", choices=("full", "small"), default="full")
     generate.add_argument("--jobs", type=int, default=1, metavar="N", help="files written in parallel (default 1)")
+    generate.add_argument("--filters", default="zg,zr,zi", metavar="LIST", help="science filters in rotation (default zg,zr,zi)")
+    generate.add_argument("--pocket", default="off", metavar="MODEL", help='inject the pocket effect: "off" (default) or v0.1')
+    generate.add_argument("--starflat", action="store_true",
+                          help="a dithered starflat sequence with a per-quadrant response the flats do not see")  # fmt: skip
     generate.set_defaults(handler=_sim_generate)
     serve = sim_commands.add_parser("serve", help="serve a directory laid out like IRSA over HTTP")
     serve.add_argument("--root", required=True, metavar="DIR")
@@ -143,6 +162,20 @@ def _explain(args: argparse.Namespace) -> int:
     from streamer.service.explain import show
 
     return show(config, args.name, as_json=args.json)
+
+
+def _report(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from streamer.service.report import show
+
+    return show(config, args.night, Path(args.out) if args.out else None, as_json=args.json)
+
+
+def _starflat(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from streamer.service.starflat import run
+
+    return run(config, args.start, args.end, args.filter, Path(args.out), args.radius)
 
 
 def _reconcile(args: argparse.Namespace) -> int:

@@ -498,6 +498,14 @@ class MetricsConfig:
     listen: tuple[str, int] | None = _option(_listen, default=None)
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    """The night's QA report (``streamer report``): where it goes, and whether the daemon writes it itself."""
+
+    after_night: bool = _option(_boolean, default=False)
+    directory: Path | None = _option(_path, default=None)
+
+
 def _consumers(value: Any, key: str, ctx: _Context) -> tuple[ConsumerConfig, ...]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise ctx.error(key, value, "an array of tables [[consumers]]")
@@ -523,11 +531,12 @@ class Config:
     follow: FollowConfig = _option(_section(FollowConfig), default=FollowConfig())
     service: ServiceConfig = _option(_section(ServiceConfig), default=ServiceConfig())
     metrics: MetricsConfig = _option(_section(MetricsConfig), default=MetricsConfig())
+    report: ReportConfig = _option(_section(ReportConfig), default=ReportConfig())
     source: str = field(default="<defaults>", compare=False, repr=False, metadata={"parse": None})
 
     def config_hash(self) -> str:
         """A stable hash of the effective configuration (for provenance)."""
-        plain = {k: v for k, v in _plain(self).items() if k != "metrics"}  # operational, not provenance
+        plain = {k: v for k, v in _plain(self).items() if k not in ("metrics", "report")}  # operational, not provenance
         for (section, key), neutral in HASH_NEUTRAL_DEFAULTS.items():
             if plain[section].get(key) == neutral:
                 del plain[section][key]
@@ -548,12 +557,21 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _validate_report(cfg: Config, ctx: _Context) -> None:
+    directory = cfg.report.directory
+    if cfg.report.after_night and directory is None:
+        raise ctx.error("report.directory", None, "a directory for the reports when report.after_night = true")
+    if directory is not None and directory.resolve().is_relative_to(cfg.storage.root.resolve()):
+        raise ctx.error("report.directory", str(directory), "a directory outside storage.root (the budget does not count reports)")
+
+
 def _validate(cfg: Config, ctx: _Context) -> None:
     storage = cfg.storage
     if storage.low_watermark >= storage.high_watermark:
         raise ctx.error(
             "storage.low_watermark", storage.low_watermark, f"a fraction below storage.high_watermark ({storage.high_watermark})"
         )
+    _validate_report(cfg, ctx)
     auth = cfg.archive.auth
     if auth is not None and (auth.password_env is None) == (auth.password_file is None):
         raise ctx.error("archive.auth", "password_env/password_file", "exactly one of password_env or password_file")

@@ -15,6 +15,7 @@ Flags per source and radius (``Apertures.flags``): the low byte is sep's own fla
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -230,6 +231,38 @@ def _mask_bits_in_circle(
     return out
 
 
+SEP_BOX_MASKED_LIMIT: Final = 0.5
+"""sep.Background drops a box with more than half its pixels masked, and a map whose every box is
+dropped is 0 everywhere: without a check, a crowded quadrant would have no background subtracted."""
+
+
+def background_disc_radius(
+    rejected: npt.NDArray[np.bool_], x: FloatArray, y: FloatArray, radii: FloatArray, box: tuple[int, int]
+) -> float:
+    """The radius of the source discs masked for the background: the largest aperture where that leaves
+    every background box enough sky, else the smallest aperture, else none (sep's clipping alone).
+
+    The masked fraction of a box is bounded above by its rejected pixels plus its sources' disc areas
+    (overlaps counted twice), so the choice never lets a box exceed ``SEP_BOX_MASKED_LIMIT``.
+    """
+    ny, nx = rejected.shape
+    bw, bh = box
+    gy, gx = -(-ny // bh), -(-nx // bw)
+    edges_y, edges_x = np.minimum(np.arange(gy + 1) * bh, ny), np.minimum(np.arange(gx + 1) * bw, nx)
+    area = np.diff(edges_y)[:, None] * np.diff(edges_x)[None, :]
+    flat_index = np.flatnonzero(rejected)  # rejected pixels are few: cheaper than reducing every box
+    rejected_count = np.bincount(
+        (flat_index // nx) // bh * gx + (flat_index % nx) // bw, minlength=gy * gx
+    ).reshape(gy, gx)
+    column = np.clip(np.floor((x + 0.5) / bw).astype(np.int64), 0, gx - 1)
+    row = np.clip(np.floor((y + 0.5) / bh).astype(np.int64), 0, gy - 1)
+    sources = np.bincount(row * gx + column, minlength=gy * gx).reshape(gy, gx)
+    for radius in (float(radii.max()), float(radii.min())):
+        if np.all(rejected_count + sources * math.pi * radius**2 <= SEP_BOX_MASKED_LIMIT * area):
+            return radius
+    return 0.0
+
+
 def measure_apertures(
     image: FloatArray,
     variance: FloatArray,
@@ -246,7 +279,8 @@ def measure_apertures(
     """Background-subtracted circular-aperture sums with errors and flags.
 
     The background is one sep.Background map (boxes ``background_box`` = (width, height)) with
-    rejected pixels and a disc of the largest radius around every position masked. Every radius
+    rejected pixels and a disc of the largest radius around every position masked (a smaller disc, or
+    none, where that would mask too much of a box: ``background_disc_radius``). Every radius
     of every position is summed in one ``sep.sum_circle`` call (exact overlap), with errors from
     ``variance``. Non-finite pixels count as rejected and contribute zero. The inputs are not
     modified, except ``image`` when ``overwrite_image`` is true (a float32 buffer the caller no
@@ -305,8 +339,9 @@ def measure_apertures(
             mask_bits[hit] = _mask_bits_in_circle(rejected_bits, x[hit], y[hit], r_max)
 
     background_mask = rejected  # its last use: the source discs go straight into it
-    if n:
-        sep.mask_ellipse(background_mask, x, y, r_max, r_max, 0.0)
+    disc = background_disc_radius(rejected, x, y, radii_arr, background_box)
+    if n and disc > 0:
+        sep.mask_ellipse(background_mask, x, y, disc, disc, 0.0)
     bw, bh = background_box
     background = sep.Background(work, mask=background_mask, bw=int(bw), bh=int(bh))
     background.subfrom(work)

@@ -137,6 +137,8 @@ OPERATIONAL_OPTIONS: dict[str, str] = {
     "service.event_retention_days": "how long ledger events are kept",
     "service.log_level": "what is logged",
     "metrics.listen": "where the Prometheus endpoint listens",
+    "report.after_night": "whether the daemon writes each night's QA page (run in tests/test_report.py)",
+    "report.directory": "where the QA pages go, outside the storage root (run in tests/test_report.py)",
 }
 
 

@@ -208,6 +208,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         WHERE kind = new.kind AND state = new.state;
     END;
     """,
+    # 3: the disk use over time, for the night's QA report (recorded by the heartbeat, pruned with the events)
+    """
+    CREATE TABLE disk_samples (
+        t REAL PRIMARY KEY,
+        disk_bytes INTEGER NOT NULL,
+        reserved_bytes INTEGER NOT NULL,
+        budget_bytes INTEGER NOT NULL
+    );
+    """,
 )
 
 

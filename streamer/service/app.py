@@ -35,6 +35,7 @@ from streamer.execution.select import make_executor
 from streamer.ledger import jobs as ledger_jobs
 from streamer.ledger.core import Ledger
 from streamer.ledger.downloads import outage_recorder
+from streamer.ledger.report import record_disk_sample
 from streamer.rules.nights import night_range
 from streamer.service.budget import check_budget, record_minimum
 from streamer.service.context import Context, Finished
@@ -45,6 +46,7 @@ from streamer.service.heartbeat import heartbeat, record_service_info
 from streamer.service.metrics import metrics_server
 from streamer.service.planner import planner
 from streamer.service.records import Submitted, record, recorder
+from streamer.service.report import reporter, write_pending_reports
 from streamer.storage.deleter import recover_deletions, unlink_below
 from streamer.storage.tree import orphan_product_temporaries
 
@@ -103,6 +105,8 @@ class Service:
                     group.create_task(until_finished(ctx))
                     if ctx.config.metrics.listen is not None:
                         group.create_task(metrics_server(ctx))
+                    if ctx.config.report.after_night and not ctx.burst:
+                        group.create_task(reporter(ctx))
             except* Finished:
                 pass
             except* StreamerError as group:
@@ -110,9 +114,12 @@ class Service:
             finally:
                 ctx.stopping.set()
         await drain(ctx, self.results)
+        if ctx.config.report.after_night:
+            await write_pending_reports(ctx)  # before the final eviction, so the masters are still there
         if ctx.burst and ctx.stuck_reason is None:
             evict(ctx, force=True)
         record_minimum(ctx.config, ctx.ledger)
+        record_disk_sample(ctx.ledger, budget=ctx.config.storage.budget, overhead=ctx.overhead())
         record_service_info(ctx, stopped=True)
         return summary(ctx)
 

@@ -12,6 +12,7 @@ from typing import Any
 from streamer import __version__
 from streamer.config import format_size
 from streamer.ledger import jobs as ledger_jobs
+from streamer.ledger import report as ledger_report
 from streamer.ledger.core import Ledger
 from streamer.service.context import Context, wait_event
 
@@ -33,6 +34,7 @@ async def heartbeat(ctx: Context) -> None:
             line = status_line(ctx)
             ctx.notifier.status(line)
             record_service_info(ctx)
+            ledger_report.record_disk_sample(ctx.ledger, budget=ctx.config.storage.budget, overhead=ctx.overhead())
             if progress is not None:
                 progress.update()
             elif time.monotonic() - last_line > STATUS_LOG_EVERY_S:
@@ -40,6 +42,7 @@ async def heartbeat(ctx: Context) -> None:
                 last_line = time.monotonic()
             if time.monotonic() - last_prune > PRUNE_EVERY_S:
                 ctx.ledger.prune_events(older_than_s=ctx.config.service.event_retention_days * 86400)
+                ledger_report.prune_disk_samples(ctx.ledger, older_than_s=ctx.config.service.event_retention_days * 86400)
                 last_prune = time.monotonic()
             await wait_event(ctx.stopping, min(interval, 5.0))
     finally:

@@ -146,6 +146,9 @@ FLAT_EXPTIME: Final = 5.0
 DEFAULT_FIELDS: Final = (655, 656)
 DEFAULT_FILTERS: Final = ("zg", "zr", "zi")
 STARS_PER_QUADRANT: Final = {"full": 4500, "small": 120}
+STARFLAT_RESPONSE_RMS: Final = 0.01
+STARFLAT_DITHERS: Final = ((0.0, 0.0), (0.5, 0.0), (-0.5, 0.0), (0.0, 0.5), (0.0, -0.5), (0.5, 0.5), (-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5))
+"""Offsets of a starflat sequence's pointings, in quadrant widths (RA, Dec), repeated in this order."""
 NID_ORIGIN: Final = dt.date(2016, 12, 27)
 FLAT_PIXEL_RMS: Final = 0.008
 LED_PIXEL_RMS: Final = 0.003
@@ -163,7 +166,7 @@ MASK_SOURCE, MASK_NOISY, MASK_SATURATED, MASK_DEAD = 1 << 1, 1 << 4, 1 << 8, 1 <
 
 EFFECTS: Final = (
     "plan", "catalogue", "amplifier", "columns", "bias_structure", "flat_shape", "flat_pixels",
-    "illumination", "led_level", "drift", "poisson", "read_noise", "led_pixels",
+    "illumination", "led_level", "drift", "poisson", "read_noise", "led_pixels", "starflat_response",
 )
 
 
@@ -187,6 +190,11 @@ class Instrument:
     shape: Shape
     seed: int
     stars_per_quadrant: int
+
+    def starflat_response(self, ccdid: int, qid: int) -> float:
+        """A quadrant's response that the LED flats do not see (a starflat residual): 1 +- ~1 %."""
+        rng = stream(self.seed, "starflat_response", ccdid, qid)
+        return round(float(1.0 + np.clip(rng.normal(0.0, STARFLAT_RESPONSE_RMS), -0.03, 0.03)), 5)
 
     def amplifier(self, ccdid: int, qid: int) -> Amplifier:
         rng = stream(self.seed, "amplifier", ccdid, qid)
@@ -331,8 +339,11 @@ def plan_night(
     fields: Sequence[int] = DEFAULT_FIELDS,
     filters: Sequence[str] = DEFAULT_FILTERS,
     flat_filters: Sequence[str] = DEFAULT_FILTERS,
+    starflat: bool = False,
+    quadrant_deg: float = 0.0,
 ) -> list[Exposure]:
-    """The exposures of a night, in time order."""
+    """The exposures of a night, in time order; with ``starflat``, science pointings offset by
+    ``STARFLAT_DITHERS`` x ``quadrant_deg`` around the field centre instead of a 20" jitter."""
     jd0 = julian_date(night)
     nid = (night - NID_ORIGIN).days
     rng = stream(seed, "plan", night.toordinal())
@@ -361,6 +372,8 @@ def plan_night(
         ffd, obsjd, expid = at(0.15 + i * step)
         ra_c, dec_c = sky.field_center(field_id)
         jitter = rng.normal(0.0, 20.0 / 3600.0, 2)
+        if starflat:
+            jitter = np.asarray(STARFLAT_DITHERS[i % len(STARFLAT_DITHERS)]) * quadrant_deg
         low, high = SKY_ADU[filtercode]
         exposures.append(
             Exposure(
@@ -399,6 +412,7 @@ class NightSpec:
     instrument: Instrument
     flat_medians: dict[tuple[int, str], dict[int, float]]
     pocket: str = "off"  # "off" or a pocket model of streamer.detrend.pocket.MODELS
+    starflat: bool = False  # science multiplied by Instrument.starflat_response
 
 
 @dataclass(frozen=True)
@@ -593,6 +607,8 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
             model, wcs_keys, truth, sources = _science_quadrant(spec, exposure, ccdid, qid, amp.gain)
             medians = tuple(sorted(spec.flat_medians[(ccdid, exposure.filtercode)].items()))
             signal = model * _truth_flats(instrument, ccdid, exposure.filtercode, medians)[qid - 1]
+            if spec.starflat:
+                signal *= np.float32(instrument.starflat_response(ccdid, qid))
             star_truth.append(truth)
         raw = raw_quadrant(
             signal,
@@ -723,12 +739,15 @@ def generate_night(
     instrument_seed: int = 0,
     stars_per_quadrant: int | None = None,
     pocket: str = "off",
+    starflat: bool = False,
 ) -> NightTruth:
     """Write the night ``night`` of CCDs ``ccds`` under ``out`` (IRSA layout, refcat and truth).
 
     ``filters``: the science filters, in rotation; ``flat_filters``: the filters whose LED flats are taken
     tonight (leave one out for a night without its flats); ``pocket``: "off" or a pocket model ("v0.1")
-    whose parameters are injected (step 2b). Raise UsageError on bad arguments.
+    whose parameters are injected (step 2b); ``starflat``: a dithered sequence (``STARFLAT_DITHERS``, in
+    quadrant widths) whose science frames carry a per-quadrant response the flats do not see
+    (``Instrument.starflat_response``, recorded in the truth as ``starflat``). Raise UsageError on bad arguments.
     """
     _check_arguments(ccds, n_exposures, flats_per_led, n_biases, jobs, fields, filters, flat_filters)
     if pocket != "off" and pocket not in pocket_model.MODELS:
@@ -748,6 +767,7 @@ def generate_night(
     exposures = plan_night(
         night, seed, n_exposures=n_exposures, flats_per_led=flats_per_led, n_biases=n_biases,
         fields=fields, filters=filters, flat_filters=flat_filters,
+        starflat=starflat, quadrant_deg=frame.cols * PIXEL_SCALE_ARCSEC / 3600.0,
     )
 
     needed_filters = sorted({e.filtercode for e in exposures if e.imgtype != "bias"}, key=DEFAULT_FILTERS.index)
@@ -762,7 +782,7 @@ def generate_night(
         }
     list(_map(jobs, _bias_truth_job, [(instrument, out, c) for c in ccds]))
 
-    spec = NightSpec(out, night, seed, instrument, flat_medians, pocket)
+    spec = NightSpec(out, night, seed, instrument, flat_medians, pocket, starflat)
     order = {"bias": 0, "flat": 1, "object": 2}
     work = sorted(((spec, e, c) for e in exposures for c in ccds), key=lambda j: (j[2], order[j[1].imgtype], j[1].filtercode, j[1].index))
     results: list[FileResult] = list(_map(jobs, _write_ccd_file_job, work, fork=pocket == "off"))
@@ -777,6 +797,11 @@ def generate_night(
     params = _night_params(params, instrument, night, seed, ccds, exposures, flats_params)
     if pocket != "off":
         params["nights"][night.isoformat()]["pocket"] = _pocket_truth(pocket, night, ccds)
+    if starflat:
+        params["nights"][night.isoformat()]["starflat"] = {
+            "dithers_quadrants": [list(d) for d in STARFLAT_DITHERS],
+            "response": {str(c): {str(q): instrument.starflat_response(c, q) for q in (1, 2, 3, 4)} for c in ccds},
+        }
     _write_json(out / "truth" / "params.json", params)
     relpaths = sorted(p for r in results for p in r.relpaths)
     return NightTruth(
@@ -885,6 +910,7 @@ def main(args: argparse.Namespace, ccds: tuple[int, ...]) -> int:
     truth = generate_night(
         Path(args.out), args.night, ccds=ccds, n_exposures=args.exposures, flats_per_led=args.flats_per_led,
         n_biases=args.biases, seed=args.seed, shape=args.shape, jobs=args.jobs,
+        filters=tuple(f.strip() for f in args.filters.split(",")), pocket=args.pocket, starflat=args.starflat,
     )
     elapsed = time.perf_counter() - start
     cpu = truth.cpu_seconds_per_file

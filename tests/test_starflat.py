@@ -1,0 +1,97 @@
+"""Starflat comparison: the fit on synthetic catalogues with known responses, then end to end on the
+simulator's dithered starflat sequence, whose per-quadrant responses the LED flats do not see."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from e2e import NIGHT, backfill_args, config_for, run_cli
+from streamer.demo import serve_archive
+from streamer.sim.generate import generate_night
+from streamer.work import starflat
+
+
+def _synthetic_tables(seed: int, n_stars: int = 400, n_exposures: int = 9) -> tuple[list[pa.Table], dict[int, float]]:
+    """Catalogues of stars seen by 8 quadrants over dithered exposures, with injected responses."""
+    rng = np.random.default_rng(seed)
+    rcids = np.arange(48, 56)
+    response = dict(zip(rcids.tolist(), (1.0 + rng.normal(0, 0.01, rcids.size)).tolist(), strict=True))
+    true_flux = 10 ** rng.uniform(3.0, 5.0, n_stars)
+    tables = []
+    for e in range(n_exposures):
+        on = rng.random(n_stars) < 0.7
+        quadrant = rng.choice(rcids, n_stars)
+        transparency = 10 ** (-0.4 * rng.normal(0, 0.05))
+        flux = true_flux * transparency * np.array([response[int(q)] for q in quadrant])
+        error = np.sqrt(flux + 400.0)
+        measured = flux + rng.normal(0, 1, n_stars) * error
+        measured[rng.random(n_stars) < 0.01] *= 3.0  # a few blends or cosmic rays: to be clipped
+        tables.append(pa.table({
+            "source_id": np.arange(n_stars)[on], "expid": np.full(on.sum(), 1000 + e), "rcid": quadrant[on],
+            "f_0": measured[on], "f_0_e": error[on], "f_0_f": np.zeros(on.sum(), np.int32), "r_0": np.full(on.sum(), 3.0),
+        }))  # fmt: skip
+    return tables, response
+
+
+def _relative(values: dict[int, float]) -> dict[int, float]:
+    mean = np.exp(np.mean(np.log(list(values.values()))))
+    return {k: v / mean for k, v in values.items()}
+
+
+def test_the_fit_recovers_injected_responses_within_its_errors() -> None:
+    pulls = []
+    for seed in range(6):
+        tables, injected = _synthetic_tables(seed)
+        solution = starflat.solve(starflat.collect(tables))
+        truth = _relative(injected)
+        assert solution.rejected > 0
+        for q in solution.quadrants:
+            assert abs(q.response - truth[q.rcid]) < 5 * q.error
+            pulls.append((q.response - truth[q.rcid]) / q.error)
+    assert 0.6 < float(np.std(pulls)) < 1.5  # errors neither hide nor inflate the scatter (48 pulls)
+
+
+def test_a_catalogue_without_repeated_stars_is_a_clear_error() -> None:
+    table = pa.table({"source_id": [1, 2], "expid": [1, 1], "rcid": [0, 1], "f_0": [1e4, 1e4], "f_0_e": [10.0, 10.0],
+                      "f_0_f": [0, 0], "r_0": [3.0, 3.0]})  # fmt: skip
+    with pytest.raises(ValueError, match="measured twice"):
+        starflat.solve(starflat.collect([table]))
+
+
+def test_the_simulated_starflat_sequence_gives_back_its_quadrant_responses(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    generate_night(archive, NIGHT, ccds=(13,), n_exposures=9, flats_per_led=2, n_biases=8, seed=3, shape="small",
+                   jobs=1, filters=("zr",), flat_filters=("zr",), fields=(655,), starflat=True)  # fmt: skip
+    with serve_archive(archive) as url:
+        config = config_for(tmp_path, archive, url, budget=10**10)
+        result = run_cli(config, *backfill_args())
+        assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "starflat"
+    result = run_cli(config, "starflat", "--start", NIGHT.isoformat(), "--end", NIGHT.isoformat(), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "zr (ccd)" in result.stdout
+    truth = json.loads((archive / "truth" / "params.json").read_text())["nights"][NIGHT.isoformat()]["starflat"]
+    injected = _relative({4 * 12 + int(q) - 1: r for q, r in truth["response"]["13"].items()})
+    with open(out / "starflat_ccd_zr.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {int(r["rcid"]) for r in rows} == set(injected)
+    spread = max(injected.values()) - min(injected.values())
+    assert spread > 0.01, "the injected responses are too alike to show anything"
+    differences = [float(r["response"]) - injected[int(r["rcid"])] for r in rows]
+    errors = [float(r["error"]) for r in rows]
+    rms = float(np.sqrt(np.mean(np.square(differences))))
+    assert rms < max(0.002, float(np.sqrt(np.mean(np.square(errors))))), (differences, errors)
+    assert (out / "starflat_ccd_zr.png").stat().st_size > 1000
+    elsewhere = run_cli(config, "starflat", "--start", "2021-01-01", "--end", "2021-01-02", "--out", str(out))
+    assert elsewhere.returncode == 1 and "no catalogue on disk" in elsewhere.stderr and elsewhere.stderr.count("\n") == 1
+
+
+def test_no_ledger_is_one_line(tmp_path: Path, minimal_config: Path) -> None:
+    result = run_cli(minimal_config, "starflat", "--start", "2020-01-01", "--end", "2020-01-02", "--out", str(tmp_path / "o"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "no ledger yet" in result.stderr
