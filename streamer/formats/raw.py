@@ -113,21 +113,21 @@ class RawFile:
             raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) has AMP_ID {amp_id}, expected {qid - 1}")
         return hdu
 
-    def _tile_layout(self, index: int) -> tuple[rice_tiles.RiceLayout, int] | None:
+    def _tile_layout(self, hdu: Any, index: int) -> tuple[rice_tiles.RiceLayout, int] | None:
         """(layout, data offset) of HDU ``index`` when the tile decoder handles it, else None."""
         if index not in self._layouts:
             try:
-                info = self._hdul.fileinfo(index)
+                info = hdu.fileinfo()  # the HDU's own: HDUList.fileinfo re-serialises every header
                 header_bytes = os.pread(self._fd, info["datLoc"] - info["hdrLoc"], info["hdrLoc"])
                 layout = rice_tiles.rice_layout(fits.Header.fromstring(header_bytes.decode("ascii")))
                 self._layouts[index] = None if layout is None else (layout, int(info["datLoc"]))
-            except (OSError, ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError):
+            except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
                 self._layouts[index] = None  # astropy reads it, and reports what is wrong
         return self._layouts[index]
 
-    def _decode_tiles(self, qid: int, index: int, what: str, rows: slice | None) -> npt.NDArray[np.number] | None:
+    def _decode_tiles(self, hdu: Any, qid: int, index: int, what: str, rows: slice | None) -> npt.NDArray[np.number] | None:
         """The stored rows by the tile decoder, or None when it does not handle this HDU or slice."""
-        found = self._tile_layout(index)
+        found = self._tile_layout(hdu, index)
         if found is None:
             return None
         layout, data_offset = found
@@ -136,6 +136,8 @@ class RawFile:
             return None
         try:
             return rice_tiles.decode_rows(self._fd, data_offset, layout, start, stop, threads=self._decode_threads)
+        except rice_tiles.TileLengthMismatch:
+            return None  # astropy (cfitsio) decodes it again and says what is wrong, or reads what we could not
         except rice_tiles.TileDecodeError as err:
             raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) unreadable: {err}") from None
 
@@ -144,7 +146,7 @@ class RawFile:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", AstropyWarning)
                 hdu = self._hdu(qid, index, what)
-                decoded = self._decode_tiles(qid, index, what, rows)
+                decoded = self._decode_tiles(hdu, qid, index, what, rows)
                 if decoded is not None:
                     array = decoded
                 elif rows is None:

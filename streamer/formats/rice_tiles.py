@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import imagecodecs
+import numba
 import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
@@ -33,6 +34,11 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 class TileDecodeError(ValueError):
     """The table or a tile's bytes cannot be decoded (truncated file, bad descriptor, corrupt Rice stream)."""
+
+
+class TileLengthMismatch(TileDecodeError):
+    """A tile decoded, but its Rice code does not end at the end of its bytes (cfitsio's "unused bytes"
+    error, which imagecodecs does not report): the caller hands the HDU to astropy, which decides."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,58 @@ def rice_layout(header: fits.Header) -> RiceLayout | None:
     )  # fmt: skip
 
 
+@numba.njit(cache=True, nogil=True)
+def _first_mislength_tile(
+    heap: npt.NDArray[np.uint8],
+    starts: npt.NDArray[np.int64],
+    sizes: npt.NDArray[np.int64],
+    image: npt.NDArray[np.signedinteger],
+    tile_pixels: int,
+    blocksize: int,
+    bytepix: int,
+) -> int:
+    """Index of the first tile whose Rice code, as its decoded values re-encode it, does not take
+    exactly its bytes; -1 when all do. The length of the code follows from the values: after the
+    first value (``bytepix`` bytes), each block of ``blocksize`` differences has an ``fsbits``-bit
+    code for ``fs`` (read from the stream), then per difference ``(d >> fs) + 1 + fs`` bits, where
+    ``d`` is the difference mapped to non-negative integers (``fs`` at its maximum: ``8 * bytepix``
+    bits each; a code of 0: none), and the bits end in a partly filled last byte. This is how
+    cfitsio's coder writes them (``fits_rcomp_short`` / ``fits_rcomp`` in ``ricecomp.c``)."""
+    fsbits = 4 if bytepix == 2 else 5
+    fsmax = 14 if bytepix == 2 else 25
+    bits_per_value = 8 * bytepix
+    mask = (np.int64(1) << bits_per_value) - 1
+    half = np.int64(1) << (bits_per_value - 1)
+    for t in range(starts.size):
+        base = starts[t]
+        limit = sizes[t] * 8  # bits of the tile
+        offset = t * tile_pixels
+        pixels = min(tile_pixels, image.size - offset)
+        position = bits_per_value  # the first value, stored whole
+        index = 0
+        while index < pixels:
+            if position + fsbits > limit:
+                return t
+            code = 0
+            for _ in range(fsbits):
+                code = (code << 1) | ((heap[base + (position >> 3)] >> (7 - (position & 7))) & 1)
+                position += 1
+            fs = code - 1
+            stop = min(index + blocksize, pixels)
+            if fs == fsmax:
+                position += bits_per_value * (stop - index)
+            elif fs >= 0:  # (a code of 0: a block of equal values, no more bits)
+                top_bits = np.int64(0)
+                for i in range(offset + max(index, 1), offset + stop):  # the first value's difference is 0
+                    difference = ((np.int64(image[i]) - np.int64(image[i - 1]) + half) & mask) - half  # wraps as the coder's
+                    top_bits += ((difference << 1) ^ (difference >> 63)) >> fs  # mapped: 2d for d >= 0, -2d - 1 below
+                position += int(top_bits) + (stop - index) * (1 + fs)
+            index = stop
+        if (position + 7) >> 3 != sizes[t]:
+            return t
+    return -1
+
+
 def _read_exactly(fd: int, size: int, offset: int) -> bytes:
     data = os.pread(fd, size, offset)
     if len(data) != size:
@@ -166,6 +224,13 @@ def decode_rows(fd: int, data_offset: int, layout: RiceLayout, start: int, stop:
         bounds = np.linspace(0, n, threads + 1).astype(int)
         for future in [_pool(threads).submit(decode, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]:
             future.result()
+    mislength = _first_mislength_tile(
+        np.frombuffer(heap, dtype=np.uint8), np.asarray(starts, np.int64), np.asarray(sizes, np.int64),
+        image.reshape(-1),
+        layout.tile_rows * layout.columns, layout.blocksize, layout.stored.itemsize,
+    )  # fmt: skip
+    if mislength >= 0:
+        raise TileLengthMismatch(f"tile {first + mislength}: its Rice code does not end where its bytes do")
     if layout.unsigned:
         unsigned = image.view(layout.dtype)
         np.bitwise_xor(unsigned, np.array(1 << (8 * layout.stored.itemsize - 1), dtype=layout.dtype), out=unsigned)
