@@ -29,7 +29,6 @@ import numpy.typing as npt
 from astropy.io import fits
 
 _COLUMN_FORMAT = re.compile(r"^1?([PQ])B(\(\d+\))?$")
-_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 class TileDecodeError(ValueError):
@@ -179,13 +178,6 @@ def _read_exactly(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    pool = _POOLS.get(threads)
-    if pool is None:
-        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="rice")
-    return pool
-
-
 def decode_rows(fd: int, data_offset: int, layout: RiceLayout, start: int, stop: int, *, threads: int = 1) -> npt.NDArray[np.integer]:
     """Rows [start, stop) of the image (0 <= start < stop <= rows), decoding only their tiles.
 
@@ -222,8 +214,9 @@ def decode_rows(fd: int, data_offset: int, layout: RiceLayout, start: int, stop:
         decode(0, n)
     else:
         bounds = np.linspace(0, n, threads + 1).astype(int)
-        for future in [_pool(threads).submit(decode, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]:
-            future.result()
+        with ThreadPoolExecutor(threads, thread_name_prefix="rice") as pool:  # per call: no threads left behind (fork)
+            for future in [pool.submit(decode, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]:
+                future.result()
     mislength = _first_mislength_tile(
         np.frombuffer(heap, dtype=np.uint8), np.asarray(starts, np.int64), np.asarray(sizes, np.int64),
         image.reshape(-1),
