@@ -224,7 +224,7 @@ def measure_apertures(
     The background is one sep.Background map (boxes ``background_box`` = (width, height)) with
     rejected pixels and a disc of the largest radius around every position masked. All radii of
     a position are summed in one pass over its pixels (:mod:`streamer.photometry_kernels`: the
-    sums, exact overlap and truncation of ``sep.sum_circle(..., subpix=0)``), with errors from
+    sums (to about 1e-13), exact overlap and truncation of ``sep.sum_circle(..., subpix=0)``), with errors from
     ``variance``. Non-finite pixels count as rejected and contribute zero. The inputs are not
     modified, except ``image`` when ``overwrite_image`` is true (a float32 buffer the caller no
     longer needs: the background is then subtracted in place, saving a copy).

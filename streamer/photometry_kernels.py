@@ -1,7 +1,7 @@
 """Compiled circular-aperture sums: every radius of a position in one pass over its pixels.
 
 The arithmetic is that of ``sep.sum_circle(..., subpix=0)`` (sep 1.4, ``src/aperture.i`` and
-``src/overlap.h``), so that the sums come out as sep's, radius by radius:
+``src/overlap.h``), so that the sums come out as sep's, radius by radius (but see below):
 
 - the box of radius ``r`` around ``(x, y)`` spans columns ``[trunc(x - r + 0.5), trunc(x + r +
   1.4999999))`` (C truncation towards zero), clipped to the image; it is *truncated* (sep's
@@ -15,6 +15,13 @@ The arithmetic is that of ``sep.sum_circle(..., subpix=0)`` (sep 1.4, ``src/aper
 The radii are visited together: those boxes are nested and those conditions monotone in ``r``, so
 a pixel contributes to a suffix of the ascending radii (exact overlap for the first few, whole
 for the rest). A NaN pixel a radius visits makes that radius's sum NaN, as in sep.
+
+One difference, for speed: the area of a circular segment, ``r^2 (theta - sin theta) / 2`` in
+sep, is summed as a series in the half-chord ``s`` when ``s / r <= 1/4`` (always for r >= 2.83),
+which saves an arcsine and a sine per partly covered pixel (about 30 % of the kernel's time). It
+is the same area to about 1e-16 of the segment (sep's own form loses digits on short chords), so
+sums agree with sep's to about 1e-13 relative; the rejected pixels' overlaps, which decide the
+masked flag (> 0), are computed with sep's arithmetic to the last bit.
 """
 
 from __future__ import annotations
@@ -37,15 +44,38 @@ def _area_arc(x1: float, y1: float, x2: float, y2: float, r: float) -> float:
     return 0.5 * r * r * (theta - math.sin(theta))
 
 
+# asin(s) - s sqrt(1 - s^2) = sum_n _ARC_SERIES[n] s^(2n + 3), from its derivative 2 s^2 / sqrt(1 - s^2);
+# for s <= 1/4 the terms after these 12 add less than 1e-16 of the sum.
+_ARC_SERIES = tuple(2.0 * math.comb(2 * n, n) / 4.0**n / (2 * n + 3) for n in range(12))
+
+
+@numba.njit(cache=True, inline="always")
+def _area_arc_series(x1: float, y1: float, x2: float, y2: float, r: float) -> float:
+    """:func:`_area_arc` without its arcsine and sine where the chord is short (``s = chord / 2r <= 1/4``,
+    every pixel-sized chord of a circle of radius >= 2.83): ``r^2 (asin s - s sqrt(1 - s^2))`` by its series."""
+    s2 = ((x2 - x1) * (x2 - x1) + (y2 - y1) * (y2 - y1)) / (4.0 * r * r)
+    if s2 > 0.0625:
+        return _area_arc(x1, y1, x2, y2, r)
+    series = _ARC_SERIES[11]
+    for n in range(10, -1, -1):
+        series = series * s2 + _ARC_SERIES[n]
+    return r * r * math.sqrt(s2) * s2 * series
+
+
+@numba.njit(cache=True, inline="always")
+def _segment(x1: float, y1: float, x2: float, y2: float, r: float, series: bool) -> float:
+    return _area_arc_series(x1, y1, x2, y2, r) if series else _area_arc(x1, y1, x2, y2, r)
+
+
 @numba.njit(cache=True, inline="always")
 def _area_triangle(x1: float, y1: float, x2: float, y2: float, x3: float, y3: float) -> float:
     return 0.5 * abs(x1 * (y2 - y3) + x2 * (y3 - y1) + x3 * (y1 - y2))
 
 
 @numba.njit(cache=True)
-def _overlap_first_quadrant(xmin: float, ymin: float, xmax: float, ymax: float, r: float) -> float:
+def _overlap_first_quadrant(xmin: float, ymin: float, xmax: float, ymax: float, r: float, series: bool) -> float:
     """Area of a rectangle with ``0 <= xmin <= xmax``, ``0 <= ymin <= ymax`` inside a circle of
-    radius ``r`` centred on the origin."""
+    radius ``r`` centred on the origin; ``series``: segments by :func:`_area_arc_series`."""
     xmin2 = xmin * xmin
     ymin2 = ymin * ymin
     r2 = r * r
@@ -62,14 +92,14 @@ def _overlap_first_quadrant(xmin: float, ymin: float, xmax: float, ymax: float, 
         y1 = ymax
         x2 = xmax
         y2 = math.sqrt(r2 - xmax2)
-        return (xmax - xmin) * (ymax - ymin) - _area_triangle(x1, y1, x2, y2, xmax, ymax) + _area_arc(x1, y1, x2, y2, r)
+        return (xmax - xmin) * (ymax - ymin) - _area_triangle(x1, y1, x2, y2, xmax, ymax) + _segment(x1, y1, x2, y2, r, series)
     if lower_right < r2:
         x1 = xmin
         y1 = math.sqrt(r2 - xmin2)
         x2 = xmax
         y2 = math.sqrt(r2 - xmax2)
         return (
-            _area_arc(x1, y1, x2, y2, r) + _area_triangle(x1, y1, x1, ymin, xmax, ymin) + _area_triangle(x1, y1, x2, ymin, x2, y2)
+            _segment(x1, y1, x2, y2, r, series) + _area_triangle(x1, y1, x1, ymin, xmax, ymin) + _area_triangle(x1, y1, x2, ymin, x2, y2)
         )
     if upper_left < r2:
         x1 = math.sqrt(r2 - ymin2)
@@ -77,45 +107,52 @@ def _overlap_first_quadrant(xmin: float, ymin: float, xmax: float, ymax: float, 
         x2 = math.sqrt(r2 - ymax2)
         y2 = ymax
         return (
-            _area_arc(x1, y1, x2, y2, r) + _area_triangle(x1, y1, xmin, y1, xmin, ymax) + _area_triangle(x1, y1, xmin, y2, x2, y2)
+            _segment(x1, y1, x2, y2, r, series) + _area_triangle(x1, y1, xmin, y1, xmin, ymax) + _area_triangle(x1, y1, xmin, y2, x2, y2)
         )
     x1 = math.sqrt(r2 - ymin2)
     y1 = ymin
     x2 = xmin
     y2 = math.sqrt(r2 - xmin2)
-    return _area_arc(x1, y1, x2, y2, r) + _area_triangle(x1, y1, x2, y2, xmin, ymin)
+    return _segment(x1, y1, x2, y2, r, series) + _area_triangle(x1, y1, x2, y2, xmin, ymin)
 
 
 @numba.njit(cache=True)
-def _overlap_one_quadrant(xmin: float, ymin: float, xmax: float, ymax: float, r: float) -> float:
+def _overlap_one_quadrant(xmin: float, ymin: float, xmax: float, ymax: float, r: float, series: bool) -> float:
     """Overlap of a rectangle that lies in one closed quadrant around the centre, mirrored onto the
     first (the same mirrorings as sep, so that the same arithmetic runs)."""
     if xmin >= 0.0:
         if ymin >= 0.0:
-            return _overlap_first_quadrant(xmin, ymin, xmax, ymax, r)
-        return _overlap_first_quadrant(-ymax, xmin, -ymin, xmax, r)
+            return _overlap_first_quadrant(xmin, ymin, xmax, ymax, r, series)
+        return _overlap_first_quadrant(-ymax, xmin, -ymin, xmax, r, series)
     if ymin >= 0.0:
-        return _overlap_first_quadrant(-xmax, ymin, -xmin, ymax, r)
-    return _overlap_first_quadrant(-xmax, -ymax, -xmin, -ymin, r)
+        return _overlap_first_quadrant(-xmax, ymin, -xmin, ymax, r, series)
+    return _overlap_first_quadrant(-xmax, -ymax, -xmin, -ymin, r, series)
 
 
 @numba.njit(cache=True)
 def circle_overlap(xmin: float, ymin: float, xmax: float, ymax: float, r: float) -> float:
     """Exact area of the rectangle [xmin, xmax] x [ymin, ymax] inside a circle of radius ``r``
-    centred on the origin: cut along the axes into pieces of one quadrant each."""
+    centred on the origin, with sep's arithmetic to the last bit."""
+    return _circle_overlap(xmin, ymin, xmax, ymax, r, False)
+
+
+@numba.njit(cache=True)
+def _circle_overlap(xmin: float, ymin: float, xmax: float, ymax: float, r: float, series: bool) -> float:
+    """:func:`circle_overlap`, cut along the axes into pieces of one quadrant each; with ``series``
+    the segments are summed as series (within about 1e-16 of sep's, and faster)."""
     if r <= 0.0:
         return 0.0
     if xmin >= 0.0 or xmax <= 0.0:
         if ymin >= 0.0 or ymax <= 0.0:
-            return _overlap_one_quadrant(xmin, ymin, xmax, ymax, r)
-        return _overlap_one_quadrant(xmin, ymin, xmax, 0.0, r) + _overlap_one_quadrant(xmin, 0.0, xmax, ymax, r)
+            return _overlap_one_quadrant(xmin, ymin, xmax, ymax, r, series)
+        return _overlap_one_quadrant(xmin, ymin, xmax, 0.0, r, series) + _overlap_one_quadrant(xmin, 0.0, xmax, ymax, r, series)
     if ymin >= 0.0 or ymax <= 0.0:
-        return _overlap_one_quadrant(xmin, ymin, 0.0, ymax, r) + _overlap_one_quadrant(0.0, ymin, xmax, ymax, r)
+        return _overlap_one_quadrant(xmin, ymin, 0.0, ymax, r, series) + _overlap_one_quadrant(0.0, ymin, xmax, ymax, r, series)
     return (
-        _overlap_one_quadrant(xmin, ymin, 0.0, 0.0, r)
-        + _overlap_one_quadrant(0.0, ymin, xmax, 0.0, r)
-        + _overlap_one_quadrant(xmin, 0.0, 0.0, ymax, r)
-        + _overlap_one_quadrant(0.0, 0.0, xmax, ymax, r)
+        _overlap_one_quadrant(xmin, ymin, 0.0, 0.0, r, series)
+        + _overlap_one_quadrant(0.0, ymin, xmax, 0.0, r, series)
+        + _overlap_one_quadrant(xmin, 0.0, 0.0, ymax, r, series)
+        + _overlap_one_quadrant(0.0, 0.0, xmax, ymax, r, series)
     )
 
 
@@ -183,11 +220,11 @@ def _sum_circles(
                 bad = rejected[iy, ix]
                 k = first
                 while k < n_radii and d2 > inner2[k]:  # partly covered for these radii
-                    overlap = circle_overlap(dx - 0.5, dy - 0.5, dx + 0.5, dy + 0.5, radii[k])
+                    overlap = _circle_overlap(dx - 0.5, dy - 0.5, dx + 0.5, dy + 0.5, radii[k], True)
                     tv[k] += pix * overlap
                     sv[k] += var * overlap
-                    if bad:
-                        ra[k] += overlap
+                    if bad:  # sep's own arithmetic, so that "overlaps" (> 0) is decided exactly as sep decides it
+                        ra[k] += circle_overlap(dx - 0.5, dy - 0.5, dx + 0.5, dy + 0.5, radii[k])
                     k += 1
                 for whole in range(k, n_radii):
                     tv[whole] += pix * 1.0

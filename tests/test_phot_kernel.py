@@ -12,7 +12,7 @@ import pytest
 import sep
 
 from streamer import photometry as ph
-from streamer.photometry_kernels import circle_overlap, sum_circles
+from streamer.photometry_kernels import _area_arc_series, circle_overlap, sum_circles
 
 RADII_1_15 = np.arange(1.0, 16.0)
 
@@ -169,6 +169,20 @@ def test_pixel_overlap_matches_subsampling() -> None:
         math.pi * 0.36 - 4 * (0.36 * math.acos(0.5 / 0.6) - 0.5 * math.sqrt(0.36 - 0.25)), rel=1e-14
     )
     assert circle_overlap(-0.5, -0.5, 0.5, 0.5, 0.75) == 1.0  # the corners (0.707 away) inside
+
+
+def test_segment_series_against_closed_forms() -> None:
+    """The segment area by series against ``r^2 (asin s - s sqrt(1 - s^2))`` (accurate where s is not
+    small) and against its two leading terms (where s is small enough for them to be exact)."""
+    for r in (3.0, 7.5, 15.0):
+        for s in (0.02, 0.07, 0.13, 0.2, 0.25):
+            chord = 2 * s * r
+            closed = r * r * (math.asin(s) - s * math.sqrt(1 - s * s))
+            assert _area_arc_series(0.0, 0.0, chord, 0.0, r) == pytest.approx(closed, rel=1e-12)
+        for s in (1e-6, 1e-4, 1e-3):
+            leading = r * r * (2 / 3 * s**3 + s**5 / 5)
+            assert _area_arc_series(0.0, 0.0, 2 * s * r, 0.0, r) == pytest.approx(leading, rel=1e-14)
+    assert _area_arc_series(0.0, 0.0, 1.0, 1.0, 1.0) == pytest.approx(0.5 * (math.pi / 2 - 1), rel=1e-14)  # s > 1/4: closed form
 
 
 def test_sums_of_ones_are_the_areas_of_whole_half_and_quarter_discs() -> None:
