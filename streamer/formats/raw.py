@@ -8,8 +8,8 @@ copies into float32 itself. A missing, truncated or undecodable quadrant HDU rai
 :class:`RawFileError`.
 
 Decoding: HDUs in the layout of ZTF's raws (16- or 32-bit integers, RICE_1, tiles of whole rows)
-are decoded tile by tile by :mod:`.rice_tiles` (imagecodecs, bit-identical to astropy, about twice
-as fast); any other layout is decoded by astropy.
+are decoded tile by tile by :mod:`.rice_tiles` (imagecodecs, bit-identical to astropy, about 1.5x
+faster); any other layout is decoded by astropy.
 """
 
 from __future__ import annotations
