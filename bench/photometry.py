@@ -13,8 +13,12 @@ On one core (thread pools pinned to 1), on a full-size simulated raw CCD file (4
   radius by radius (exact overlap), astropy isolation, masters and IPAC mask read for each file;
   it computes no per-radius mask flags (which would cost it a second photutils pass), so its
   time is a lower bound for the same science;
-- floor: the calls no implementation can avoid on the same data: decompressing the file, one
-  ``sep.Background`` per quadrant, one ``sep.sum_circle`` of the same sources and radii.
+- floor: the calls no implementation can avoid on the same data: decompressing the file (RICE
+  tile by tile, imagecodecs), one ``sep.Background`` per quadrant, one ``sep.sum_circle`` of the
+  same sources and radii;
+- aperture sums alone: ``streamer.photometry_kernels.sum_circles`` (every radius of a source in one
+  pass, with variance and the rejected pixels' overlap) against the floor's ``sep.sum_circle`` of
+  the same positions and radii (with variance), on the same images.
 
 Prints the times and the ratios (baseline / ours, ours / floor) measured in this run, in CPU
 seconds of the (single-threaded, pinned) process by default, so that other processes on a shared
@@ -45,12 +49,14 @@ import pyarrow.parquet as pq  # noqa: E402
 import sep  # noqa: E402
 from astropy.io import fits  # noqa: E402
 
+from streamer import photometry_kernels  # noqa: E402
 from streamer.config import DetrendConfig, PhotometryConfig  # noqa: E402
 from streamer.detrend.calibrate import MasterQuadrant  # noqa: E402
 from streamer.detrend.nonlinearity import coefficients  # noqa: E402
 from streamer.detrend.readout import from_readout, to_readout  # noqa: E402
 from streamer.formats import masters as masterio  # noqa: E402
 from streamer.formats import refcat  # noqa: E402
+from streamer.formats.raw import open_raw  # noqa: E402
 from streamer.storage.naming import RawName, parse_filename  # noqa: E402
 from streamer.work import exposure as work  # noqa: E402
 
@@ -119,11 +125,12 @@ def run_ours(data: dict[str, Any], file: dict[str, Any], root: Path) -> work.Exp
 
 
 def run_floor(file: dict[str, Any], positions: dict[int, tuple[np.ndarray, np.ndarray]], radii: tuple[float, ...]) -> float:
-    """Seconds for the unavoidable calls of one file: decompress all HDUs, per quadrant one background and one sum."""
+    """Seconds for the unavoidable calls of one file: decompress all HDUs (RICE by tile), per quadrant
+    one background and one sum."""
     images = {}
     start = clock()
-    with fits.open(file["raw"]) as hdus:
-        arrays = [np.asarray(hdus[i].data) for i in range(1, 9)]
+    with open_raw(file["raw"]) as raw:
+        arrays = [raw.data(q) for q in QIDS] + [raw.overscan(q) for q in QIDS]
     elapsed = clock() - start
     for qid in QIDS:
         images[qid] = arrays[qid - 1].astype(np.float32) - np.float32(1000.0)
@@ -137,6 +144,25 @@ def run_floor(file: dict[str, Any], positions: dict[int, tuple[np.ndarray, np.nd
         sep.sum_circle(images[qid], np.repeat(x, len(radii)), np.repeat(y, len(radii)), np.tile(radii_arr, x.size), var=variance, subpix=0)
         elapsed += clock() - start
     return elapsed
+
+
+def run_apertures(file: dict[str, Any], positions: dict[int, tuple[np.ndarray, np.ndarray]], radii: tuple[float, ...]) -> tuple[float, float]:
+    """Seconds per file of the aperture sums alone: (the one-pass kernel with variance and masked
+    areas, ``sep.sum_circle`` of every source and radius with variance) on the same images."""
+    with open_raw(file["raw"]) as raw:
+        images = {q: raw.data(q).astype(np.float32) - np.float32(1000.0) for q in QIDS}
+    variance = np.full(images[1].shape, 60.0, np.float32)
+    rejected = np.random.default_rng(3).random(images[1].shape) < 1e-3
+    radii_arr = np.asarray(radii)
+    kernel = floor = 0.0
+    for qid in QIDS:
+        x, y = positions[qid]
+        start = clock()
+        photometry_kernels.sum_circles(images[qid], variance, rejected, x, y, radii_arr)
+        middle = clock()
+        sep.sum_circle(images[qid], np.repeat(x, len(radii)), np.repeat(y, len(radii)), np.tile(radii_arr, x.size), var=variance, subpix=0)
+        kernel, floor = kernel + middle - start, floor + clock() - middle
+    return kernel, floor
 
 
 def run_baseline(data: dict[str, Any], file: dict[str, Any], root: Path, radii: tuple[float, ...]) -> float:
@@ -263,11 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         qid = table["qid"].to_numpy()
         positions = {q: (table["x"].to_numpy()[qid == q], table["y"].to_numpy()[qid == q]) for q in QIDS}
         # Interleaved, so that the load of a shared machine weighs on each path alike.
-        warm_times, floor_times, baseline_times = [], [], []
+        warm_times, floor_times, baseline_times, kernel_times, sum_circle_times = [], [], [], [], []
         for i in range(args.repeat):
             seconds, result = timed(lambda: run_ours(data, second, root / f"warm{i}"))  # noqa: B023 (called at once)
             warm_times.append(seconds)
             floor_times.append(run_floor(second, positions, radii))
+            kernel_seconds, sum_circle_seconds = run_apertures(second, positions, radii)
+            kernel_times.append(kernel_seconds)
+            sum_circle_times.append(sum_circle_seconds)
             if i < max(1, args.repeat // 2):
                 baseline_times.append(run_baseline(data, second, root, radii))
         warm, floor, baseline = (statistics.median(t) for t in (warm_times, floor_times, baseline_times))
@@ -285,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"baseline / ours (cold): {baseline / cold:.2f}x")
     print(f"ours (warm) / floor:    {floor_ratio:.2f}x   (target <= 1.5; median of interleaved pairs)")
     print(f"ours (cold) / floor:    {cold / floor:.2f}x")
+    kernel, sum_circle = statistics.median(kernel_times), statistics.median(sum_circle_times)
+    print(f"aperture sums alone, s / quadrant: kernel {kernel / 4:.3f} (all radii in one pass, variance, masked areas), "
+          f"sep.sum_circle {sum_circle / 4:.3f} (the floor's call, variance)")  # fmt: skip
+    print(f"kernel / sep.sum_circle: {statistics.median(k / f for k, f in zip(kernel_times, sum_circle_times, strict=True)):.2f}x")
     return 0
 
 

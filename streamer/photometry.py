@@ -4,8 +4,8 @@ Units: image and background in ADU (detrended), variance in ADU^2, positions in 
 (0-based, ``x`` = column, ``y`` = row, pixel centres at integers), radii in pixels, sky
 positions in degrees.
 
-Flags per source and radius (``Apertures.flags``): the low byte is sep's own flags
-(``sep.APER_TRUNC`` etc.); above it:
+Flags per source and radius (``Apertures.flags``): the low byte is sep's own flags (only
+``sep.APER_TRUNC``: the aperture's box was clipped at the image edge); above it:
 
 - ``FLAG_MASKED``: a rejected pixel (``mask & reject_bits``) overlaps the aperture;
 - ``FLAG_EDGE``: the aperture comes closer than ``edge_margin_px`` to the image edge
@@ -27,7 +27,7 @@ import sep
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from streamer import geometry
+from streamer import geometry, photometry_kernels
 from streamer.errors import StreamerError
 
 FLAG_MASKED: Final = 1 << 8
@@ -35,7 +35,6 @@ FLAG_EDGE: Final = 1 << 9
 FLAG_NONFINITE: Final = 1 << 10
 
 FloatArray = npt.NDArray[np.floating]
-_BLOCK: Final = 8  # side of the blocks of the coarse "any rejected pixel here" map
 
 
 class NoCcdWcsError(StreamerError):
@@ -188,29 +187,6 @@ def isolated(ra: FloatArray, dec: FloatArray, radius_arcsec: float) -> npt.NDArr
 # --- apertures ----------------------------------------------------------------------------------
 
 
-def _block_any(rejected: npt.NDArray[np.bool_]) -> npt.NDArray[np.int32]:
-    """Summed-area table of a coarse map: 1 where a block of _BLOCK x _BLOCK pixels holds a rejected pixel."""
-    ny, nx = rejected.shape
-    by, bx = -(-ny // _BLOCK), -(-nx // _BLOCK)
-    coarse = np.zeros((by, bx), dtype=bool)
-    flat_index = np.flatnonzero(rejected)  # rejected pixels are few: cheaper than reducing every block
-    coarse[(flat_index // nx) // _BLOCK, (flat_index % nx) // _BLOCK] = True
-    table = np.zeros((by + 1, bx + 1), dtype=np.int32)
-    np.cumsum(np.cumsum(coarse, axis=0, dtype=np.int32), axis=1, out=table[1:, 1:])
-    return table
-
-
-def _may_touch_rejected(table: npt.NDArray[np.int32], x: FloatArray, y: FloatArray, radius: float) -> npt.NDArray[np.bool_]:
-    """False where no rejected pixel can overlap the circle (its bounding box covers no flagged block)."""
-    by, bx = table.shape[0] - 1, table.shape[1] - 1
-    x0 = np.clip(np.floor((x - radius + 0.5) / _BLOCK).astype(np.int64), 0, bx - 1)
-    x1 = np.clip(np.floor((x + radius + 0.5) / _BLOCK).astype(np.int64), 0, bx - 1) + 1
-    y0 = np.clip(np.floor((y - radius + 0.5) / _BLOCK).astype(np.int64), 0, by - 1)
-    y1 = np.clip(np.floor((y + radius + 0.5) / _BLOCK).astype(np.int64), 0, by - 1) + 1
-    count = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
-    return count > 0
-
-
 def _mask_bits_in_circle(
     rejected_bits: npt.NDArray[np.integer], x: FloatArray, y: FloatArray, radius: float
 ) -> npt.NDArray[np.int32]:
@@ -280,8 +256,9 @@ def measure_apertures(
 
     The background is one sep.Background map (boxes ``background_box`` = (width, height)) with
     rejected pixels and a disc of the largest radius around every position masked (a smaller disc, or
-    none, where that would mask too much of a box: ``background_disc_radius``). Every radius
-    of every position is summed in one ``sep.sum_circle`` call (exact overlap), with errors from
+    none, where that would mask too much of a box: ``background_disc_radius``). All radii of
+    a position are summed in one pass over its pixels (:mod:`streamer.photometry_kernels`: the
+    sums (to about 1e-13), exact overlap and truncation of ``sep.sum_circle(..., subpix=0)``), with errors from
     ``variance``. Non-finite pixels count as rejected and contribute zero. The inputs are not
     modified, except ``image`` when ``overwrite_image`` is true (a float32 buffer the caller no
     longer needs: the background is then subtracted in place, saving a copy).
@@ -320,40 +297,29 @@ def measure_apertures(
         var = np.where(nonfinite, np.float32(0.0), var)
         rejected |= nonfinite
 
-    flux = np.zeros((n, k), dtype=np.float64)
-    flux_err = np.zeros((n, k), dtype=np.float64)
-    flags = np.zeros((n, k), dtype=np.int32)
-    mask_bits = np.zeros(n, dtype=np.int32)
-
-    # Rejected pixels are rare: a coarse map rules most sources out; the rest get exact overlaps.
-    candidates = np.flatnonzero(_may_touch_rejected(_block_any(rejected), x, y, r_max)) if n else np.zeros(0, int)
-    if candidates.size:
-        counts, _, _ = sep.sum_circle(
-            rejected.view(np.uint8), np.repeat(x[candidates], k), np.repeat(y[candidates], k),
-            np.tile(radii_arr, candidates.size), subpix=0,
-        )  # fmt: skip
-        touched = counts.reshape(candidates.size, k) > 0
-        flags[candidates] |= np.where(touched, FLAG_MASKED, 0).astype(np.int32)
-        hit = candidates[touched.any(axis=1)]
-        if hit.size:
-            mask_bits[hit] = _mask_bits_in_circle(rejected_bits, x[hit], y[hit], r_max)
-
-    background_mask = rejected  # its last use: the source discs go straight into it
+    background_mask = rejected.copy()  # the source discs go into it; the sums still need ``rejected``
     disc = background_disc_radius(rejected, x, y, radii_arr, background_box)
     if n and disc > 0:
         sep.mask_ellipse(background_mask, x, y, disc, disc, 0.0)
     bw, bh = background_box
     background = sep.Background(work, mask=background_mask, bw=int(bw), bh=int(bh))
+    del background_mask
     background.subfrom(work)
+    mask_bits = np.zeros(n, dtype=np.int32)
     if n == 0:
-        return Apertures(flux, flux_err, flags, mask_bits)
+        empty = np.zeros((0, k), dtype=np.float64)
+        return Apertures(empty, empty.copy(), np.zeros((0, k), dtype=np.int32), mask_bits)
 
-    total, total_err, sep_flags = sep.sum_circle(
-        work, np.repeat(x, k), np.repeat(y, k), np.tile(radii_arr, n), var=var, subpix=0
-    )
-    flux[:] = total.reshape(n, k)
-    flux_err[:] = total_err.reshape(n, k)
-    flags |= sep_flags.reshape(n, k).astype(np.int32)
+    # One pass per position over its pixels for all radii: sep's sums (exact overlap), the
+    # rejected pixels' overlap area per radius (> 0: masked) and sep's box truncation.
+    flux, variance_sum, rejected_area, truncated = photometry_kernels.sum_circles(work, var, rejected, x, y, radii_arr)
+    flux_err = np.sqrt(variance_sum)
+    touched = rejected_area > 0
+    flags = np.where(truncated, np.int32(sep.APER_TRUNC), np.int32(0))
+    flags |= np.where(touched, FLAG_MASKED, 0).astype(np.int32)
+    hit = np.flatnonzero(touched.any(axis=1))
+    if hit.size:
+        mask_bits[hit] = _mask_bits_in_circle(rejected_bits, x[hit], y[hit], r_max)
 
     ny, nx = image.shape
     reach = radii_arr[None, :] + edge_margin_px

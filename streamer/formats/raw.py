@@ -6,6 +6,10 @@ stored (dtype and grid) and read-only, so that nobody computes in place on them:
 copies into float32 itself. A missing, truncated or undecodable quadrant HDU raises
 :class:`QuadrantReadError` for that quadrant only; a file that cannot be opened at all raises
 :class:`RawFileError`.
+
+Decoding: HDUs in the layout of ZTF's raws (16- or 32-bit integers, RICE_1, tiles of whole rows)
+are decoded tile by tile by :mod:`.rice_tiles` (imagecodecs, bit-identical to astropy, about 1.5x
+faster); any other layout is decoded by astropy.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from astropy.utils.exceptions import AstropyWarning
 
 from streamer.detrend.readout import OVERSCAN_COLUMNS
 from streamer.errors import StreamerError
+from streamer.formats import rice_tiles
 
 # What astropy raises on truncated or malformed compressed data, besides its warnings.
 try:  # corrupt Rice bytes raise cfitsio's own exception, a direct subclass of Exception
@@ -84,9 +89,12 @@ def _read_only(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
 class RawFile:
     """An open raw CCD file. Use :func:`open_raw`; read quadrants, overscans or row bands."""
 
-    def __init__(self, path: str, hdul: fits.HDUList) -> None:
+    def __init__(self, path: str, hdul: fits.HDUList, fd: int, decode_threads: int = 1) -> None:
         self.path = path
         self._hdul = hdul
+        self._fd = fd  # for the tile decoder's reads (os.pread), beside astropy's own file object
+        self._decode_threads = decode_threads
+        self._layouts: dict[int, tuple[rice_tiles.RiceLayout, int] | None] = {}
 
     @property
     def primary_header(self) -> fits.Header:
@@ -105,12 +113,43 @@ class RawFile:
             raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) has AMP_ID {amp_id}, expected {qid - 1}")
         return hdu
 
+    def _tile_layout(self, hdu: Any, index: int) -> tuple[rice_tiles.RiceLayout, int] | None:
+        """(layout, data offset) of HDU ``index`` when the tile decoder handles it, else None."""
+        if index not in self._layouts:
+            try:
+                info = hdu.fileinfo()  # the HDU's own: HDUList.fileinfo re-serialises every header
+                header_bytes = os.pread(self._fd, info["datLoc"] - info["hdrLoc"], info["hdrLoc"])
+                layout = rice_tiles.rice_layout(fits.Header.fromstring(header_bytes.decode("ascii")))
+                self._layouts[index] = None if layout is None else (layout, int(info["datLoc"]))
+            except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
+                self._layouts[index] = None  # astropy reads it, and reports what is wrong
+        return self._layouts[index]
+
+    def _decode_tiles(self, hdu: Any, qid: int, index: int, what: str, rows: slice | None) -> npt.NDArray[np.number] | None:
+        """The stored rows by the tile decoder, or None when it does not handle this HDU or slice."""
+        found = self._tile_layout(hdu, index)
+        if found is None:
+            return None
+        layout, data_offset = found
+        start, stop, step = (0, layout.rows, 1) if rows is None else rows.indices(layout.rows)
+        if step != 1 or start >= stop:
+            return None
+        try:
+            return rice_tiles.decode_rows(self._fd, data_offset, layout, start, stop, threads=self._decode_threads)
+        except rice_tiles.TileLengthMismatch:
+            return None  # astropy (cfitsio) decodes it again and says what is wrong, or reads what we could not
+        except rice_tiles.TileDecodeError as err:
+            raise QuadrantReadError(self.path, qid, f"HDU {index} ({what}) unreadable: {err}") from None
+
     def _read(self, qid: int, index: int, what: str, rows: slice | None) -> npt.NDArray[np.number]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", AstropyWarning)
                 hdu = self._hdu(qid, index, what)
-                if rows is None:
+                decoded = self._decode_tiles(hdu, qid, index, what, rows)
+                if decoded is not None:
+                    array = decoded
+                elif rows is None:
                     array = hdu.data
                     del hdu.data  # astropy would keep the decoded array as long as the file is open
                 else:
@@ -183,8 +222,12 @@ class RawFile:
 
 
 @contextmanager
-def open_raw(path: str | os.PathLike[str]) -> Iterator[RawFile]:
-    """Open a raw CCD file for reading; RawFileError if it cannot be opened at all."""
+def open_raw(path: str | os.PathLike[str], *, decode_threads: int = 1) -> Iterator[RawFile]:
+    """Open a raw CCD file for reading; RawFileError if it cannot be opened at all.
+
+    ``decode_threads`` > 1 splits the tiles of each quadrant between that many threads: less wall
+    time when cores are idle, the same CPU time (a pool worker has one core: it keeps 1).
+    """
     name = os.fspath(path)
     try:
         with warnings.catch_warnings():
@@ -196,8 +239,14 @@ def open_raw(path: str | os.PathLike[str]) -> Iterator[RawFile]:
     except _READ_ERRORS as err:
         raise RawFileError(name, f"not a readable FITS file: {err}") from err
     try:
-        yield RawFile(name, hdul)
+        fd = os.open(name, os.O_RDONLY)
+    except OSError as err:
+        hdul.close()
+        raise RawFileError(name, f"cannot be opened: {err}") from err
+    try:
+        yield RawFile(name, hdul, fd, decode_threads)
     finally:
+        os.close(fd)
         hdul.close()
 
 
