@@ -1,4 +1,4 @@
-"""Sky side of the photometry: WCS from IPAC headers, sibling WCS, HEALPix selection, proper motion."""
+"""Sky side of the photometry: WCS from IPAC headers (none borrowed from a sibling), HEALPix selection, proper motion."""
 
 from __future__ import annotations
 
