@@ -354,7 +354,7 @@ class DetrendConfig:
     pocket: str = _option(_choice("off", "v0.1"), default="off")
 
 
-HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("detrend", "pocket"): "off"}
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("detrend", "pocket"): "off", ("photometry", "layout"): "streamer"}
 """(section, key): value left out of the configuration hashes when the key has it: keys added after
 products were made, so that configurations that do not use them keep their provenance hash."""
 
@@ -370,6 +370,9 @@ class PhotometryConfig:
     isolation_arcsec: float = _option(_number(0), default=20.0)
     background_box: tuple[int, int] = _option(_list_of(_integer(8, 4096)), default=(192, 220))
     edge_margin_px: float = _option(_number(0), default=0.0)
+    layout: str = _option(_choice("streamer", "in2p3"), default="streamer")
+    """``streamer``: one apcat per CCD under ``apcat/``; ``in2p3``: one parquet per quadrant as the IN2P3 code
+    writes and reads it, under ``ztfin2p3/sci/`` (``streamer.formats.apcat``)."""
 
 
 @dataclass(frozen=True)
@@ -582,6 +585,10 @@ def _validate(cfg: Config, ctx: _Context) -> None:
         raise ctx.error("compute.scheduler", compute.scheduler, 'an address such as "tcp://host:8786"')
     if len(cfg.photometry.background_box) != 2:
         raise ctx.error("photometry.background_box", list(cfg.photometry.background_box), "[width, height] in pixels")
+    radii = cfg.photometry.radii
+    if cfg.photometry.layout == "in2p3" and not all(float(r).is_integer() and 1 <= r <= 255 for r in radii):
+        # the IN2P3 catalogue stores each radius as uint8 (ztfin2p3/aperture.py)
+        raise ctx.error("photometry.radii", list(radii), 'whole pixels in 1..255 with layout = "in2p3" (its r_k columns are uint8)')
     for i, consumer in enumerate(cfg.consumers):
         if consumer.start and consumer.end and consumer.start > consumer.end:
             raise ctx.error(f"consumers[{i}].end", str(consumer.end), f"a date on or after start ({consumer.start})")

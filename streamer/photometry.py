@@ -27,7 +27,7 @@ import sep
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from streamer import geometry, photometry_kernels
+from streamer import photometry_kernels
 from streamer.errors import StreamerError
 
 FLAG_MASKED: Final = 1 << 8
@@ -43,8 +43,7 @@ class NoCcdWcsError(StreamerError):
 
 @dataclass(frozen=True)
 class QuadrantWcs:
-    """The WCS of one quadrant, the quadrant whose IPAC header it came from, and that header
-    (shifted onto this quadrant's grid when borrowed from a sibling)."""
+    """The WCS of one quadrant, the quadrant whose IPAC header it came from (always its own), and that header."""
 
     wcs: WCS
     from_qid: int
@@ -82,52 +81,30 @@ def wcs_from_header(header: fits.Header) -> WCS:
     return wcs
 
 
-def shifted_header(
-    header: fits.Header, from_qid: int, to_qid: int, shape: tuple[int, int] = geometry.QUADRANT_SHAPE
-) -> fits.Header:
-    """A copy of quadrant ``from_qid``'s header whose WCS applies to quadrant ``to_qid``'s grid.
+def quadrant_wcs(headers: Mapping[int, fits.Header | None]) -> tuple[dict[int, QuadrantWcs], dict[int, str]]:
+    """The WCS of each quadrant of one CCD that has a usable IPAC sciimg header of its own, and why the others have none.
 
-    The quadrants differ by a translation (see :mod:`streamer.geometry`), so only CRPIX moves;
-    the distortion polynomial of a TPV WCS acts after CRPIX and extends across the CCD.
+    ``headers`` maps qid to its IPAC sciimg header, or None when missing. A quadrant without its own
+    header gets no WCS: a sibling's WCS moved by the quadrant layout is off by up to 4.4 arcsec on
+    real data (tests/test_camera_layout.py), so such a quadrant is lost, as the IN2P3 code loses it.
+    Raises :class:`NoCcdWcsError` when no quadrant has one.
     """
-    dx, dy = geometry.shift_between(from_qid, to_qid, shape)
-    shifted = header.copy()
-    shifted["CRPIX1"] = float(header["CRPIX1"]) - dx
-    shifted["CRPIX2"] = float(header["CRPIX2"]) - dy
-    return shifted
-
-
-def quadrant_wcs(
-    headers: Mapping[int, fits.Header | None], shape: tuple[int, int] = geometry.QUADRANT_SHAPE
-) -> dict[int, QuadrantWcs]:
-    """The WCS of quadrants 1-4 of one CCD, from their own headers or the nearest sibling's.
-
-    ``headers`` maps qid to its IPAC sciimg header, or None when missing; ``shape`` is a
-    quadrant's (rows, columns). A header whose WCS
-    cannot be built counts as missing. Raises :class:`NoCcdWcsError` when no quadrant has one.
-    """
-    own: dict[int, tuple[fits.Header, WCS]] = {}
-    problems: list[str] = []
+    own: dict[int, QuadrantWcs] = {}
+    problems: dict[int, str] = {}
     for qid in (1, 2, 3, 4):
         header = headers.get(qid)
         if header is None:
-            problems.append(f"q{qid}: no header")
+            problems[qid] = "no IPAC sciimg header"
             continue
         try:
-            own[qid] = (header, wcs_from_header(header))
+            own[qid] = QuadrantWcs(wcs_from_header(header), qid, header)
         except (ValueError, KeyError) as err:
-            problems.append(f"q{qid}: {err}")
+            problems[qid] = str(err)
     if not own:
-        raise NoCcdWcsError("no quadrant of the CCD has a usable IPAC header (" + "; ".join(problems) + ")")
-    result: dict[int, QuadrantWcs] = {}
-    for qid in (1, 2, 3, 4):
-        if qid in own:
-            result[qid] = QuadrantWcs(own[qid][1], qid, own[qid][0])
-            continue
-        sibling = next(q for q in geometry.siblings_by_distance(qid) if q in own)
-        borrowed = shifted_header(own[sibling][0], sibling, qid, shape)
-        result[qid] = QuadrantWcs(wcs_from_header(borrowed), sibling, borrowed)
-    return result
+        raise NoCcdWcsError(
+            "no quadrant of the CCD has a usable IPAC header (" + "; ".join(f"q{q}: {p}" for q, p in problems.items()) + ")"
+        )
+    return own, problems
 
 
 def sky_to_pixel(wcs: WCS, ra: FloatArray, dec: FloatArray) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:

@@ -32,6 +32,7 @@ import pytest
 from astropy.io import fits
 
 from e2e import NIGHT, backfill_args, config_for, run_cli, status_json, store_of
+from in2p3_reader import apcat_path, in2p3_columns, in2p3_dtypes
 from streamer import config as config_module
 from streamer.demo import serve_archive
 from streamer.sim.generate import generate_night
@@ -84,6 +85,7 @@ PRODUCT_OPTIONS: dict[str, str] = {
     "photometry.isolation_arcsec": f"{HERE}::test_background_isolation_edge_and_detrended_options",
     "photometry.background_box": f"{HERE}::test_background_isolation_edge_and_detrended_options",
     "photometry.edge_margin_px": f"{HERE}::test_background_isolation_edge_and_detrended_options",
+    "photometry.layout": f"{HERE}::test_in2p3_layout_is_what_the_in2p3_reader_finds_and_holds_our_fluxes",
 }
 
 _SECRET = "login to the archive: the same files whoever fetches them"
@@ -466,3 +468,49 @@ def test_calibration_gap_zero_blocks_the_night_without_flats(runs: Runs, referen
     night2 = next((reference.store / "apcat" / f"{NIGHT2:%Y}" / f"{NIGHT2:%m%d}").glob("*_apcat.parquet"))
     record = json.loads(pq.read_schema(night2).metadata[b"streamer"])
     assert (record["master_flat_night"], record["master_bias_night"]) == (NIGHT.isoformat(), NIGHT2.isoformat())
+
+
+def test_in2p3_layout_is_what_the_in2p3_reader_finds_and_holds_our_fluxes(runs: Runs, reference: Run) -> None:
+    """layout = "in2p3": one file per quadrant where the IN2P3 path rule looks (tests/in2p3_reader.py),
+    columns by name in its order and types, x and y in ztfimg's orientation, and the fluxes of the
+    default layout up to float32 rounding, NaN exactly where a rejected pixel overlaps the aperture."""
+    run = runs.get("in2p3", photometry='layout = "in2p3"')
+    on_disk = check_store(run)  # every file a ledger row of its size, counted in the budget
+    assert not any(p.startswith("apcat/") for p in on_disk)
+    rows = _ledger_files(run.store)
+    ours = _catalogues(reference.store)
+    raws = sorted(p.rsplit("/", 1)[1].replace("_apcat.parquet", ".fits.fz") for p in _walk(reference.store) if p.startswith("apcat/2020/0924/"))
+    assert len(raws) == 2
+    radii = _radii(next(iter(ours.values())))
+    n = len(radii)
+    found: set[tuple[int, int, int]] = set()
+    nan_count = 0
+    for raw in raws:
+        for qid in (1, 2, 3, 4):
+            path = Path(apcat_path(str(run.store), raw, qid))
+            relpath = path.relative_to(run.store).as_posix()
+            assert path.is_file() and rows[relpath]["kind"] == "apcat" and rows[relpath]["state"] == "on_disk", relpath
+            table = pq.read_table(path, columns=in2p3_columns(n))
+            assert pq.read_schema(path).names == in2p3_columns(n)
+            read = {c: table[c].to_numpy(zero_copy_only=False) for c in in2p3_columns(n)}
+            assert {c: v.dtype for c, v in read.items()} == in2p3_dtypes(n)
+            ffd = int(raw.split("_")[1])
+            for i, source_id in enumerate(read["source_id"]):
+                key = (ffd, qid, int(source_id))
+                mine = ours[key]
+                found.add(key)
+                # ztfimg's orientation, transformed back onto the IPAC grid of our layout
+                assert QUADRANT_COLS - 1 - float(read["x"][i]) == pytest.approx(mine["x"], abs=1e-4)
+                assert QUADRANT_ROWS - 1 - float(read["y"][i]) == pytest.approx(mine["y"], abs=1e-4)
+                assert read["ra"][i] == np.float32(mine["ra"]) and read["isolated"][i] == mine["isolated"]
+                for k in range(n):
+                    masked = bool(mine[f"f_{k}_f"] & FLAG_MASKED)
+                    assert np.isnan(read[f"f_{k}"][i]) == masked, (key, k)
+                    nan_count += masked
+                    if not masked:
+                        assert read[f"f_{k}"][i] == np.float32(mine[f"f_{k}"]), (key, k)
+                    assert read[f"f_{k}_e"][i] == np.float32(mine[f"f_{k}_e"])
+                    assert read[f"f_{k}_f"][i] == mine[f"f_{k}_f"] & 0xFF and read[f"r_{k}"][i] == int(radii[k])
+    assert found == set(ours) and len(found) > 50  # the same sources, none lost or added
+    assert nan_count > 0, "the simulated masks put a rejected pixel in some aperture"
+    assert sum(1 for p in on_disk if p.startswith("ztfin2p3/sci/")) == 8

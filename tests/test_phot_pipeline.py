@@ -105,7 +105,7 @@ def scene(tmp_path: Path) -> dict[str, object]:
 def test_photometry_recovers_injected_fluxes_within_the_noise(scene: dict[str, object]) -> None:
     header = scene["header"]
     assert isinstance(header, fits.Header)
-    wcs = photometry.quadrant_wcs({1: header}, shape=SHAPE)[1]
+    wcs = photometry.quadrant_wcs({1: header})[0][1]
     catalogue = work.catalogue_for_ccd(scene["catdir"], {1: wcs}, SHAPE, float(scene["epoch"]), 20.0)  # type: ignore[arg-type]
     rows = work.measure_quadrant(
         1, scene["image"], scene["variance"], scene["mask"], 6141, wcs, catalogue, RADII,  # type: ignore[arg-type]

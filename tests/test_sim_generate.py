@@ -239,8 +239,9 @@ def test_sibling_quadrants_share_the_tangent_plane(night: NightTruth) -> None:
     }
     for q in (1, 2, 3, 4):
         assert headers[q]["CD1_1"] == headers[1]["CD1_1"] and headers[q]["CRVAL1"] == headers[1]["CRVAL1"]
-    assert headers[2]["CRPIX1"] - headers[1]["CRPIX1"] == 256
-    assert headers[3]["CRPIX2"] - headers[2]["CRPIX2"] == 260
+    # q4|q3 over q1|q2 on the IPAC grid, the real camera's layout (tests/test_camera_layout.py)
+    assert headers[2]["CRPIX1"] - headers[1]["CRPIX1"] == -256
+    assert headers[3]["CRPIX2"] - headers[2]["CRPIX2"] == -260
     assert headers[4]["CRPIX1"] == headers[1]["CRPIX1"] and headers[4]["CRPIX2"] == headers[3]["CRPIX2"]
 
 

@@ -19,6 +19,34 @@ configured radii), then ``EXPOSURE_COLUMNS`` and ``MASK_COLUMNS``:
 Provenance (masters and their nights, configuration hash, package versions, radii) is in
 the parquet key-value metadata under ``b"streamer"`` (JSON) and the radii also under
 ``b"radii"``; the rows carry none of it, so two runs over the same data give identical rows.
+
+With ``[photometry] layout = "in2p3"`` the catalogue is instead what the IN2P3 pipeline writes,
+one parquet per quadrant (:func:`in2p3_quadrant_table`, path
+:func:`streamer.storage.paths.in2p3_apcat_relpath`). Each point is taken from its source:
+
+- columns and order: ``source_id, ra, dec, phot_g_mean_mag, phot_bp_mean_mag, phot_rp_mean_mag, x, y``
+  (ztfin2p3/aperture.py, ``_MINIMAL_COLNAMES["gaia_dr3"]``; production uses ``cat="gaia_dr3"``,
+  ``minimal_columns: True`` in ztfin2p3/scripts/config.yml), then ``isolated`` (joined by
+  ``get_aperture_photometry``; ztfimg/catalog.py ``get_isolated`` names it and makes it bool), then
+  ``f_0..f_n``, ``f_0_e..f_n_e``, ``f_0_f..f_n_f`` (ztfimg/base.py ``_get_aperture``, as_dataframe) and
+  ``r_0..r_n`` appended last (ztfin2p3/aperture.py);
+- dtypes: every float64 catalogue column cast to float32 (ra, dec, magnitudes, x, y), the aperture
+  frame cast to float32, then ``f_k_f`` and ``r_k`` to uint8 (``radius.astype(np.uint8)``: whole
+  pixels; the configuration refuses other radii with this layout); ``source_id`` int64, ``isolated`` bool
+  (ztfin2p3/aperture.py, ``get_aperture_photometry``);
+- orientation: ``x = cols - 1 - x_ipac``, ``y = rows - 1 - y_ipac`` (3071 - x, 3079 - y for ZTF):
+  ``get_img_refcatalog`` (ztfin2p3/catalog.py) calls ztfimg's ``add_coord_to_catalog`` with
+  ``reorder=True``, and ``radec_to_xy`` (ztfimg/utils/astrometry.py) then returns
+  ``shape[1] - x - 1, shape[0] - y - 1`` of astropy's 0-based pixel; the apertures are measured on
+  ``get_data()``, reordered the same way (ztfimg/base.py, ``data[::-1, ::-1]``);
+- NaN: ``get_data(apply_mask=True)`` sets masked pixels to NaN (ztfimg/science.py, ``maskvalue=np.nan``)
+  and ``ScienceQuadrant.get_aperture`` does not pass the mask on to ``sep.sum_circle`` (ztfimg/science.py),
+  so an aperture that overlaps a masked pixel sums to NaN; the masked pixels are IPAC's bits but 1
+  and 11 (ztfimg/science.py ``get_mask`` defaults), our ``mask_reject_bits`` default. Here: ``f_k`` is NaN
+  exactly where our ``FLAG_MASKED`` is set (a rejected pixel overlaps the aperture, exact overlap as
+  IN2P3's ``subpix=0``); ``f_k_e`` stays finite, as sep's error from the error map does;
+- flags: sep's own flags only (no mask was given to sep there), i.e. the low byte of ours;
+- no exposure columns: the file name carries filefracday, field, filter, CCD and quadrant.
 """
 
 from __future__ import annotations
@@ -36,7 +64,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.io import fits
 
-from streamer.photometry import Apertures
+from streamer.photometry import FLAG_MASKED, Apertures
 from streamer.storage.atomic import write_atomically
 from streamer.storage.naming import rcid_of
 
@@ -164,6 +192,52 @@ def apcat_table(exposure: ExposureInfo, quadrants: Sequence[QuadrantRows], radii
         pa.array(np.concatenate(parts[f.name]) if parts[f.name] else np.zeros(0, dtype=object), type=f.type)
         for f in schema
     ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+IN2P3_BASE_COLUMNS: Final = (
+    "source_id", "ra", "dec", "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "x", "y", "isolated",
+)  # fmt: skip
+
+
+def in2p3_schema(n_radii: int) -> pa.Schema:
+    """The IN2P3 apcat columns, in their order and types, for ``n_radii`` radii (sources in the module docstring)."""
+    fields = [pa.field("source_id", pa.int64())]
+    fields += [pa.field(name, pa.float32()) for name in IN2P3_BASE_COLUMNS[1:-1]]
+    fields.append(pa.field("isolated", pa.bool_()))
+    for suffix, dtype in (("", pa.float32()), ("_e", pa.float32()), ("_f", pa.uint8())):
+        fields += [pa.field(f"f_{k}{suffix}", dtype) for k in range(n_radii)]
+    fields += [pa.field(f"r_{k}", pa.uint8()) for k in range(n_radii)]
+    return pa.schema(fields)
+
+
+def in2p3_quadrant_table(quadrant: QuadrantRows, radii: Sequence[float], shape: tuple[int, int]) -> pa.Table:
+    """One quadrant's rows in the IN2P3 layout, ordered by source_id; ``shape`` = (rows, columns) of the quadrant."""
+    n_radii = len(radii)
+    ap = quadrant.apertures
+    if ap.flux.shape != (len(quadrant), n_radii):
+        raise ValueError(f"q{quadrant.qid}: fluxes of shape {ap.flux.shape}, expected ({len(quadrant)}, {n_radii})")
+    if not all(float(r).is_integer() and 1 <= r <= 255 for r in radii):
+        raise ValueError(f"radii {list(radii)}: the IN2P3 layout stores radii as uint8, expected whole pixels in 1..255")
+    order = np.argsort(quadrant.source_id, kind="stable")
+    rows, columns = shape
+    masked = (ap.flags & FLAG_MASKED) != 0
+    values: dict[str, npt.NDArray[Any]] = {
+        "source_id": quadrant.source_id,
+        "ra": quadrant.ra,
+        "dec": quadrant.dec,
+        **{name: quadrant.mags[name] for name in IN2P3_BASE_COLUMNS[3:6]},
+        "x": (columns - 1) - quadrant.x,
+        "y": (rows - 1) - quadrant.y,
+        "isolated": quadrant.isolated,
+    }
+    for k, radius in enumerate(radii):
+        values[f"f_{k}"] = np.where(masked[:, k], np.nan, ap.flux[:, k])
+        values[f"f_{k}_e"] = ap.flux_err[:, k]
+        values[f"f_{k}_f"] = ap.flags[:, k] & 0xFF
+        values[f"r_{k}"] = np.full(len(quadrant), int(radius))
+    schema = in2p3_schema(n_radii)
+    arrays = [pa.array(np.asarray(values[f.name])[order].astype(f.type.to_pandas_dtype()), type=f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 

@@ -29,7 +29,7 @@ from streamer.rules.bias import bias_time_order, biases_to_use
 from streamer.rules.retention import FileFacts, is_kept
 from streamer.storage.naming import RawName
 from streamer.storage.paths import (
-    apcat_relpath,
+    apcat_relpaths,
     focalplane_relpath,
     led_flat_relpath,
     master_bias_relpath,
@@ -53,6 +53,7 @@ def build_night_graph(
     bias_skip_first: int,
     focalplane: bool,
     consumers: Sequence[ConsumerConfig] = (),
+    catalogue_layout: str = "streamer",
 ) -> dict[str, int]:
     """Create (idempotently) the jobs of one night for the given CCDs; return counts by job kind.
 
@@ -60,7 +61,7 @@ def build_night_graph(
     so a consumer restricted to fields or targets keeps none).
     """
     with ledger.transaction() as conn:
-        graph = _NightGraph(ledger, conn, night, consumers)
+        graph = _NightGraph(ledger, conn, night, consumers, catalogue_layout)
         exposures = queries.night_inputs(conn, night, ccds)
         for ccdid in ccds:
             graph.add_master_bias(ccdid, exposures.get(ccdid, []), bias_skip_first)
@@ -77,8 +78,11 @@ def build_night_graph(
 class _NightGraph:
     """The jobs of one night being built in one transaction, with the masters made so far."""
 
-    def __init__(self, ledger: Ledger, conn: sqlite3.Connection, night: str, consumers: Sequence[ConsumerConfig]) -> None:
+    def __init__(
+        self, ledger: Ledger, conn: sqlite3.Connection, night: str, consumers: Sequence[ConsumerConfig], catalogue_layout: str
+    ) -> None:
         self.ledger = ledger
+        self.catalogue_layout = catalogue_layout
         self.conn = conn
         self.night = night
         self.keep_masters = is_kept(consumers, FileFacts("masters", None, dt.date.fromisoformat(night)))
@@ -143,7 +147,8 @@ class _NightGraph:
             ccdid=ccdid, filtercode=row["filtercode"], exposure_id=row["id"],
         )  # fmt: skip
         raw = RawName(row["filefracday"], row["field"], row["filtercode"], ccdid, "o")
-        apcat = self._product(apcat_relpath(raw), "apcat", job)
-        queries.set_file_exposure(self.conn, apcat, row["id"], row["field"])
+        for relpath in apcat_relpaths(raw, self.catalogue_layout):
+            apcat = self._product(relpath, "apcat", job)
+            queries.set_file_exposure(self.conn, apcat, row["id"], row["field"])
         for detrended in row["detrended_outputs"]:
             queries.set_producer(self.conn, detrended, job)

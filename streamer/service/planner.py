@@ -43,6 +43,7 @@ async def plan_one_night(ctx: Context, night: dt.date, ccds: Sequence[int], key:
         ctx.ledger, night.isoformat(), ccds,
         bias_skip_first=ctx.config.detrend.bias_skip_first,
         focalplane=ctx.config.detrend.flat_normalisation == "focalplane", consumers=ctx.config.consumers,
+        catalogue_layout=ctx.config.photometry.layout,
     )  # fmt: skip
     ctx.ledger.set_meta(key, json.dumps(counts))
     ctx.ledger.event("plan", f"night {night}: jobs {counts}")

@@ -20,12 +20,9 @@ from streamer.ledger import jobs as ledger_jobs
 from streamer.rules.failures import Block, ErrorClass, Park, Refetch, Requeue, Retry, failure_action
 from streamer.service.context import Context
 from streamer.storage.deleter import unlink_below
-from streamer.storage.paths import kind_of
+from streamer.storage.paths import is_quadrant_product
 
 log = logging.getLogger("streamer.service")
-
-#: Products a successful job may leave unwritten (one per quadrant, and a quadrant can be lost).
-OPTIONAL_OUTPUT_KINDS = frozenset({"detrended"})
 
 
 class MissingOutput(StreamerError):
@@ -70,8 +67,8 @@ def record_done(ctx: Context, job: dict[str, Any], call: job_kinds.Call, result:
     for relpath in call.outputs:
         path = ctx.config.storage.root / relpath
         if not path.is_file():
-            if kind_of(relpath) in OPTIONAL_OUTPUT_KINDS:
-                continue  # a lost quadrant has no detrended image: the row stays wanted, unreserved
+            if is_quadrant_product(relpath):
+                continue  # a lost quadrant has no detrended image or IN2P3 catalogue: the row stays wanted, unreserved
             raise MissingOutput(f"{job['key']}: finished without writing {relpath}")
         info = path.stat()
         outputs.append((relpath, info.st_blocks * 512, info.st_size))

@@ -78,8 +78,8 @@ Science products and geometry
     gives, before the flat), with the header keywords of IPAC's (GAIN, READNOI, SATURATE, MAGZP, EXPID,
     RCID, QID, CCDID, FIELDID, FILTER, OBSJD, OBSMJD, EXPTIME, SEEING = FWHM in pixels, MAGLIM, ...)
     and a TAN WCS (``streamer.sim.geometry``: 1.012"/px, all quadrants share CRVAL = the exposure's
-    tangent point and the CD matrix, q2|q1 over q3|q4 with no gap inside a CCD, so a sibling quadrant's
-    WCS is CRPIX shifted by the quadrant size). ``mskimg.fits``: int16 with IPAC's BITnn definitions;
+    tangent point and the CD matrix, q4|q3 over q1|q2 on the IPAC grid (``ztf_camera_layout.toml``), no gap inside a
+    CCD, so a sibling quadrant's WCS is CRPIX shifted by the quadrant size). ``mskimg.fits``: int16 with IPAC's BITnn definitions;
     set bits: 1 (star model above 5 sigma of the sky noise), 4 (hot columns), 8 (saturated), 9 (dead).
     Stars come from the catalogue of each (field, CCD), carried to the exposure epoch by their proper
     motions; their brightness through zg, zr, zi is BP, G, RP (``sky.FILTER_MAG_COLUMN``).

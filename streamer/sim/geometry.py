@@ -3,11 +3,16 @@
 Pixel coordinates are 0-based ``(x, y)`` = (column, row) on the IPAC grid (the raw HDU grid).
 Focal-plane pixel coordinates ``(X, Y)`` have their origin at the tangent point of the exposure.
 
-- CCDs sit on a 4 x 4 grid: ``col = (ccdid - 1) % 4`` and ``row = (ccdid - 1) // 4``; CCD ``(col, row)``
-  has its pixel (0, 0) at ``X0 = (col - 2) * (2 * cols + gap) + gap / 2``,
-  ``Y0 = (row - 2) * (2 * rows + gap) + gap / 2``, with ``gap = CCD_GAP_FRACTION * 2 * cols`` rounded.
-- Within a CCD, quadrants abut without a gap, q2|q1 over q3|q4 on the IPAC grid (over = larger y):
-  quadrant offsets ``(ox, oy)``: q1 ``(cols, rows)``, q2 ``(0, rows)``, q3 ``(0, 0)``, q4 ``(cols, 0)``.
+The layout comes from the recorded fact table ``streamer/data/ztf_camera_layout.toml`` (with its
+sources), the same table the pipeline reads, never from the pipeline's code:
+
+- CCDs sit on a 4 x 4 grid, CCD ``ccdid`` at the table's ``(col, row)`` (CCD 13 at (0, 0): north-east,
+  since the IPAC grid has +x west and +y south); CCD ``(col, row)`` has its pixel (0, 0) at
+  ``X0 = (col - 2) * (2 * cols + gap) + gap / 2``, ``Y0 = (row - 2) * (2 * rows + gap) + gap / 2``, with
+  ``gap = CCD_GAP_FRACTION * 2 * cols`` rounded (the gap is the simulator's own round figure).
+- Within a CCD, quadrants abut without a gap, q4|q3 over q1|q2 on the IPAC grid (over = larger y):
+  quadrant offsets ``(ox, oy)`` = the table's cells times ``(cols, rows)``: q1 ``(0, 0)``, q2 ``(cols, 0)``,
+  q3 ``(cols, rows)``, q4 ``(0, rows)``.
 - Every quadrant has the same CD matrix ``[[-s, 0], [0, -s]]`` with ``s = 1.012 / 3600`` deg/px and
   ``CRVAL`` = the exposure's tangent point, so ``CRPIX = (1 - X0 - ox, 1 - Y0 - oy)`` (1-based, FITS):
   a sibling quadrant's WCS differs only by ``CRPIX1 -/+ cols`` and ``CRPIX2 -/+ rows``.
@@ -15,7 +20,9 @@ Focal-plane pixel coordinates ``(X, Y)`` have their origin at the tangent point 
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
+from importlib import resources
 from typing import Final
 
 import numpy as np
@@ -46,7 +53,15 @@ SHAPES: Final = {
     "small": Shape("small", 260, 256),
 }
 
-QUADRANT_OFFSETS: Final = {1: (1, 1), 2: (0, 1), 3: (0, 0), 4: (1, 0)}
+
+def _layout_table() -> dict[str, dict[str, list[int]]]:
+    """The recorded camera layout (``streamer/data/ztf_camera_layout.toml``)."""
+    return tomllib.loads(resources.files("streamer").joinpath("data/ztf_camera_layout.toml").read_text())
+
+
+_LAYOUT: Final = _layout_table()
+QUADRANT_OFFSETS: Final = {q: (int(_LAYOUT["quadrants"][f"q{q}"][0]), int(_LAYOUT["quadrants"][f"q{q}"][1])) for q in (1, 2, 3, 4)}
+CCD_CELLS: Final = {c: (int(_LAYOUT["ccds"][f"ccd{c:02d}"][0]), int(_LAYOUT["ccds"][f"ccd{c:02d}"][1])) for c in range(1, 17)}
 
 
 def shape_named(name: str) -> Shape:
@@ -59,17 +74,16 @@ def shape_named(name: str) -> Shape:
 
 def quadrant_origin(shape: Shape, ccdid: int, qid: int) -> tuple[float, float]:
     """Focal-plane coordinates ``(X, Y)`` of pixel (0, 0) of a quadrant."""
-    col, row = (ccdid - 1) % 4, (ccdid - 1) // 4
-    gap = shape.ccd_gap
-    x0 = (col - 2) * (2 * shape.cols + gap) + gap / 2
-    y0 = (row - 2) * (2 * shape.rows + gap) + gap / 2
+    x0, y0 = ccd_origin(shape, ccdid)
     qx, qy = QUADRANT_OFFSETS[qid]
     return x0 + qx * shape.cols, y0 + qy * shape.rows
 
 
 def ccd_origin(shape: Shape, ccdid: int) -> tuple[float, float]:
-    """Focal-plane coordinates of pixel (0, 0) of a whole CCD (the origin of quadrant 3)."""
-    return quadrant_origin(shape, ccdid, 3)
+    """Focal-plane coordinates of pixel (0, 0) of a whole CCD (the origin of its quadrant at cell (0, 0))."""
+    col, row = CCD_CELLS[ccdid]
+    gap = shape.ccd_gap
+    return (col - 2) * (2 * shape.cols + gap) + gap / 2, (row - 2) * (2 * shape.rows + gap) + gap / 2
 
 
 def pixel_scale_deg() -> float:

@@ -9,6 +9,7 @@ tile-compressed (``..._mskimg.fits.fz``). What the service makes:
     masters/YYYY/MMDD/ccdNN/ztf_<night>_cNN_<filter>_flat.fits
     masters/YYYY/MMDD/ztf_<night>_<filter>_focalplane.json
     apcat/YYYY/MMDD/ztf_<filefracday>_<field:06d>_<filter>_cNN_o_apcat.parquet
+    ztfin2p3/sci/YYYY/MMDD/FFFFFF/ztfin2p3_<filefracday>_<field:06d>_<filter>_cNN_o_qQ_apcat.parquet
     detrended/YYYY/MMDD/ztf_<filefracday>_<field:06d>_<filter>_cNN_o_q<qid>_detrended.fits.fz
 """
 
@@ -21,7 +22,7 @@ from typing import Final
 from streamer.storage.naming import NamingError, RawName, SciName, parse_relpath
 
 #: Top directories that hold what the service makes (never archive products).
-PRODUCT_DIRECTORIES: Final = ("masters", "apcat", "detrended")
+PRODUCT_DIRECTORIES: Final = ("masters", "apcat", "detrended", "ztfin2p3")
 
 
 def _compact(night: str) -> str:
@@ -52,6 +53,38 @@ def apcat_relpath(raw: RawName) -> str:
     """Path of the aperture catalogue of a raw science CCD file."""
     ffd = raw.filefracday
     return f"apcat/{ffd[0:4]}/{ffd[4:8]}/ztf_{ffd}_{raw.field:06d}_{raw.filtercode}_c{raw.ccdid:02d}_o_apcat.parquet"
+
+
+def in2p3_apcat_relpath(raw: RawName, qid: int) -> str:
+    """Path of the IN2P3-layout aperture catalogue of one quadrant of a raw science CCD file.
+
+    The IN2P3 code's own rule, with the storage root as ztfquery's ``$ZTFDATA``: ztfquery's local
+    sciimg path (ztfquery/buildurl.py, ``science_path``: ``sci/YYYY/MMDD/FFFFFF/ztf_<ffd>_<field>_<filter>_cNN_o_qQ_sciimg.fits``)
+    with ``/sci`` -> ``/ztfin2p3/sci``, ``/ztf_`` -> ``/ztfin2p3_``, the suffix after the last ``_``
+    -> ``apcat`` and the extension -> ``.parquet`` (ztfin2p3/io.py, ``ipacfilename_to_ztfin2p3filepath``,
+    called with ``new_suffix="apcat", new_extension="parquet"`` by ztfin2p3/scripts/detrend2aper.py).
+    """
+    if qid not in (1, 2, 3, 4):
+        raise NamingError(f"qid {qid}: expected 1..4")
+    ffd = raw.filefracday
+    return (
+        f"ztfin2p3/sci/{ffd[0:4]}/{ffd[4:8]}/{ffd[8:14]}/"
+        f"ztfin2p3_{ffd}_{raw.field:06d}_{raw.filtercode}_c{raw.ccdid:02d}_o_q{qid}_apcat.parquet"
+    )
+
+
+def apcat_relpaths(raw: RawName, layout: str) -> tuple[str, ...]:
+    """The catalogue paths of a raw science CCD file: one per CCD (layout "streamer") or one per quadrant ("in2p3")."""
+    if layout == "in2p3":
+        return tuple(in2p3_apcat_relpath(raw, qid) for qid in (1, 2, 3, 4))
+    if layout == "streamer":
+        return (apcat_relpath(raw),)
+    raise NamingError(f"catalogue layout {layout!r}: expected 'streamer' or 'in2p3'")
+
+
+def is_quadrant_product(relpath: str) -> bool:
+    """A product made per quadrant (a detrended image, an IN2P3 catalogue): a lost quadrant leaves it unwritten."""
+    return kind_of(relpath) in ("detrended", "apcat") and relpath.split("/", 1)[0] in ("detrended", "ztfin2p3")
 
 
 def detrended_relpath(raw: RawName, qid: int) -> str:
@@ -89,7 +122,7 @@ def archive_relpath_of(local_relpath: str) -> str:
 def kind_of(relpath: str) -> str | None:
     """The ledger kind of a file under the root, from its path; None for what is not ours."""
     top = relpath.split("/", 1)[0]
-    if top == "apcat" and relpath.endswith("_apcat.parquet"):
+    if top in ("apcat", "ztfin2p3") and relpath.endswith("_apcat.parquet"):
         return "apcat"
     if top == "detrended" and relpath.endswith("_detrended.fits.fz"):
         return "detrended"

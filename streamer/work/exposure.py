@@ -32,11 +32,12 @@ from streamer.formats.apcat import (
     ExposureInfo,
     QuadrantRows,
     apcat_table,
+    in2p3_quadrant_table,
     write_apcat,
     write_detrended,
 )
 from streamer.storage.naming import RawName, night_of, parse_filename
-from streamer.storage.paths import apcat_relpath, detrended_relpath
+from streamer.storage.paths import apcat_relpath, detrended_relpath, in2p3_apcat_relpath
 
 PIXEL_SCALE_ARCSEC: Final = 1.012
 QIDS: Final = (1, 2, 3, 4)
@@ -191,16 +192,17 @@ class ExposureResult:
 
     raw_path: str
     apcat_path: str
+    """The per-CCD catalogue (layout "streamer"), or "" (layout "in2p3": see ``in2p3_apcat_paths``)."""
     rows: tuple[tuple[int, int], ...]
     """(qid, number of catalogue sources measured) for each quadrant measured."""
     lost: tuple[tuple[int, str], ...]
-    """(qid, reason) for each quadrant that could not be measured."""
-    sibling_wcs: tuple[tuple[int, int], ...]
-    """(qid, qid whose IPAC header gave the WCS) for quadrants without a usable header of their own."""
+    """(qid, reason) for each quadrant that could not be measured (one without its own IPAC header among them)."""
     without_ipac_mask: tuple[tuple[int, str], ...]
     """(qid, reason) for quadrants measured with our own mask alone."""
     detrended_paths: tuple[str, ...] = ()
     refcat_pixels_missing: tuple[int, ...] = ()
+    in2p3_apcat_paths: tuple[str, ...] = ()
+    """One catalogue per measured quadrant (layout "in2p3")."""
 
 
 def process_exposure(
@@ -219,11 +221,12 @@ def process_exposure(
 ) -> ExposureResult:
     """Detrend the four quadrants of a raw science CCD file and write its aperture catalogue.
 
-    Writes ``storage_root / storage.paths.apcat_relpath(raw)`` (and, when
+    Writes ``storage_root / storage.paths.apcat_relpath(raw)``, or with ``photometry_config.layout ==
+    "in2p3"`` one ``in2p3_apcat_relpath(raw, qid)`` per measured quadrant (and, when
     ``detrend_config.write_detrended``, one detrended image per quadrant) atomically. A quadrant
-    whose HDU, masters or pixels cannot be read is lost alone (``ExposureResult.lost``); one
-    without an IPAC header gets a sibling's WCS; one without an IPAC mask is measured with our
-    own mask. Raises :class:`photometry.NoCcdWcsError` when no quadrant has an IPAC header (the
+    whose HDU, masters or pixels cannot be read is lost alone (``ExposureResult.lost``), and so is
+    one without a usable IPAC sciimg header of its own (no sibling's WCS is borrowed: see
+    :func:`photometry.quadrant_wcs`); one without an IPAC mask is measured with our own mask. Raises :class:`photometry.NoCcdWcsError` when no quadrant has an IPAC header (the
     file is blocked), :class:`rawio.RawFileError` when the raw file cannot be opened at all.
     ``provenance`` (e.g. the configuration hash) goes into the apcat metadata.
     """
@@ -246,7 +249,7 @@ def process_exposure(
 
     with rawio.open_raw(raw_path) as raw:
         shape = _quadrant_shape(raw, headers)
-        wcs = photometry.quadrant_wcs(headers, shape)
+        wcs, no_wcs = photometry.quadrant_wcs(headers)
         primary = raw.primary_header
         obsjd = _obsjd(primary, headers, raw_path)
         expid = _expid(primary, headers)
@@ -258,6 +261,9 @@ def process_exposure(
         no_mask: list[tuple[int, str]] = []
         detrended: list[str] = []
         for qid in QIDS:
+            if qid not in wcs:
+                lost.append((qid, f"no WCS: {header_notes.get(qid, no_wcs[qid])}; a sibling's is not borrowed"))
+                continue
             try:
                 measured, mask_note, written = _process_quadrant(
                     raw, qid, name, headers, wcs[qid], catalogue,
@@ -276,7 +282,6 @@ def process_exposure(
                 detrended.append(str(written))
 
     exposure = ExposureInfo(name.filefracday, expid, name.field, name.filtercode, name.ccdid, obsjd)
-    sibling = tuple((qid, w.from_qid) for qid, w in sorted(wcs.items()) if w.from_qid != qid)
     record = {
         **provenance,
         "raw": raw_path.name,
@@ -288,19 +293,25 @@ def process_exposure(
         "refcat_pixels_read": list(catalogue.sources.pixels_read),
         "refcat_pixels_missing": list(catalogue.sources.pixels_missing),
         "quadrants_lost": {str(q): reason for q, reason in lost},
-        "sibling_wcs": {str(q): f for q, f in sibling},
         "sciimg_header_notes": {str(q): note for q, note in header_notes.items()},
         "without_ipac_mask": {str(q): note for q, note in no_mask},
     }
     radii = photometry_config.radii
-    apcat_path = Path(storage_root) / apcat_relpath(name)
-    write_apcat(apcat_path, apcat_table(exposure, quadrants, radii), radii, record)
+    apcat_path, in2p3_paths = "", []
+    if photometry_config.layout == "in2p3":
+        for quadrant in quadrants:
+            path = Path(storage_root) / in2p3_apcat_relpath(name, quadrant.qid)
+            write_apcat(path, in2p3_quadrant_table(quadrant, radii, shape), radii, {**record, "qid": quadrant.qid})
+            in2p3_paths.append(str(path))
+    else:
+        apcat_path = str(Path(storage_root) / apcat_relpath(name))
+        write_apcat(apcat_path, apcat_table(exposure, quadrants, radii), radii, record)
     return ExposureResult(
         raw_path=str(raw_path),
-        apcat_path=str(apcat_path),
+        apcat_path=apcat_path,
         rows=tuple((q.qid, len(q)) for q in quadrants),
         lost=tuple(lost),
-        sibling_wcs=sibling,
+        in2p3_apcat_paths=tuple(in2p3_paths),
         without_ipac_mask=tuple(no_mask),
         detrended_paths=tuple(detrended),
         refcat_pixels_missing=catalogue.sources.pixels_missing,
@@ -363,7 +374,7 @@ def _process_quadrant(
     reject_bits = photometry_config.mask_reject_bits | maskbits.REJECT_OWN
     written = None
     if detrend_config.write_detrended:
-        header = wcs.header.copy()  # the quadrant's IPAC header, or a sibling's moved onto its grid
+        header = wcs.header.copy()  # the quadrant's own IPAC header
         header["WCSFROMQ"] = (wcs.from_qid, "quadrant whose IPAC header gave the WCS")
         written = write_detrended(
             storage_root / detrended_relpath(name, qid), detrended.image, detrended.variance, mask,
