@@ -15,14 +15,15 @@ that reading a quadrant costs little more than decompressing it):
   ``CODEC``, ``CRC32`` (of its bytes), ``LENPLANE``, ``LENEXIDX``, ``LENEXVAL`` (the byte
   lengths of its three parts, in that order) and ``NEXCEPT``.
 - Data and variance: integers ``u = rint(x / QSTEP) - QBASE`` in ``ZINTTYPE`` (uint8 or uint16,
-  whichever holds all but a few outliers), read back as ``(u + QBASE) x QSTEP`` in float32; the
+  the narrower that holds all but the outer 0.1 % of each tail), read back as ``(u + QBASE) x QSTEP`` in float32; the
   ``NEXCEPT`` pixels outside that range or not finite are stored exactly (float32) at their flat
   indices. The parts: the integer plane, the index gaps (uint32), the exact values (float32).
-- Mask (uint16, our bits, :mod:`streamer.detrend.masks`): only its nonzero pixels, as index gaps
+- Mask (uint16, our bits, :mod:`streamer.detrend.masks`, all 16 usable): its nonzero pixels, as index gaps
   (uint32) and values (uint16); ``LENPLANE`` is 0.
 - Each part is one blosc2 chunk (LZ4 with bit shuffle, one thread), except an integer plane that
   this saves less than a third of (``PLANECMP = 'none'``): that one is stored as it is and read in
-  place, which halves its reading time for at most 50 % more bytes (see BENCHMARKS.md).
+  place, which saves its decompression (a quarter of a read) for at most 50 % more bytes
+  (see BENCHMARKS.md, "Reading masters").
 
 Quantisation, with the same steps as format 1 but without dither: rounding to the nearest step
 adds an error uniform in +-step/2 (rms step / sqrt(12)), independent of the value as long as the
