@@ -194,13 +194,14 @@ def run_baseline(data: dict[str, Any], file: dict[str, Any], root: Path, radii: 
             a, b = coefficients(NIGHT, name.ccdid, qid)
             readout = readout / (a * readout**2 + b * readout + 1)
             image = from_readout(readout, qid).copy()
+            master_bias, master_flat = masterio.read_master(data["bias"], qid), masterio.read_master(data["flat"], qid)
             bias = CCDData(
-                fits.getdata(data["bias"], f"Q{qid}_DATA").astype(np.float64), unit="adu",
-                uncertainty=StdDevUncertainty(np.sqrt(fits.getdata(data["bias"], f"Q{qid}_VAR").astype(np.float64))),
+                master_bias.data.astype(np.float64), unit="adu",
+                uncertainty=StdDevUncertainty(np.sqrt(master_bias.variance.astype(np.float64))),
             )  # fmt: skip
             flat = CCDData(
-                fits.getdata(data["flat"], f"Q{qid}_DATA").astype(np.float64), unit="adu",
-                uncertainty=StdDevUncertainty(np.sqrt(fits.getdata(data["flat"], f"Q{qid}_VAR").astype(np.float64))),
+                master_flat.data.astype(np.float64), unit="adu",
+                uncertainty=StdDevUncertainty(np.sqrt(master_flat.variance.astype(np.float64))),
             )  # fmt: skip
             ccd = CCDData(image, unit="adu", uncertainty=StdDevUncertainty(np.sqrt(np.maximum(image, 0) / gain + (read_noise / gain) ** 2)))
             ccd = ccdproc.subtract_bias(ccd, bias)
