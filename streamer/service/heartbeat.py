@@ -14,6 +14,7 @@ from streamer.config import format_size
 from streamer.ledger import jobs as ledger_jobs
 from streamer.ledger.core import Ledger
 from streamer.service.context import Context, wait_event
+from streamer.service.diskspace import pause_line
 
 log = logging.getLogger("streamer.service")
 
@@ -62,8 +63,11 @@ def record_service_info(ctx: Context, *, stopped: bool = False) -> None:
 
 
 def status_line(ctx: Context) -> str:
+    """systemd's STATUS: the disk pause first when there is one, the jobs by state, the disk against the budget in effect."""
     counts = ", ".join(f"{state} {n}" for state, n in sorted(ledger_jobs.job_state_counts(ctx.ledger).items()))
-    return f"jobs: {counts or 'none'}; disk {format_size(ctx.used_bytes())} of {format_size(ctx.config.storage.budget)}"
+    line = f"jobs: {counts or 'none'}; disk {format_size(ctx.used_bytes())} of {format_size(ctx.budget)}"
+    paused = pause_line(ctx.disk.describe())
+    return f"{paused}; {line}" if paused else line
 
 
 class Progress:
