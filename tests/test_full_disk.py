@@ -47,12 +47,14 @@ from e2e import (
 )
 from streamer.config import load_config
 from streamer.demo import serve_archive, write_config
+from streamer.errors import UsageError
 from streamer.execution.jobs import Call, classify_failure
 from streamer.execution.local import LocalExecutor
 from streamer.ledger.core import Ledger
 from streamer.rules.budget import budget_in_effect, disk_has_room, disk_margin_bytes
 from streamer.rules.failures import WaitForDisk, failure_action
 from streamer.service.context import Context
+from streamer.service.diskspace import ledger_full
 from streamer.service.records import Submitted, record
 from streamer.sim.generate import generate_night
 from streamer.storage.atomic import DiskFullError, is_disk_full, write_atomically
@@ -193,6 +195,16 @@ def test_the_budget_in_effect_is_what_the_filesystem_holds_never_below_the_minim
 def test_a_full_disk_is_never_the_jobs_fault_whatever_its_attempts() -> None:
     for attempts in range(6):
         assert failure_action("disk_full", "no room", attempts_before=attempts, max_attempts=3) == WaitForDisk()
+
+
+def test_a_full_ledger_is_found_in_a_group_or_a_chain_and_a_cycle_of_errors_ends() -> None:
+    full = sqlite3.OperationalError("database or disk is full")
+    rollback = sqlite3.OperationalError("cannot rollback - no transaction is active")
+    rollback.__context__ = full
+    assert ledger_full(ExceptionGroup("stages", [ValueError("other"), rollback]))
+    refused = UsageError("storage.budget is below the minimum")
+    refused.__context__ = ExceptionGroup("stages", [refused])  # what `raise group.exceptions[0]` leaves
+    assert not ledger_full(refused)
 
 
 def _write_big(path: str) -> None:

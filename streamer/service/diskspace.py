@@ -48,7 +48,7 @@ log = logging.getLogger("streamer.service")
 
 PAUSE_META_KEY: Final = "disk.pause"
 BUDGET_META_KEY: Final = "budget.in_effect"
-_CHAIN_LIMIT: Final = 16
+_CHAIN_LIMIT: Final = 64
 
 
 class LedgerFullError(StreamerError):
@@ -232,16 +232,19 @@ def fit_budget(ctx: Context) -> int:
 def ledger_full(error: BaseException | None) -> bool:
     """Whether ``error`` (or one it came from, or one in its group) is SQLite's "database or disk is full"
     or a full filesystem under the ledger's lock."""
-    for _ in range(_CHAIN_LIMIT):
-        if error is None:
-            return False
-        if isinstance(error, BaseExceptionGroup):
-            return any(ledger_full(inner) for inner in error.exceptions)
-        if isinstance(error, sqlite3.Error) and (
-            getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(error)
+    pending, seen = [error], set()
+    while pending and len(seen) < _CHAIN_LIMIT:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, sqlite3.Error) and (
+            getattr(current, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(current)
         ):
             return True
-        if is_disk_full(error):
+        if is_disk_full(current):
             return True
-        error = error.__cause__ or error.__context__
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend((current.__cause__, current.__context__))
     return False
