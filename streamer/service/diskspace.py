@@ -232,7 +232,8 @@ def fit_budget(ctx: Context) -> int:
 def ledger_full(error: BaseException | None) -> bool:
     """Whether ``error`` (or one it came from, or one in its group) is SQLite's "database or disk is full"
     or a full filesystem under the ledger's lock."""
-    pending, seen = [error], set()
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
     while pending and len(seen) < _CHAIN_LIMIT:
         current = pending.pop()
         if current is None or id(current) in seen:
