@@ -278,10 +278,12 @@ def test_a_budget_larger_than_the_filesystem(
         store, ledger = fs / "store", tmp_path / "ledger" / "ledger.sqlite"
         config = _config(tmp_path, archive, base_url, store=store, ledger=ledger, budget=UNLIMITED)
         process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        peak = 0
-        while process.poll() is None:
+        peak, deadline = 0, time.monotonic() + 400
+        while process.poll() is None and time.monotonic() < deadline:
             peak = max(peak, allocated_bytes(store))
             time.sleep(0.2)
+        if process.poll() is None:
+            process.kill()
         stdout, stderr = process.communicate(timeout=60)
         assert process.returncode == 0, stdout + stderr[-3000:]
         assert "more than the filesystem of storage.root can hold" in stderr

@@ -214,7 +214,7 @@ def _execute(config: Config, nights: Iterable[dt.date], ccds: Sequence[int], *, 
         if not ledger_full(err):
             raise
         raise LedgerFullError(
-            f"{config.storage.ledger_path}: no room to write the ledger or its lock (the filesystem is full); "
+            f"{config.storage.ledger_path}: no room to write the ledger, its lock or the store (a full filesystem); "
             "stopped with the ledger intact: free space there and start again to continue"
         ) from None
 
