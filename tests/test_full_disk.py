@@ -31,7 +31,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from astropy.io import fits
 
 from e2e import (
     NIGHT,
@@ -223,6 +225,10 @@ def test_a_product_write_without_room_leaves_nothing_and_reaches_the_service_as_
         assert isinstance(remote, DiskFullError) and is_disk_full(remote)
         assert classify_failure(remote).kind == "disk_full"
         assert classify_failure(pickle.loads(pickle.dumps(OSError(errno.EDQUOT, "Disk quota exceeded")))).kind == "disk_full"
+        # astropy re-raises a failed write as its own OSError, without an errno: a master written with it
+        image = fits.HDUList([fits.PrimaryHDU(np.zeros((512, 1024), dtype=np.float32))])
+        with pytest.raises(DiskFullError):
+            write_atomically(fs / "masters" / "led_flat.fits", image.writeto)
         assert [p for p in fs.rglob("*") if p.is_file()] == []
 
 

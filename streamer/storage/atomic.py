@@ -22,7 +22,9 @@ from typing import BinaryIO, Final
 TEMPORARY_SUFFIX: Final = ".tmp"
 #: The errors of a filesystem without room: no space left, or the quota used up.
 DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
-_DISK_FULL_MESSAGES: Final = tuple(os.strerror(number) for number in sorted(DISK_FULL_ERRNOS))
+#: Their messages, and astropy's: its writer checks the free space after a failed write and raises
+#: ``OSError("Not enough space on disk: requested N, available M")`` without an errno.
+_DISK_FULL_MESSAGES: Final = (*(os.strerror(number) for number in sorted(DISK_FULL_ERRNOS)), "Not enough space on disk")
 _CHAIN_LIMIT: Final = 16
 #: Endings of files that are not finished: our own temporaries, and the downloader's partial files.
 UNFINISHED_SUFFIXES: Final = (TEMPORARY_SUFFIX, ".part", ".zpart")
