@@ -21,6 +21,7 @@ from streamer.ledger.core import Ledger
 from streamer.ledger.files import job_inputs, job_outputs
 from streamer.ledger.planning import led_of_led_flat_key
 from streamer.rules.failures import ErrorClass
+from streamer.storage.atomic import is_disk_full
 from streamer.storage.paths import local_path
 
 
@@ -193,11 +194,14 @@ def _plain(value: Any) -> Any:
 
 
 def classify_failure(error: BaseException) -> Verdict:
-    """Blocked for good (missing calibration, no WCS), re-download an unreadable raw file, or retry."""
+    """A full filesystem (not the job's fault), blocked for good (missing calibration, no WCS),
+    re-download an unreadable raw file, or retry."""
     from streamer import photometry
     from streamer.formats import raw as rawio
     from streamer.work import masters as work_masters
 
+    if is_disk_full(error):
+        return Verdict("disk_full", f"no room on the filesystem: {error}")
     if isinstance(error, work_masters.IncompleteCalibration | photometry.NoCcdWcsError):
         return Verdict("blocked", str(error))
     if isinstance(error, rawio.RawFileError):

@@ -12,6 +12,10 @@ plus what never leaves:
 Sizes are by file class (a kind, or ``raw_<imgtype>`` for raw files): known ones come from
 the ledger; a master not yet made is estimated from the raw flats it comes from
 (``MASTER_TO_RAW_FLAT``); before anything is planned, typical ZTF sizes stand in.
+
+The filesystem can hold less than the budget (a budget set above the free space, other users'
+files): :func:`budget_in_effect` caps the budget at what the filesystem can hold, and
+:func:`disk_has_room` says whether a write may start now (see ``streamer.service.diskspace``).
 """
 
 from __future__ import annotations
@@ -85,3 +89,37 @@ def product_estimate_bytes(kind: str, *, largest_of_its_sort: int | None, larges
     if kind == "detrended":
         return int(largest_raw_flat * DETRENDED_TO_RAW_FLAT) if largest_raw_flat else TYPICAL_BYTES["detrended"]
     return max(largest_raw_flat // 10, 256 * 1024) if largest_raw_flat else TYPICAL_BYTES["apcat"]
+
+
+#: Seconds between two reads of the free space while work waits for the disk: doubling, capped.
+DISK_POLL_FIRST_S: Final = 0.5
+DISK_POLL_MAX_S: Final = 15.0
+
+
+def disk_margin_bytes(filesystem_bytes: int) -> int:
+    """Free space always left on the filesystem (metadata blocks, the ledger's journal, other writers):
+    a fiftieth of its size, between 256 KiB and 64 MiB."""
+    return min(64 * 2**20, max(256 * 1024, filesystem_bytes // 50))
+
+
+def disk_has_room(free_bytes: int, need_bytes: int, filesystem_bytes: int) -> bool:
+    """Whether ``need_bytes`` can be written now and still leave the margin free."""
+    return free_bytes >= need_bytes + disk_margin_bytes(filesystem_bytes)
+
+
+def disk_deficit_bytes(free_bytes: int, need_bytes: int, filesystem_bytes: int) -> int:
+    """Bytes to free before ``need_bytes`` has room (0 when it has)."""
+    return max(0, need_bytes + disk_margin_bytes(filesystem_bytes) - free_bytes)
+
+
+def next_disk_poll_s(previous_s: float | None) -> float:
+    """The wait before the next read of the free space: the first, then doubling up to the cap."""
+    return DISK_POLL_FIRST_S if previous_s is None else min(previous_s * 2, DISK_POLL_MAX_S)
+
+
+def budget_in_effect(budget: int, *, own_bytes: int, free_bytes: int, filesystem_bytes: int, minimum: int) -> int:
+    """The budget the service works to: ``budget``, capped by what the filesystem can hold for it
+    (``own_bytes`` of its files already there plus the free space, less the margin), but never below
+    the minimum workable budget (below it, the disk pause waits for room instead)."""
+    room = own_bytes + free_bytes - disk_margin_bytes(filesystem_bytes)
+    return min(budget, max(room, minimum))

@@ -14,13 +14,17 @@ Scheduling rules:
   essential inputs are on disk; an exposure whose master cannot be made takes the
   nearest night's within ``max_calibration_gap_days``, or is blocked with that reason;
 - when a reservation does not fit, the evictor frees erasable files first; when nothing
-  can move, the service says so (and a backfill ends with exit code 1).
+  can move, the service says so (and a backfill ends with exit code 1);
+- the budget in effect is capped by what the filesystem can hold, and a full filesystem pauses
+  downloads and dispatch until there is room again; a full ledger filesystem stops the service
+  with one line (``streamer.service.diskspace``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import signal
@@ -39,6 +43,7 @@ from streamer.ledger.report import record_disk_sample
 from streamer.rules.nights import night_range
 from streamer.service.budget import check_budget, record_minimum
 from streamer.service.context import Context, Finished
+from streamer.service.diskspace import LedgerFullError, disk_watcher, fit_budget, ledger_full
 from streamer.service.dispatch import block, dispatcher, ready_jobs
 from streamer.service.downloads import candidates, downloader
 from streamer.service.evictor import evict, evictor
@@ -86,13 +91,17 @@ class Service:
         ctx = self.ctx
         self._install_signal_handlers()
         recover(ctx)
+        ctx.budget = fit_budget(ctx)
+        ctx.disk.poll()  # no pause left over from an earlier run
         auth = ctx.config.archive.auth
         credentials = load_credentials(auth) if auth is not None else None
         record_outage = outage_recorder(ctx.ledger)
         async with ArchiveClient(ctx.config.archive, credentials=credentials, outage_recorder=record_outage) as client:
             ctx.client = client
             ctx.space = SpaceSignal(poll_s=2.0)
-            ctx.fetcher = Fetcher(client, ctx.ledger, ctx.config.storage, space=ctx.space, overhead=ctx.overhead)
+            storage = dataclasses.replace(ctx.config.storage, budget=ctx.budget)
+            ctx.fetcher = Fetcher(client, ctx.ledger, storage, space=ctx.space, overhead=ctx.overhead)
+            ctx.fetcher.disk = ctx.disk  # one disk pause for downloads and dispatch
             ctx.fetcher.remove_orphan_parts()
             try:
                 async with asyncio.TaskGroup() as group:
@@ -102,6 +111,7 @@ class Service:
                     group.create_task(recorder(ctx, self.results))
                     group.create_task(evictor(ctx))
                     group.create_task(heartbeat(ctx))
+                    group.create_task(disk_watcher(ctx))
                     group.create_task(until_finished(ctx))
                     if ctx.config.metrics.listen is not None:
                         group.create_task(metrics_server(ctx))
@@ -119,7 +129,7 @@ class Service:
         if ctx.burst and ctx.stuck_reason is None:
             evict(ctx, force=True)
         record_minimum(ctx.config, ctx.ledger)
-        record_disk_sample(ctx.ledger, budget=ctx.config.storage.budget, overhead=ctx.overhead())
+        record_disk_sample(ctx.ledger, budget=ctx.budget, overhead=ctx.overhead())
         record_service_info(ctx, stopped=True)
         return summary(ctx)
 
@@ -205,6 +215,18 @@ def setup_logging(config: Config) -> None:
 
 def _execute(config: Config, nights: Iterable[dt.date], ccds: Sequence[int], *, burst: bool) -> RunSummary:
     setup_logging(config)
+    try:
+        return _execute_on_ledger(config, nights, ccds, burst=burst)
+    except Exception as err:
+        if not ledger_full(err):
+            raise
+        raise LedgerFullError(
+            f"{config.storage.ledger_path}: no room to write the ledger, its lock or the store (a full filesystem); "
+            "stopped with the ledger intact: free space there and start again to continue"
+        ) from None
+
+
+def _execute_on_ledger(config: Config, nights: Iterable[dt.date], ccds: Sequence[int], *, burst: bool) -> RunSummary:
     ledger = Ledger.open(config.storage.ledger_path)
     try:
         if ledger_jobs.job_count(ledger):

@@ -15,6 +15,7 @@ from streamer.config import Config
 from streamer.execution.base import Executor
 from streamer.ledger.core import Ledger
 from streamer.rules.eviction import Watermarks
+from streamer.service.diskspace import DiskPause
 from streamer.service.systemd import Notifier
 
 log = logging.getLogger("streamer.service")
@@ -61,11 +62,18 @@ class Context:
     fetcher: Any = None
     client: Any = None
     space: Any = None
+    #: The budget in effect: ``storage.budget``, or less where the filesystem holds less (``diskspace.fit_budget``).
+    budget: int = 0
+    disk: DiskPause = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.budget = self.budget or self.config.storage.budget
+        self.disk = DiskPause(self.ledger, self.config.storage.root, self.poke)
 
     @property
     def marks(self) -> Watermarks:
         storage = self.config.storage
-        return Watermarks(storage.budget, storage.high_watermark, storage.low_watermark)
+        return Watermarks(self.budget, storage.high_watermark, storage.low_watermark)
 
     def poke(self) -> None:
         """Wake the stages: something they wait for may have changed."""

@@ -25,7 +25,7 @@ async def dispatcher(ctx: Context, results: asyncio.Queue[Submitted]) -> None:
     """Fill free executor slots with ready jobs, in job order, while their outputs fit the budget."""
     while not ctx.stopping.is_set():
         free = ctx.executor.slots - len(ctx.running_jobs)
-        if free > 0:
+        if free > 0 and not ctx.disk.paused:  # a full filesystem holds new work (service.diskspace)
             for job in ready_jobs(ctx, free):
                 if not reserve_outputs_through(ctx, job["id"]):
                     break
@@ -100,7 +100,7 @@ def reserve_outputs_through(ctx: Context, last_job: int) -> bool:
         ctx.output_bytes_wanted = 0
         return True
     plan = plan_reservations(
-        pending, committed=ctx.ledger.committed_bytes(), overhead=ctx.overhead(), budget=ctx.config.storage.budget
+        pending, committed=ctx.ledger.committed_bytes(), overhead=ctx.overhead(), budget=ctx.budget
     )
     ledger_jobs.reserve_outputs(ctx.ledger, [(o.file_id, o.size) for o in plan.reserve])
     ctx.output_bytes_wanted = plan.blocked_size  # the evictor sees it within its next check

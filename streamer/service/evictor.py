@@ -39,10 +39,10 @@ async def evictor(ctx: Context) -> None:
 
 
 def nothing_moves(ctx: Context) -> bool:
-    """Every download waits for budget, no task runs, and none could start."""
+    """Every download waits for budget, no task runs, and none could start (a disk pause is not stuck: it waits for room)."""
     waiting = ctx.space.bytes_wanted > 0 or ctx.output_bytes_wanted > 0
     transfers = len(ctx.downloading) - len(ctx.space.waiting_files)
-    return waiting and transfers <= 0 and not ctx.running_jobs
+    return waiting and transfers <= 0 and not ctx.running_jobs and not ctx.disk.waiting
 
 
 def evict(ctx: Context, *, need: int = 0, force: bool = False) -> int:

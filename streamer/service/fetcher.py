@@ -21,7 +21,8 @@ paused) and the events ``archive_outage``, ``archive_back`` and ``disk_full``.
 
 Backpressure: a download whose reservation does not fit the budget waits on
 :class:`SpaceSignal` until the evictor calls :meth:`SpaceSignal.space_freed`. Low free space on
-the filesystem, ENOSPC or EDQUOT pause all downloads and keep the ``.part`` for a resume.
+the filesystem, ENOSPC or EDQUOT pause all downloads (the ``.part`` removed: its bytes are the room
+that lacks); the service gives them one pause with dispatch (``streamer.service.diskspace``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from streamer.archive.client import ArchiveClient, FailureCount, PermanentError,
 from streamer.archive.transfer import (
     HEADER_RESERVATION,
     MAX_FILE_BYTES,
-    DiskFull,
     TransferCounts,
     disk_bytes,
     download,
@@ -54,6 +54,7 @@ from streamer.config import StorageConfig
 from streamer.errors import StreamerError
 from streamer.ledger import downloads
 from streamer.ledger.core import Ledger
+from streamer.storage.atomic import is_disk_full
 from streamer.storage.naming import NamingError
 from streamer.storage.nofollow import UnsafePathError, make_dirs_below
 from streamer.storage.paths import check_archive_relpath, local_path
@@ -213,6 +214,17 @@ def mark_on_disk(ledger: Ledger, row: dict[str, Any], final: Path, *, status: in
     downloads.mark_on_disk(ledger, row["id"], disk_bytes=disk_bytes(final), actual_size=final.stat().st_size, http_status=status)
 
 
+async def wait_out_full_disk(fetcher: Fetcher, file_id: int, relpath: str, message: str) -> FetchOutcome:
+    """The filesystem refused a write (DiskFull, ENOSPC, EDQUOT): the file stays reserved, its ``.part`` (the room
+    that lacks) removed, and downloads pause; return once there is room (the download loop then takes it again)."""
+    part_path(local_path(fetcher.root, relpath)).unlink(missing_ok=True)
+    if fetcher.ledger.file(file_id)["state"] == "downloading":
+        downloads.pause_download(fetcher.ledger, file_id, message)
+    fetcher.disk.pause(f"{relpath}: {message}")
+    await fetcher.disk.wait_for_room(HEADER_RESERVATION)
+    return FetchOutcome(file_id, relpath, str(fetcher.ledger.file(file_id)["state"]), error=message)
+
+
 class Fetcher:
     """Takes the ledger's files to disk within the disk budget.
 
@@ -266,6 +278,8 @@ class Fetcher:
             raise
         except Exception as err:
             message = " ".join(f"{type(err).__name__}: {err}".split())
+            if is_disk_full(err):  # the filesystem's fault, not the file's: it waits for room
+                return await wait_out_full_disk(self, file_id, relpath, message)
             log.error("%s: unexpected error: %s", relpath, message, exc_info=True)
             downloads.record_missing(
                 self.ledger, file_id, relpath, f"unexpected error: {message}", None, retry_s=self.missing_retry_s,
@@ -358,10 +372,6 @@ class Fetcher:
                         self.client, row["url"], final, kind=row["kind"], size=size, shape=self._shape_for(row),
                         counts=counts, count=count, on_failure=failure_recorder(self.ledger, row),
                     )  # fmt: skip
-                except DiskFull as err:
-                    downloads.pause_download(self.ledger, row["id"], str(err))
-                    self.disk.pause(f"{row['relpath']}: {err}")
-                    continue
                 except TransientError as err:
                     state = "corrupt" if err.verification else "missing"
                     part_path(final).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from streamer.ledger import jobs as ledger_jobs
 from streamer.ledger import report as ledger_report
 from streamer.ledger.core import Ledger
 from streamer.service.context import Context, wait_event
+from streamer.service.diskspace import pause_line
 
 log = logging.getLogger("streamer.service")
 
@@ -34,7 +35,7 @@ async def heartbeat(ctx: Context) -> None:
             line = status_line(ctx)
             ctx.notifier.status(line)
             record_service_info(ctx)
-            ledger_report.record_disk_sample(ctx.ledger, budget=ctx.config.storage.budget, overhead=ctx.overhead())
+            ledger_report.record_disk_sample(ctx.ledger, budget=ctx.budget, overhead=ctx.overhead())
             if progress is not None:
                 progress.update()
             elif time.monotonic() - last_line > STATUS_LOG_EVERY_S:
@@ -65,8 +66,11 @@ def record_service_info(ctx: Context, *, stopped: bool = False) -> None:
 
 
 def status_line(ctx: Context) -> str:
+    """systemd's STATUS: the disk pause first when there is one, the jobs by state, the disk against the budget in effect."""
     counts = ", ".join(f"{state} {n}" for state, n in sorted(ledger_jobs.job_state_counts(ctx.ledger).items()))
-    return f"jobs: {counts or 'none'}; disk {format_size(ctx.used_bytes())} of {format_size(ctx.config.storage.budget)}"
+    line = f"jobs: {counts or 'none'}; disk {format_size(ctx.used_bytes())} of {format_size(ctx.budget)}"
+    paused = pause_line(ctx.disk.describe())
+    return f"{paused}; {line}" if paused else line
 
 
 class Progress:

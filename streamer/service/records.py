@@ -2,7 +2,9 @@
 
 Results arrive on a queue rather than in future callbacks, so an error while recording is not
 lost: a product the job did not write makes the job fail (and retry), and anything unexpected
-ends the service, whose restart puts the job back to ready.
+ends the service, whose restart puts the job back to ready. A job that found no room on the
+filesystem goes back to ready, its attempt not counted, what it wrote removed, and the disk pause
+holds new work until there is room (:mod:`streamer.service.diskspace`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from streamer.errors import StreamerError
 from streamer.execution import jobs as job_kinds
 from streamer.execution.base import BrokenProcessPool, WorkerLost
 from streamer.ledger import jobs as ledger_jobs
-from streamer.rules.failures import Block, ErrorClass, Park, Refetch, Requeue, Retry, failure_action
+from streamer.rules.failures import Block, ErrorClass, Park, Refetch, Requeue, Retry, WaitForDisk, failure_action
+from streamer.service.budget import estimate_product_bytes
 from streamer.service.context import Context
 from streamer.storage.deleter import unlink_below
-from streamer.storage.paths import is_quadrant_product
+from streamer.storage.paths import is_quadrant_product, kind_of
 
 log = logging.getLogger("streamer.service")
 
@@ -94,6 +97,9 @@ def record_failure(ctx: Context, item: Submitted, error: BaseException) -> None:
     if isinstance(action, Requeue):
         ledger_jobs.requeue_job(ctx.ledger, job, reason)
         return
+    if isinstance(action, WaitForDisk):
+        wait_for_disk(ctx, item, reason)
+        return
     if isinstance(action, Block):
         ledger_jobs.block_job(ctx.ledger, job, action.reason)
     elif isinstance(action, Refetch):
@@ -105,3 +111,17 @@ def record_failure(ctx: Context, item: Submitted, error: BaseException) -> None:
         ledger_jobs.fail_job(ctx.ledger, job, message, not_before=time.time() + action.delay_s)
     log.warning("%s: %s", job["key"], message)
 
+
+
+def wait_for_disk(ctx: Context, item: Submitted, reason: str) -> None:
+    """The job found no room: remove what it wrote, put it back to ready (uncounted), pause new work until there is room."""
+    root = ctx.config.storage.root
+    need = 0
+    for relpath in item.call.outputs:
+        row = ctx.ledger.file_by_relpath(relpath)
+        if row is not None and row["state"] == "on_disk":
+            continue
+        unlink_below(root, relpath)  # a product of this failed run, never recorded: it is made again
+        need += estimate_product_bytes(ctx.ledger, relpath, kind_of(relpath) or "")
+    ledger_jobs.return_for_disk(ctx.ledger, item.job, reason)
+    ctx.disk.trip(f"{item.job['key']}: {reason}", need)

@@ -19,7 +19,13 @@ object; its fields (stable; new fields may be added, none removed or renamed):
 - ``calibration_fallbacks``: frames that used another night's masters (``job``, ``message``);
 - ``last_errors``: the latest warnings and errors (``time``, ``kind``, ``message``);
 - ``stuck``: why the service cannot move (null when it can); ``outage``: the archive
-  outage indicator recorded by the downloader (null when none).
+  outage indicator recorded by the downloader (null when none);
+- ``disk_pause``: while the running service waits for room on the filesystem: ``line``
+  ("paused: disk full (N free): ..."), ``paused`` (downloads and new tasks held after a
+  full-disk error, else only downloads wait), ``free_bytes``, ``need_bytes``, ``since``,
+  ``reason``, ``downloads_waiting``; null otherwise;
+- ``budget.in_effect_bytes``: the budget the service works to, below ``budget_bytes`` when the
+  filesystem holds less (null before a service recorded it).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from streamer.config import Config, format_size
 from streamer.ledger import status as queries
 from streamer.ledger.core import Ledger
 from streamer.ledger.downloads import OUTAGE_META_KEY
+from streamer.service.diskspace import BUDGET_META_KEY, PAUSE_META_KEY, pause_line
 
 
 def _iso(t: float | None) -> str | None:
@@ -70,12 +77,14 @@ def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
         jobs[kind][state] = n
     outage_state = json.loads(ledger.get_meta(OUTAGE_META_KEY) or "{}")
     minimum = ledger.get_meta("minimum_budget_bytes")
+    service = _service(config, ledger)
+    in_effect = ledger.get_meta(BUDGET_META_KEY)
     return {
         "version": __version__,
         "generated_at": _iso(now),
         "ledger": str(ledger.path),
-        "service": _service(config, ledger),
-        "budget": _budget(config, used, reserved),
+        "service": service,
+        "budget": _budget(config, used, reserved) | {"in_effect_bytes": int(in_effect) if in_effect else None},
         "minimum_budget_bytes": int(minimum) if minimum is not None else None,
         "files": files,
         "jobs": jobs,
@@ -91,7 +100,18 @@ def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
         ],
         "stuck": queries.stuck_reason(ledger),
         "outage": outage_state if outage_state.get("outage") else None,
+        "disk_pause": _disk_pause(ledger) if service["running"] else None,
     }
+
+
+def _disk_pause(ledger: Ledger) -> dict[str, Any] | None:
+    """The running service's disk pause (``streamer.service.diskspace``), or None while nothing waits for room."""
+    state = json.loads(ledger.get_meta(PAUSE_META_KEY) or "{}")
+    line = pause_line(state)
+    if line is None:
+        return None
+    return {"line": line, **{k: state.get(k) for k in ("paused", "free_bytes", "need_bytes", "reason", "downloads_waiting")},
+            "since": _iso(state.get("since"))}  # fmt: skip
 
 
 def _service(config: Config, ledger: Ledger) -> dict[str, Any]:
@@ -165,9 +185,11 @@ def _print_report(report: dict[str, Any]) -> None:
     console.print(f"[bold]ztf-streamer {report['version']}[/bold]  service {state}  ledger {report['ledger']}")
     budget = report["budget"]
     minimum = report["minimum_budget_bytes"]
+    in_effect = budget["in_effect_bytes"]
+    capped = f", {format_size(in_effect)} in effect: the filesystem holds no more" if in_effect and in_effect < budget["budget_bytes"] else ""
     console.print(
         f"disk: {format_size(budget['used_bytes'])} used + {format_size(budget['reserved_bytes'])} reserved "
-        f"of {format_size(budget['budget_bytes'])} (high {format_size(budget['high_watermark_bytes'])}, "
+        f"of {format_size(budget['budget_bytes'])}{capped} (high {format_size(budget['high_watermark_bytes'])}, "
         f"low {format_size(budget['low_watermark_bytes'])}); minimum workable "
         f"{format_size(minimum) if minimum is not None else 'not yet computed'}"
     )
@@ -210,8 +232,16 @@ def _print_report(report: dict[str, Any]) -> None:
         console.print("calibrations from another night:")
         for fallback in report["calibration_fallbacks"][:10]:
             console.print(f"  {fallback['message']}")
+    _print_problems(console, report)
+
+
+def _print_problems(console: Console, report: dict[str, Any]) -> None:
+    """What holds the service back, and the last errors."""
     if report["stuck"]:
         console.print(f"[bold red]stuck:[/bold red] {report['stuck']}")
+    if report["disk_pause"]:
+        pause = report["disk_pause"]
+        console.print(f"[bold yellow]{pause['line']}[/bold yellow]" + (f" ({pause['reason']})" if pause["reason"] else ""))
     if report["outage"]:
         console.print(f"[bold yellow]archive outage:[/bold yellow] {report['outage']}")
     if report["last_errors"]:
