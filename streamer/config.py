@@ -602,6 +602,8 @@ def config_from_dict(
 def _prepare_storage(cfg: Config, ctx: _Context) -> None:
     storage = cfg.storage
     for key, directory in (("storage.root", storage.root), ("storage.ledger", storage.ledger_path.parent)):
+        if directory.exists() and not directory.is_dir():
+            raise ctx.error(key, str(directory), "a directory (this path exists and is not one)")
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
