@@ -63,7 +63,7 @@ def _integer(lo: int | None = None, hi: int | None = None) -> Parser:
 def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Parser:
     def parse(value: Any, key: str, ctx: _Context) -> float:
         what = _range_text("a number", lo, hi, lo_open=lo_open)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _is_finite(value):
             raise ctx.error(key, value, what)
         if lo is not None and (value < lo or (lo_open and value == lo)):
             raise ctx.error(key, value, what)
@@ -72,6 +72,14 @@ def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool =
         return float(value)
 
     return parse
+
+
+def _is_finite(value: int | float) -> bool:
+    """Whether a number is finite as a float (an integer beyond a float's range is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _range_text(what: str, lo: float | None, hi: float | None, *, lo_open: bool = False) -> str:
@@ -134,12 +142,19 @@ _SIZE_UNITS: Final = {
 _SIZE_EXPECTED: Final = 'a size such as "500 GB", "2 TiB" or "123456789 B"'
 
 
+#: The largest size accepted (an exabyte: far above any disk, far below a float's range).
+_MAX_SIZE: Final = 10**18
+
+
 def parse_size(text: str) -> int:
-    """Bytes in a size such as "500 GB", "2 TiB" or "123456789 B"; ValueError otherwise."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*", text)
+    """Bytes in a size such as "500 GB", "2 TiB" or "123456789 B" (at most 10**18); ValueError otherwise."""
+    match = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([A-Za-z]+)\s*", text, re.ASCII)
     if not match or match[2] not in _SIZE_UNITS:
-        raise ValueError(text)
-    return int(round(float(match[1]) * _SIZE_UNITS[match[2]]))
+        raise ValueError(f"{text[:60]!r}: expected {_SIZE_EXPECTED}")
+    size = float(match[1]) * _SIZE_UNITS[match[2]]
+    if size > _MAX_SIZE:
+        raise ValueError(f"{text[:60]!r}: more than {_MAX_SIZE:.0e} bytes")
+    return int(round(size))
 
 
 def format_size(n_bytes: float) -> str:
@@ -164,10 +179,13 @@ def _size(value: Any, key: str, ctx: _Context) -> int:
 
 
 def parse_date(text: str) -> dt.date:
-    """A YYYY-MM-DD date; ValueError otherwise."""
-    if not isinstance(text, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        raise ValueError(text)
-    return dt.date.fromisoformat(text)
+    """A YYYY-MM-DD date (ASCII digits); ValueError otherwise."""
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
+        raise ValueError(f"{str(text)[:40]!r}: expected a date YYYY-MM-DD")
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r}: not a calendar date") from None
 
 
 def _date(value: Any, key: str, ctx: _Context) -> dt.date:
@@ -221,7 +239,7 @@ def _option(parser: Parser, *, default: Any = MISSING_VALUE, doc: str = "") -> A
 
 
 def _build(cls: type[T], table: Mapping[str, Any], prefix: str, ctx: _Context) -> T:
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    known = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("parse") is not None}  # type: ignore[arg-type]
     for key in table:
         if key not in known:
             full = f"{prefix}.{key}" if prefix else key
@@ -606,8 +624,8 @@ def load_config(path: Path | str, *, create_dirs: bool = True) -> Config:
         raise UsageError(f"{source}: cannot read configuration: {err.strerror}") from None
     except UnicodeDecodeError:
         raise UsageError(f"{source}: not UTF-8 text: expected a TOML configuration file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UsageError(f"{source}: not valid TOML: {err}") from None
+    except ValueError as err:  # TOMLDecodeError, or an integer of more than 4300 digits
+        raise UsageError(f"{source}: not valid TOML: {' '.join(str(err).split())}") from None
     return config_from_dict(raw, source=source, base_dir=path.resolve().parent, create_dirs=create_dirs)
 
 
@@ -627,6 +645,8 @@ def config_from_dict(
 def _prepare_storage(cfg: Config, ctx: _Context) -> None:
     storage = cfg.storage
     for key, directory in (("storage.root", storage.root), ("storage.ledger", storage.ledger_path.parent)):
+        if directory.exists() and not directory.is_dir():
+            raise ctx.error(key, str(directory), "a directory (this path exists and is not one)")
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -47,6 +48,11 @@ _TEXT_CHECKS: Final[dict[str, Callable[[str], bool]]] = {
     "imgtypecode": lambda v: v in ("o", "b", "f", "d"),
     "imgtype": lambda v: v in ("object", "bias", "flat", "dark"),
 }
+#: Inclusive ranges of the integer columns that name things (a ZTF field has six digits in file names).
+_INT_RANGES: Final[dict[str, tuple[int, int]]] = {
+    "field": (0, 999_999), "ccdid": (1, 16), "qid": (1, 4), "rcid": (0, 63), "fid": (1, 3),
+    "expid": (0, 2**63 - 1), "nid": (0, 2**31 - 1), "pid": (0, 2**63 - 1),
+}  # fmt: skip
 JD_UNIX_EPOCH: Final = 2440587.5
 #: Longest obsjd span asked in one query (days); longer ranges are split.
 MAX_SPAN_DAYS: Final = 0.25
@@ -64,7 +70,8 @@ def parse_search_csv(text: str, columns: Sequence[str], *, source: str = "search
     if stripped.startswith("<"):
         message = re.sub(r"<[^>]+>", " ", stripped)
         message = " ".join(message.split())[:300]
-        raise SearchError(f"{source}: the archive answered an error document instead of CSV: {message or stripped[:200]}")
+        shown = message or " ".join(stripped[:200].split())  # only tags: show them, on one line
+        raise SearchError(f"{source}: the archive answered an error document instead of CSV: {shown}")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = [h.strip() for h in next(reader)]
@@ -84,13 +91,19 @@ def parse_search_csv(text: str, columns: Sequence[str], *, source: str = "search
 
 
 def _convert(name: str, value: str, source: str, line_no: int) -> Any:
-    try:
-        if name in _INT_COLUMNS:
-            return int(value)
-        if name in _FLOAT_COLUMNS:
-            return float(value)
-    except ValueError:
-        raise SearchError(f"{source}: line {line_no}: {name} = {value!r} is not a number") from None
+    """A CSV value as its column's type: an integer in range, a finite number, or checked text."""
+    if name in _INT_COLUMNS or name in _FLOAT_COLUMNS:
+        try:
+            if name in _INT_COLUMNS and not re.fullmatch(r"[+-]?[0-9]{1,19}", value):
+                raise ValueError(value)
+            number: int | float = int(value) if name in _INT_COLUMNS else float(value)
+        except ValueError:
+            number = math.nan
+        low, high = _INT_RANGES.get(name, (-math.inf, math.inf))
+        if not (math.isfinite(number) and low <= number <= high):
+            expected = f"an integer in [{low}, {high}]" if name in _INT_RANGES else "a finite number"
+            raise SearchError(f"{source}: line {line_no}: {name} = {value[:40]!r}: expected {expected}")
+        return number
     check = _TEXT_CHECKS.get(name)
     if check is not None and not check(value):
         raise SearchError(f"{source}: line {line_no}: {name} = {value!r} is not a valid value")

@@ -45,16 +45,19 @@ class HDUInfo:
     @property
     def image_bitpix(self) -> int:
         key = "ZBITPIX" if self.is_compressed_image else "BITPIX"
-        return int(self.cards[key])
+        return _int_card(self.cards, key, f"HDU at byte {self.offset}")
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        """The (uncompressed) image shape in numpy order, () for no image."""
+        """The (uncompressed) image shape in numpy order, () for no image; VerificationError if the cards are not integers."""
         prefix = "ZNAXIS" if self.is_compressed_image else "NAXIS"
         if self.cards.get("XTENSION", "").strip("' ") == "BINTABLE" and not self.is_compressed_image:
             return ()
-        naxis = int(self.cards.get(prefix, "0"))
-        return tuple(int(self.cards[f"{prefix}{i}"]) for i in range(naxis, 0, -1))
+        where = f"HDU at byte {self.offset}"
+        naxis = _int_card(self.cards, prefix, where) if prefix in self.cards else 0
+        if not 0 <= naxis <= 999:
+            raise VerificationError(f"{where}: {prefix} = {naxis}")
+        return tuple(_int_card(self.cards, f"{prefix}{i}", where) for i in range(naxis, 0, -1))
 
 
 def header_end(data: bytes | bytearray | memoryview) -> int | None:
@@ -101,12 +104,13 @@ def _value_text(text: str) -> str:
 
 
 def _int_card(cards: dict[str, str], key: str, where: str) -> int:
-    try:
-        return int(cards[key])
-    except KeyError:
-        raise VerificationError(f"{where}: no {key} keyword") from None
-    except ValueError:
-        raise VerificationError(f"{where}: {key} = {cards[key]!r} is not an integer") from None
+    """The integer value of a card: ASCII digits with an optional sign (not Python's ``1_0`` or ``0x10``)."""
+    if key not in cards:
+        raise VerificationError(f"{where}: no {key} keyword")
+    text = cards[key]
+    if not re.fullmatch(r"[+-]?[0-9]{1,20}", text):
+        raise VerificationError(f"{where}: {key} = {text[:30]!r} is not an integer")
+    return int(text)
 
 
 def data_size(cards: dict[str, str], where: str) -> int:
@@ -125,8 +129,8 @@ def data_size(cards: dict[str, str], where: str) -> int:
         if axis < 0:
             raise VerificationError(f"{where}: NAXIS{i} = {axis}")
         n *= axis
-    pcount = int(cards.get("PCOUNT", "0"))
-    gcount = int(cards.get("GCOUNT", "1"))
+    pcount = _int_card(cards, "PCOUNT", where) if "PCOUNT" in cards else 0
+    gcount = _int_card(cards, "GCOUNT", where) if "GCOUNT" in cards else 1
     if pcount < 0 or gcount < 0:
         raise VerificationError(f"{where}: PCOUNT = {pcount}, GCOUNT = {gcount}")
     return abs(bitpix) // 8 * gcount * (pcount + n)
@@ -201,6 +205,8 @@ def check_checksums(handle: BinaryIO, hdu: HDUInfo, index: int) -> None:
     data_sum = ones_complement_sum(_read_range(handle, hdu.offset + hdu.header_bytes, _padded(hdu.data_bytes)))
     if "DATASUM" in hdu.cards:
         declared = hdu.cards["DATASUM"].strip("' ")
+        if declared and not re.fullmatch(r"[0-9]{1,10}", declared):
+            raise VerificationError(f"HDU {index}: DATASUM = {declared[:30]!r} is not an unsigned integer")
         if declared and int(declared) != data_sum:
             raise VerificationError(f"HDU {index}: DATASUM {declared} but the data sum to {data_sum}")
     if "CHECKSUM" in hdu.cards:

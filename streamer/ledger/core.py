@@ -278,6 +278,7 @@ class Ledger:
             raise StreamerError(f"{path}: no ledger yet (the service has not run with this configuration)")
         if path.is_dir():
             raise LedgerUnusableError(f"{path}: the ledger path is a directory; expected an SQLite file")
+        _check_file_header(path)  # before the lock file and SQLite's -wal/-shm are created beside it
         lock_fd = _acquire_lock(path) if lock and not readonly else None
         conn: sqlite3.Connection | None = None
         try:
@@ -294,6 +295,11 @@ class Ledger:
                 _release_lock(path, lock_fd)
             if isinstance(err, StreamerError):
                 raise
+            if _on_readonly_filesystem(path):
+                raise LedgerUnusableError(
+                    f"{path}: the ledger is on a read-only filesystem (SQLite writes its -wal and -shm files "
+                    "beside it, even to read); expected a writable directory"
+                ) from None
             raise LedgerUnusableError(f"{path}: not a usable ledger database ({err}); expected an SQLite ledger") from None
         return ledger
 
@@ -627,6 +633,10 @@ def _acquire_lock(ledger_path: Path) -> int:
         # O_NOFOLLOW: a planted symlink must not have its target truncated and filled with our pid.
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     except OSError as err:
+        if err.errno == errno.EROFS:
+            raise LedgerUnusableError(
+                f"{lock_path}: the ledger is on a read-only filesystem; expected a writable directory"
+            ) from None
         reason = "is a symlink" if err.errno == errno.ELOOP else f"cannot be opened ({err.strerror})"
         raise LedgerUnusableError(f"{lock_path}: the ledger's lock file {reason}; expected a regular file") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -652,6 +662,51 @@ def _acquire_lock(ledger_path: Path) -> int:
 def _release_lock(ledger_path: Path, fd: int) -> None:
     os.close(fd)
     _HELD_LOCKS.discard(str(ledger_path.resolve()))
+
+
+def _on_readonly_filesystem(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+_SQLITE_MAGIC: Final = b"SQLite format 3\0"
+
+
+def _check_file_header(path: Path) -> None:
+    """Refuse, from its first 100 bytes alone, a file that is not SQLite, is truncated or has a newer schema.
+
+    Read before anything is created beside the ledger. An absent or empty file is a new ledger.
+    The header's page count is trusted only when it is valid (bytes 92-95 equal the change
+    counter, bytes 24-27); a schema number lower than this program's may be stale (newer
+    changes in the WAL), a higher one never is.
+    """
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(100)
+            size = os.fstat(handle.fileno()).st_size
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise LedgerUnusableError(f"{path}: cannot read the ledger ({err.strerror}); expected a readable SQLite file") from None
+    if not header:
+        return
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise LedgerUnusableError(f"{path}: not an SQLite database; expected an SQLite ledger")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    if header[24:28] == header[92:96] and pages and size < pages * page_size:
+        raise LedgerUnusableError(
+            f"{path}: truncated ({size} bytes, its header says {pages * page_size}); expected a whole SQLite ledger"
+        )
+    version = int.from_bytes(header[60:64], "big", signed=True)
+    if version > len(MIGRATIONS):
+        raise LedgerUnusableError(
+            f"{path}: ledger schema {version} is newer than this program ({len(MIGRATIONS)}); "
+            "expected an older or equal schema (upgrade streamer)"
+        )
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:

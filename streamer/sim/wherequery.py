@@ -40,6 +40,10 @@ _TOKEN = re.compile(
     re.VERBOSE,
 )
 KEYWORDS = {"AND", "OR", "NOT", "IN", "BETWEEN", "LIKE", "IS", "NULL"}
+#: Deepest nesting of parentheses accepted (each level costs the parser a few stack frames).
+MAX_NESTING = 50
+#: Longest number literal accepted (Python refuses to convert integers of more than 4300 digits).
+MAX_NUMBER_DIGITS = 400
 
 
 class QueryError(ValueError):
@@ -96,13 +100,13 @@ _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-def _arithmetic(op: str, left: Evaluator, right: Evaluator) -> Evaluator:
-    def evaluate(row: Row) -> Any:
-        a, b = left(row), right(row)
-        if a is None or b is None:
-            return None
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
-            raise QueryError(f"arithmetic {op!r} on non-numbers {a!r} and {b!r}")
+def _apply(op: str, a: Any, b: Any) -> Any:
+    """``a op b`` for two numbers (NULL if either is NULL, or for a division by zero)."""
+    if a is None or b is None:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
+        raise QueryError(f"arithmetic {op!r} on non-numbers {_shown(a)} and {_shown(b)}")
+    try:
         if op == "+":
             return a + b
         if op == "-":
@@ -112,6 +116,25 @@ def _arithmetic(op: str, left: Evaluator, right: Evaluator) -> Evaluator:
         if b == 0:
             return None
         return a / b
+    except OverflowError:
+        raise QueryError(f"arithmetic {op!r} overflows on {_shown(a)} and {_shown(b)}") from None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fold(first: Evaluator, rest: list[tuple[str, Evaluator]]) -> Evaluator:
+    """A left-associative chain ``first op1 e1 op2 e2 ...``, evaluated in a loop (no recursion per term)."""
+    if not rest:
+        return first
+
+    def evaluate(row: Row) -> Any:
+        value = first(row)
+        for op, operand in rest:
+            value = _apply(op, value, operand(row))
+        return value
 
     return evaluate
 
@@ -128,6 +151,7 @@ class Parser:
         self.tokens = tokenize(text)
         self.index = 0
         self.columns = columns
+        self.depth = 0
 
     def parse(self) -> Evaluator:
         if self.peek().kind == "end":
@@ -176,10 +200,13 @@ class Parser:
         return lambda row: all(bool(t(row)) for t in terms)
 
     def not_expr(self) -> Evaluator:
-        if self.accept("keyword", "NOT"):
-            inner = self.not_expr()
+        negations = 0
+        while self.accept("keyword", "NOT"):
+            negations += 1
+        inner = self.predicate()
+        if negations % 2:
             return lambda row: not bool(inner(row))
-        return self.predicate()
+        return (lambda row: bool(inner(row))) if negations else inner
 
     def predicate(self) -> Evaluator:
         left = self.sum()
@@ -234,30 +261,39 @@ class Parser:
         return left
 
     def sum(self) -> Evaluator:
-        result = self.product()
-        while self.peek().kind == "op" and self.peek().text in "+-":
+        first = self.product()
+        rest: list[tuple[str, Evaluator]] = []
+        while self.peek().kind == "op" and self.peek().text in ("+", "-"):
             op = self.take().text
-            result = _arithmetic(op, result, self.product())
-        return result
+            rest.append((op, self.product()))
+        return _fold(first, rest)
 
     def product(self) -> Evaluator:
-        result = self.unary()
+        first = self.unary()
+        rest: list[tuple[str, Evaluator]] = []
         while self.peek().kind == "op" and self.peek().text in ("*", "/"):
             op = self.take().text
-            result = _arithmetic(op, result, self.unary())
-        return result
+            rest.append((op, self.unary()))
+        return _fold(first, rest)
 
     def unary(self) -> Evaluator:
-        if self.accept("op", "-"):
-            inner = self.unary()
-            return _arithmetic("-", lambda row: 0, inner)
-        if self.accept("op", "+"):
-            return self.unary()
-        return self.atom()
+        negate = False
+        while self.peek().kind == "op" and self.peek().text in ("-", "+"):
+            negate ^= self.take().text == "-"
+        inner = self.atom()
+        return _fold(lambda row: 0, [("-", inner)]) if negate else inner
+
+    def _nested(self) -> None:
+        """Count one level of nesting (parentheses, NOT); refuse more than MAX_NESTING."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise QueryError(f"clause nested more than {MAX_NESTING} levels deep at position {self.peek().position}")
 
     def atom(self) -> Evaluator:
         token = self.take()
         if token.kind == "number":
+            if len(token.text) > MAX_NUMBER_DIGITS:
+                raise QueryError(f"number of {len(token.text)} characters at position {token.position}: too long")
             number: int | float = float(token.text) if re.search(r"[.eE]", token.text) else int(token.text)
             return lambda row: number
         if token.kind == "string":
@@ -269,8 +305,10 @@ class Parser:
                 raise QueryError(f"column {token.text!r} does not exist")
             return lambda row: row.get(name)
         if token.kind == "op" and token.text == "(":
+            self._nested()
             inner = self.expr()
             self.expect("op", ")")
+            self.depth -= 1
             return inner
         found = token.text or "end of clause"
         raise QueryError(f"unexpected {found!r} at position {token.position}")

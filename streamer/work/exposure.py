@@ -59,22 +59,27 @@ def read_sciimg_header(path: Path | str) -> fits.Header:
     if not start.startswith((b"SIMPLE  =", b"XTENSION=")):
         raise InputFileError(f"{path}: not a FITS header (does not start with 'SIMPLE  =' or 'XTENSION=')")
     if b"\n" in start[:81]:
-        text = path.read_text(encoding="ascii", errors="strict")
         try:
-            return fits.Header.fromstring(text, sep="\n")
-        except ValueError as err:
-            raise InputFileError(f"{path}: unreadable header text: {err}") from err
+            return fits.Header.fromstring(path.read_text(encoding="ascii", errors="strict"), sep="\n")
+        except Exception as err:  # astropy fails on malformed text in many ways; UnicodeDecodeError too
+            raise InputFileError(f"{path}: unreadable header text: {_one_line(err)}") from err
     try:
-        primary = fits.Header.fromfile(str(path))
-        if "CTYPE1" in primary or not primary.get("EXTEND", False):
-            return primary
-        with fits.open(path) as hdus:  # a tile-compressed sciimg keeps its WCS in HDU 1
-            for hdu in hdus[1:]:
-                if "CTYPE1" in hdu.header:
-                    return hdu.header.copy()
+        with open(path, "rb") as handle:  # our own handle: closed even when astropy fails half-way
+            primary = fits.Header.fromfile(handle)
+            if "CTYPE1" in primary or not primary.get("EXTEND", False):
+                return primary
+            handle.seek(0)
+            with fits.open(handle) as hdus:  # a tile-compressed sciimg keeps its WCS in HDU 1
+                for hdu in hdus[1:]:
+                    if "CTYPE1" in hdu.header:
+                        return hdu.header.copy()
         return primary
-    except (OSError, ValueError) as err:
-        raise InputFileError(f"{path}: unreadable FITS header: {err}") from err
+    except Exception as err:  # astropy's parser fails on malformed input with KeyError, TypeError, VerifyError...
+        raise InputFileError(f"{path}: unreadable FITS header: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def read_ipac_mask(path: Path | str, shape: tuple[int, int]) -> npt.NDArray[np.int16]:
