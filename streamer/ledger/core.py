@@ -674,6 +674,15 @@ def _on_readonly_filesystem(path: Path) -> bool:
 _SQLITE_MAGIC: Final = b"SQLite format 3\0"
 
 
+def _has_wal(path: Path) -> bool:
+    """A write-ahead log beside the ledger: an interrupted checkpoint (a full disk) leaves the main file
+    shorter than its header says, and SQLite completes it from the log."""
+    try:
+        return os.stat(f"{path}-wal").st_size > 0
+    except OSError:
+        return False
+
+
 def _check_file_header(path: Path) -> None:
     """Refuse, from its first 100 bytes alone, a file that is not SQLite, is truncated or has a newer schema.
 
@@ -697,7 +706,7 @@ def _check_file_header(path: Path) -> None:
     page_size = int.from_bytes(header[16:18], "big")
     page_size = 65536 if page_size == 1 else page_size
     pages = int.from_bytes(header[28:32], "big")
-    if header[24:28] == header[92:96] and pages and size < pages * page_size:
+    if header[24:28] == header[92:96] and pages and size < pages * page_size and not _has_wal(path):
         raise LedgerUnusableError(
             f"{path}: truncated ({size} bytes, its header says {pages * page_size}); expected a whole SQLite ledger"
         )
