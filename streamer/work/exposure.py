@@ -180,6 +180,12 @@ def read_master_cached(path: Path | str, qid: int) -> MasterQuadrant:
     return _read_master_by_identity(os.path.realpath(path), qid, stat.st_mtime_ns, stat.st_size)
 
 
+def master_cache_counts() -> tuple[int, int]:
+    """(reads served from this process's master cache, reads from disk) since the process started."""
+    info = _read_master_by_identity.cache_info()
+    return info.hits, info.misses
+
+
 def clear_master_cache() -> None:
     """Forget the cached masters (tests, benchmarks)."""
     _read_master_by_identity.cache_clear()
@@ -201,6 +207,10 @@ class ExposureResult:
     """(qid, reason) for quadrants measured with our own mask alone."""
     detrended_paths: tuple[str, ...] = ()
     refcat_pixels_missing: tuple[int, ...] = ()
+    masters_from_cache: int = 0
+    """Master quadrants this exposure found in the worker's cache (8 when warm: bias and flat of 4 quadrants)."""
+    masters_from_disk: int = 0
+    """Master quadrants it read from disk (0 when warm)."""
 
 
 def process_exposure(
@@ -231,6 +241,7 @@ def process_exposure(
     name = parse_filename(raw_path.name)
     if not isinstance(name, RawName) or name.imgtypecode != "o":
         raise ValueError(f"{raw_path.name}: expected a raw science file name (..._o.fits.fz)")
+    cache_before = master_cache_counts()
     header_notes: dict[int, str] = {}
     headers: dict[int, fits.Header | None] = {}
     for qid in QIDS:
@@ -275,6 +286,7 @@ def process_exposure(
             if written is not None:
                 detrended.append(str(written))
 
+    cache_after = master_cache_counts()
     exposure = ExposureInfo(name.filefracday, expid, name.field, name.filtercode, name.ccdid, obsjd)
     sibling = tuple((qid, w.from_qid) for qid, w in sorted(wcs.items()) if w.from_qid != qid)
     record = {
@@ -304,6 +316,8 @@ def process_exposure(
         without_ipac_mask=tuple(no_mask),
         detrended_paths=tuple(detrended),
         refcat_pixels_missing=catalogue.sources.pixels_missing,
+        masters_from_cache=cache_after[0] - cache_before[0],
+        masters_from_disk=cache_after[1] - cache_before[1],
     )
 
 
