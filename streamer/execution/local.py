@@ -1,9 +1,9 @@
 """The local process pool, one implementation of :class:`streamer.execution.base.Executor`.
 
-Worker processes
-of the local pool are started with the ``spawn`` method (they inherit neither the
-ledger's lock nor the event loop), set their library settings in an initializer, and
-die with the service (Linux parent-death signal).
+One worker process per slot, each in its own single-process pool, so that a job can be sent to
+the worker that holds its masters and a worker's death breaks only its own slot. Worker processes
+are started with the ``spawn`` method (they inherit neither the ledger's lock nor the event loop),
+set their library settings in an initializer, and die with the service (Linux parent-death signal).
 """
 
 from __future__ import annotations
