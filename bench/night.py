@@ -1,7 +1,7 @@
 """One CCD-night as ZTF takes it, run by the real service with 2 workers: CPU per science quadrant, warmth, wall time.
 
     python -m bench.night [--exposures 48] [--fields 12] [--quadrant-size full|small] [--flats-per-led 7]
-                          [--budgets unlimited,tight] [--workdir DIR]
+                          [--budgets unlimited,tight] [--tight-budget BYTES] [--workdir DIR]
 
 Simulates one night of CCD 13 (``streamer.sim.generate``): 20 biases, ``--flats-per-led`` flats for
 each LED of zg and zr, and ``--exposures`` science exposures in filter blocks of ``--fields``
@@ -217,17 +217,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quadrant-size", choices=("full", "small"), default="full", help="full: 3080 x 3072; small: 260 x 256")
     parser.add_argument("--budgets", default="unlimited,tight", help="runs, in order: unlimited and/or tight")
     parser.add_argument("--workdir", type=Path, default=None, help="keeps the simulated night between runs")
+    parser.add_argument(
+        "--tight-budget",
+        type=int,
+        default=0,
+        help="bytes of the tight run (default: 1.25 x the minimum an unlimited run reports)",
+    )
     args = parser.parse_args(argv)
     runs = [b.strip() for b in args.budgets.split(",") if b.strip()]
     if not runs or any(b not in ("unlimited", "tight") for b in runs):
         parser.error(f"--budgets {args.budgets!r}: expected a comma-separated list of unlimited and tight")
+    if args.tight_budget < 0 or args.exposures < 1 or args.fields < 1 or args.flats_per_led < 1:
+        parser.error(
+            "--tight-budget, --exposures, --fields, --flats-per-led: expected positive numbers (0 for the default tight budget)"
+        )
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-night-"))
     archive = workdir / f"archive-{args.quadrant_size}-{args.exposures}x{args.fields}-f{args.flats_per_led}"
     started = time.perf_counter()
     generate(archive, args)
     print(f"simulated night in {archive} ({time.perf_counter() - started:.0f} s)")
     science = sorted((archive / "raw").rglob("*_o.fits.fz"))
-    minimum = 0
+    minimum = int(args.tight_budget / 1.25)
     with serve_archive(archive) as base_url:
         work = Path(tempfile.mkdtemp(prefix="runs-", dir=workdir))
         done: list[Run] = []
