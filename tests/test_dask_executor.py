@@ -1,4 +1,4 @@
-"""The dask executor on a real LocalCluster: results, a killed worker, and clear errors at start."""
+"""The dask executor on a real LocalCluster: results, affinity, a killed worker, and clear errors at start."""
 
 from __future__ import annotations
 
@@ -64,6 +64,22 @@ def test_workers_run_numba_on_one_thread(cluster: LocalCluster) -> None:
     executor = _executor(cluster.scheduler_address)
     try:
         assert executor.submit(_numba_threads).result(timeout=60) == ("1", 1)
+    finally:
+        executor.shutdown()
+
+
+def test_a_key_goes_back_to_the_worker_that_ran_it(cluster: LocalCluster) -> None:
+    executor = _executor(cluster.scheduler_address)
+    try:
+        pids: dict[str, set[int]] = {"g": set(), "r": set()}
+        for key in ["g", "r", "g", "g", "r", "r", "g", "r"]:
+            pids[key].add(executor.submit_with_affinity(key, _pid).result(timeout=60))
+        assert len(pids["g"]) == 1 and len(pids["r"]) == 1 and pids["g"] != pids["r"]
+        together = [executor.submit_with_affinity(key, _pid_then_sleep, 0.5) for key in ("r", "g")]
+        assert [f.result(timeout=60) for f in together] == [*pids["r"], *pids["g"]]
+        slots = executor.affinity_slots()
+        assert sorted(s.key for s in slots) == ["g", "r"] and [s.load for s in slots] == [0, 0]
+        assert sorted(executor.describe()["affinity"].values()) == ["g", "r"]
     finally:
         executor.shutdown()
 

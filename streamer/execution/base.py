@@ -7,7 +7,9 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
-__all__ = ["BrokenProcessPool", "Executor", "WorkerLost"]
+from streamer.rules.affinity import Slot
+
+__all__ = ["BrokenProcessPool", "Executor", "Slot", "WorkerLost"]
 
 
 class WorkerLost(Exception):
@@ -23,6 +25,14 @@ class Executor(Protocol):
         ...
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]: ...
+
+    def submit_with_affinity(self, key: str | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        """Like ``submit``, preferring a worker whose last job had affinity ``key`` (it holds those masters)."""
+        ...
+
+    def affinity_slots(self) -> list[Slot]:
+        """Each worker's last affinity key, load and capacity, for the dispatcher's choice of jobs."""
+        ...
 
     @property
     def generation(self) -> int:

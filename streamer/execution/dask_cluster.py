@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from distributed.scheduler import KilledWorker
 from streamer.errors import StreamerError, UsageError
 from streamer.execution.base import WorkerLost
 from streamer.execution.local import _THREAD_VARIABLES
+from streamer.rules.affinity import Slot, choose_slot
 
 ONE_THREAD_PLUGIN = "streamer-one-thread-numerics"
 
@@ -51,6 +53,9 @@ class DaskExecutor:
         self._cluster = cluster
         self._resources = {"memory": memory_per_task} if memory_per_task else None
         self._executor = client.get_executor(pure=False, retries=0, resources=self._resources)
+        self._lock = threading.Lock()
+        self._keys: dict[str, str | None] = {}  # worker address -> affinity key of the last job sent there
+        self._loads: dict[str, int] = {}  # worker address -> our tasks not finished there
 
     @classmethod
     def from_config(cls, compute: Any, *, connect_timeout_s: float = 10.0) -> DaskExecutor:
@@ -97,11 +102,36 @@ class DaskExecutor:
     def slots(self) -> int:
         return max(1, sum(self.client.nthreads().values()))
 
+    def affinity_slots(self) -> list[Slot]:
+        """Each worker (by address): the key of the last job sent to it, our tasks on it, its threads."""
+        return self._slots(self.client.nthreads())
+
+    def _slots(self, nthreads: dict[str, int]) -> list[Slot]:
+        with self._lock:
+            return [Slot(self._keys.get(a), self._loads.get(a, 0), n) for a, n in sorted(nthreads.items())]
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
-        inner = self._executor.submit(fn, *args, **kwargs)
+        return self.submit_with_affinity(None, fn, *args, **kwargs)
+
+    def submit_with_affinity(self, key: str | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        """Send ``fn`` to the worker that :func:`choose_slot` picks (loose restriction: another worker
+        takes it if that one is gone); without workers yet, to wherever the scheduler likes."""
+        nthreads = self.client.nthreads()
+        where: dict[str, Any] = {}
+        address = None
+        if nthreads:
+            address = sorted(nthreads)[choose_slot(self._slots(nthreads), key)]
+            where = {"workers": [address], "allow_other_workers": True}
+            with self._lock:
+                self._loads[address] = self._loads.get(address, 0) + 1
+                self._keys[address] = key if key is not None else self._keys.get(address)
+        inner = self._executor.submit(fn, *args, **where, **kwargs)
         outer: cf.Future[Any] = cf.Future()
 
         def relay(done: cf.Future[Any]) -> None:
+            if address is not None:
+                with self._lock:
+                    self._loads[address] = max(0, self._loads.get(address, 0) - 1)
             if done.cancelled():
                 outer.set_exception(WorkerLost("the task was cancelled by the cluster (scheduler restart?)"))
                 return
@@ -132,6 +162,7 @@ class DaskExecutor:
             "workers": len(workers),
             "threads": sum(w.get("nthreads", 0) for w in workers.values()),
             "load": {addr: w.get("metrics", {}).get("task_counts", {}) for addr, w in workers.items()},
+            "affinity": {addr: self._keys.get(addr) for addr in workers},
         }
 
     def shutdown(self, *, cancel: bool = False) -> None:

@@ -1,9 +1,9 @@
 """The local process pool, one implementation of :class:`streamer.execution.base.Executor`.
 
-Worker processes
-of the local pool are started with the ``spawn`` method (they inherit neither the
-ledger's lock nor the event loop), set their library settings in an initializer, and
-die with the service (Linux parent-death signal).
+One worker process per slot, each in its own single-process pool, so that a job can be sent to
+the worker that holds its masters and a worker's death breaks only its own slot. Worker processes
+are started with the ``spawn`` method (they inherit neither the ledger's lock nor the event loop),
+set their library settings in an initializer, and die with the service (Linux parent-death signal).
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import ctypes.util
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from streamer.execution.base import BrokenProcessPool
+from streamer.rules.affinity import Slot, choose_slot
 
 __all__ = ["LocalExecutor", "worker_initializer"]
 
@@ -42,54 +44,98 @@ def worker_initializer() -> None:
         os._exit(1)  # the parent died before the death signal was armed
 
 
+class _Worker:
+    """One slot of the pool: a single-process pool, the affinity key of its last job and its jobs in flight."""
+
+    def __init__(self, pool: cf.ProcessPoolExecutor) -> None:
+        self.pool = pool
+        self.key: str | None = None
+        self.load = 0
+        self.broken = False
+
+
 class LocalExecutor:
-    """A ``ProcessPoolExecutor`` that is replaced when a worker dies (``BrokenProcessPool``)."""
+    """One single-process ``ProcessPoolExecutor`` per slot, so that a job can go to the worker that
+    already holds its masters (:func:`streamer.rules.affinity.choose_slot`); a slot whose process
+    died (``BrokenProcessPool``) is replaced by a fresh one, the others keep running."""
 
     def __init__(self, workers: int) -> None:
-        self._workers = workers
         self._context = multiprocessing.get_context("spawn")
-        self._pool = self._new_pool()
+        self._lock = threading.Lock()
+        self._workers = [_Worker(self._new_pool()) for _ in range(workers)]
         self.replacements = 0
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
         os.environ["STREAMER_PARENT_PID"] = str(os.getpid())
-        return cf.ProcessPoolExecutor(
-            max_workers=self._workers, mp_context=self._context, initializer=worker_initializer
-        )
+        return cf.ProcessPoolExecutor(max_workers=1, mp_context=self._context, initializer=worker_initializer)
 
     @property
     def slots(self) -> int:
-        return self._workers
+        return len(self._workers)
 
     @property
     def generation(self) -> int:
         return self.replacements
 
+    def affinity_slots(self) -> list[Slot]:
+        """What each worker last ran and how many jobs it holds, for the dispatcher's choice."""
+        with self._lock:
+            return [Slot(key=w.key, load=w.load) for w in self._workers]
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
-        try:
-            return self._pool.submit(fn, *args, **kwargs)
-        except BrokenProcessPool:
-            self.replace(self.replacements)
-            return self._pool.submit(fn, *args, **kwargs)
+        return self.submit_with_affinity(None, fn, *args, **kwargs)
+
+    def submit_with_affinity(self, key: str | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        """Run ``fn`` on the least loaded worker, preferring the one whose last job had affinity ``key``."""
+        self.replace(self.replacements)
+        with self._lock:
+            worker = self._workers[choose_slot([Slot(w.key, w.load) for w in self._workers], key)]
+            try:
+                future = worker.pool.submit(fn, *args, **kwargs)
+            except BrokenProcessPool:
+                worker.broken = refused = True
+            else:
+                refused = False
+                worker.load += 1
+                worker.key = key if key is not None else worker.key
+        if refused:
+            return self.submit_with_affinity(key, fn, *args, **kwargs)  # on a fresh process for that slot
+        future.add_done_callback(lambda done: self._finished(worker, done))
+        return future
+
+    def _finished(self, worker: _Worker, done: cf.Future[Any]) -> None:
+        with self._lock:
+            worker.load = max(0, worker.load - 1)
+            if not done.cancelled() and isinstance(done.exception(), BrokenProcessPool):
+                worker.broken = True
 
     def replace(self, broken_generation: int) -> None:
-        """Start a fresh pool after a worker died; tasks that were running must be resubmitted.
+        """Start a fresh process for each slot whose process died; its tasks must be resubmitted.
 
-        Several futures of one broken pool fail together and each asks for a replacement: only the
-        first is carried out, so a job already resubmitted to the new pool is not cancelled with it.
+        Several futures of one broken slot fail together and each asks for a replacement: a slot is
+        replaced once (the fresh pool is not broken), so a job already resubmitted to it is not
+        cancelled. One call that replaces any slot counts as one replacement (``generation``).
         """
-        if broken_generation != self.replacements:
-            return
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = self._new_pool()
-        self.replacements += 1
+        with self._lock:
+            broken = [w for w in self._workers if w.broken]
+            self._workers = [_Worker(self._new_pool()) if w.broken else w for w in self._workers]
+            if broken:
+                self.replacements += 1
+        for worker in broken:  # outside the lock: cancelling its queued futures runs their callbacks here
+            worker.pool.shutdown(wait=False, cancel_futures=True)
 
     def worker_pids(self) -> list[int]:
-        processes = getattr(self._pool, "_processes", None) or {}
-        return sorted(int(pid) for pid in processes)
+        pids: list[int] = []
+        for worker in self._workers:
+            processes = getattr(worker.pool, "_processes", None) or {}
+            pids.extend(int(pid) for pid in processes)
+        return sorted(pids)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "local", "workers": self._workers, "pool_replacements": self.replacements}
+        with self._lock:
+            keys = [w.key for w in self._workers]
+        return {"kind": "local", "workers": len(self._workers), "pool_replacements": self.replacements, "affinity": keys}
 
     def shutdown(self, *, cancel: bool = False) -> None:
-        self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+        for worker in self._workers:
+            worker.pool.shutdown(wait=not cancel, cancel_futures=cancel)

@@ -10,7 +10,9 @@ from typing import Any
 
 from streamer.execution import jobs as job_kinds
 from streamer.execution.base import BrokenProcessPool
+from streamer.execution.timing import run_timed
 from streamer.ledger import jobs as ledger_jobs
+from streamer.rules.affinity import jobs_for_slots
 from streamer.rules.calibration import CalibrationUnavailable, MasterOption, choose_fallback
 from streamer.rules.readiness import Blocked, NeedsMaster, PinnedInput, Readiness, Ready, Wait, readiness
 from streamer.rules.reservations import PendingOutput, plan_reservations
@@ -21,16 +23,43 @@ from streamer.service.records import Submitted
 log = logging.getLogger("streamer.service")
 
 
+#: Ready jobs looked at beyond the free slots, so that a worker can find one that uses the masters it holds.
+AFFINITY_LOOKAHEAD = 32
+#: The inputs whose identity makes a job's affinity key: a worker keeps these masters in memory.
+CACHED_MASTER_KINDS = ("master_bias", "master_flat")
+
+
 async def dispatcher(ctx: Context, results: asyncio.Queue[Submitted]) -> None:
-    """Fill free executor slots with ready jobs, in job order, while their outputs fit the budget."""
+    """Fill free executor slots with ready jobs while their outputs fit the budget.
+
+    Jobs without an affinity key (masters) go in job order; an exposure goes preferably to the worker
+    that last ran one with the same masters (:func:`streamer.rules.affinity.jobs_for_slots`).
+    """
     while not ctx.stopping.is_set():
         free = ctx.executor.slots - len(ctx.running_jobs)
         if free > 0 and not ctx.disk.paused:  # a full filesystem holds new work (service.diskspace)
-            for job in ready_jobs(ctx, free):
+            for job, key in jobs_to_start(ctx, free):
                 if not reserve_outputs_through(ctx, job["id"]):
                     break
-                submit(ctx, job, results)
+                submit(ctx, job, results, affinity=key)
         await ctx.wait_change(2.0)
+
+
+def jobs_to_start(ctx: Context, free: int) -> list[tuple[dict[str, Any], str | None]]:
+    """Up to ``free`` ready jobs with their affinity keys, chosen for the workers that are free."""
+    candidates = ready_jobs(ctx, free + AFFINITY_LOOKAHEAD)
+    keys = [affinity_key(ctx, job) for job in candidates]
+    chosen = jobs_for_slots(keys, ctx.executor.affinity_slots(), free)
+    return [(candidates[i], keys[i]) for i in chosen]
+
+
+def affinity_key(ctx: Context, job: dict[str, Any]) -> str | None:
+    """The identity of the master files an exposure reads (ledger file ids); None for other jobs."""
+    if job["kind"] != "exposure":
+        return None
+    pinned = ledger_jobs.pinned_inputs(ctx.ledger, job["id"])
+    masters = sorted(int(r["id"]) for r in pinned if r["producer_kind"] in CACHED_MASTER_KINDS)
+    return "masters:" + ",".join(map(str, masters)) if masters else None
 
 
 def ready_jobs(ctx: Context, limit: int) -> list[dict[str, Any]]:
@@ -107,17 +136,18 @@ def reserve_outputs_through(ctx: Context, last_job: int) -> bool:
     return plan.complete
 
 
-def submit(ctx: Context, job: dict[str, Any], results: asyncio.Queue[Submitted]) -> None:
-    """Mark the job running and hand its call to the executor; its result goes to the record stage."""
+def submit(ctx: Context, job: dict[str, Any], results: asyncio.Queue[Submitted], *, affinity: str | None = None) -> None:
+    """Mark the job running and hand its call to the executor (timed: :func:`run_timed`) with its
+    affinity key; its result goes to the record stage."""
     call = job_kinds.build_call(ctx.ledger, ctx.config, job)
     ledger_jobs.start_job(ctx.ledger, job)
     generation = ctx.executor.generation
     try:
-        concurrent = ctx.executor.submit(call.function, **call.kwargs)
+        concurrent = ctx.executor.submit_with_affinity(affinity, run_timed, call.function, call.kwargs)
     except BrokenProcessPool:
         ctx.executor.replace(generation)
         generation = ctx.executor.generation
-        concurrent = ctx.executor.submit(call.function, **call.kwargs)
+        concurrent = ctx.executor.submit_with_affinity(affinity, run_timed, call.function, call.kwargs)
     future = asyncio.wrap_future(concurrent)
     ctx.running_jobs[job["id"]] = future
     item = Submitted(job=job, call=call, future=future, generation=generation)

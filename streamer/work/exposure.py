@@ -186,6 +186,12 @@ def read_master_cached(path: Path | str, qid: int) -> MasterQuadrant:
     return _read_master_by_identity(os.path.realpath(path), qid, stat.st_mtime_ns, stat.st_size)
 
 
+def master_cache_counts() -> tuple[int, int]:
+    """(reads served from this process's master cache, reads from disk) since the process started."""
+    info = _read_master_by_identity.cache_info()
+    return info.hits, info.misses
+
+
 def clear_master_cache() -> None:
     """Forget the cached masters (tests, benchmarks)."""
     _read_master_by_identity.cache_clear()
@@ -208,6 +214,10 @@ class ExposureResult:
     refcat_pixels_missing: tuple[int, ...] = ()
     in2p3_apcat_paths: tuple[str, ...] = ()
     """One catalogue per measured quadrant (layout "in2p3")."""
+    masters_from_cache: int = 0
+    """Master quadrants this exposure found in the worker's cache (8 when warm: bias and flat of 4 quadrants)."""
+    masters_from_disk: int = 0
+    """Master quadrants it read from disk (0 when warm)."""
 
 
 def process_exposure(
@@ -239,6 +249,7 @@ def process_exposure(
     name = parse_filename(raw_path.name)
     if not isinstance(name, RawName) or name.imgtypecode != "o":
         raise ValueError(f"{raw_path.name}: expected a raw science file name (..._o.fits.fz)")
+    cache_before = master_cache_counts()
     header_notes: dict[int, str] = {}
     headers: dict[int, fits.Header | None] = {}
     for qid in QIDS:
@@ -286,6 +297,7 @@ def process_exposure(
             if written is not None:
                 detrended.append(str(written))
 
+    cache_after = master_cache_counts()
     exposure = ExposureInfo(name.filefracday, expid, name.field, name.filtercode, name.ccdid, obsjd)
     record = {
         **provenance,
@@ -320,6 +332,8 @@ def process_exposure(
         without_ipac_mask=tuple(no_mask),
         detrended_paths=tuple(detrended),
         refcat_pixels_missing=catalogue.sources.pixels_missing,
+        masters_from_cache=cache_after[0] - cache_before[0],
+        masters_from_disk=cache_after[1] - cache_before[1],
     )
 
 
