@@ -152,7 +152,11 @@ def test_focalplane_catalogues_differ_from_ccd_ones_by_the_recorded_factor(runs:
             assert len(bright) >= 5, (filtercode, ccdid, len(bright))
             ratio = np.array([focal[k]["f_5"] / ccd[k]["f_5"] for k in bright])
             error_ratio = np.array([focal[k]["f_5_e"] / ccd[k]["f_5_e"] for k in bright])
-            np.testing.assert_allclose(ratio, 1.0 / factor, rtol=2e-5, err_msg=f"{filtercode} CCD {ccdid}")
+            # per star, the background is sep's box estimate, which is not exactly scale-free: it picks the
+            # mode or the median of a box by a threshold on (mean - median) / sigma, and float32 rounding can
+            # tip a box near it (seen once: one star of 48 off by 1.2e-4). The median ratio holds to 2e-5.
+            assert float(np.median(ratio)) == pytest.approx(1.0 / factor, rel=2e-5), f"{filtercode} CCD {ccdid}"
+            np.testing.assert_allclose(ratio, 1.0 / factor, rtol=5e-4, err_msg=f"{filtercode} CCD {ccdid}")
             np.testing.assert_allclose(error_ratio, 1.0 / factor, rtol=2e-5, err_msg=f"{filtercode} CCD {ccdid}")
             spread.append(factor)
     # the test can tell factor from 1 / factor only where the factors are not all 1
