@@ -19,13 +19,12 @@ from streamer.rules.download_retry import (
     FILE_RETRY_S,
     MAX_FILE_FAILURES,
     MAX_IMMEDIATE_REPICKS,
-    REPLAN_DELAYS_S,
     ParkFile,
     RepickGuard,
     RetryFile,
     after_download_failure,
-    replan_delay,
 )
+from streamer.rules.replan import REPLAN_DELAYS_S, PlanRecord, next_look_s, plan_due, replan_delay
 from streamer.service.context import Context
 from streamer.service.downloads import downloader
 from streamer.service.fetcher import FetchOutcome
@@ -48,6 +47,25 @@ def test_replan_delays_grow_and_end() -> None:
     assert delays[0] is None and delays[-1] is None
     middle = [d for d in delays[1:-1] if d is not None]
     assert len(middle) == len(REPLAN_DELAYS_S) and middle == sorted(middle) and middle[0] >= 3600
+
+
+def test_an_empty_night_is_planned_again_by_a_backfill_once_and_by_a_daemon_at_its_date() -> None:
+    never = PlanRecord(planned=False)
+    full = PlanRecord(planned=True)
+    empty = PlanRecord(planned=True, empty_plans=1, replan_at=1000.0)
+    exhausted = PlanRecord(planned=True, empty_plans=len(REPLAN_DELAYS_S) + 1, replan_at=None)
+    for burst in (False, True):
+        assert plan_due(never, now=0.0, burst=burst, seen_this_run=False)
+        assert not plan_due(full, now=1e9, burst=burst, seen_this_run=False)
+    assert not plan_due(empty, now=1e9, burst=True, seen_this_run=True)
+    assert plan_due(empty, now=1e9, burst=False, seen_this_run=True)
+    assert plan_due(empty, now=0.0, burst=True, seen_this_run=False)
+    assert plan_due(exhausted, now=0.0, burst=True, seen_this_run=False)
+    assert not plan_due(empty, now=999.0, burst=False, seen_this_run=False)
+    assert plan_due(empty, now=1000.0, burst=False, seen_this_run=False)
+    assert not plan_due(exhausted, now=1e9, burst=False, seen_this_run=False)
+    assert next_look_s([full, empty, exhausted], now=400.0) == 600.0
+    assert next_look_s([full, exhausted], now=400.0) is None
 
 
 def test_repick_guard_counts_only_immediate_repicks_in_a_row() -> None:

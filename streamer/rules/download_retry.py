@@ -1,4 +1,4 @@
-"""When a file whose download failed as a whole is tried again, and when it is parked; when an empty night is planned again.
+"""When a file whose download failed as a whole is tried again, and when it is parked.
 
 Pure. A download *fails as a whole* when the transfer's own retries are used up (the body
 failed verification every time), or an unexpected local error stopped it (a directory
@@ -11,9 +11,6 @@ one download are the client's business (``archive.max_attempts``, with its own b
   and the backfill ends with the file's products reported missing.
 - :class:`RepickGuard` catches what the rules above miss: a loop that picks the same item
   again at once without finishing it; after :data:`MAX_IMMEDIATE_REPICKS` such picks the item is parked.
-- A night planned with no job (IRSA lists a night some hours after it ends, or one search
-  answered empty) is planned again :data:`REPLAN_DELAYS_S` later by a daemon, and again by
-  every later backfill; a daemon stops after the last delay.
 """
 
 from __future__ import annotations
@@ -30,8 +27,6 @@ MAX_FILE_FAILURES: Final = 3
 MAX_IMMEDIATE_REPICKS: Final = 3
 #: Seconds after a pick that did not finish an item within which picking it again is "immediate".
 REPICK_WINDOW_S: Final = 60.0
-#: Seconds after planning an empty night (then after each empty re-plan) that a daemon plans it again.
-REPLAN_DELAYS_S: Final = (3600.0, 6 * 3600.0, 24 * 3600.0, 72 * 3600.0)
 
 
 @dataclass(frozen=True)
@@ -54,13 +49,6 @@ def after_download_failure(failures: int, *, max_failures: int = MAX_FILE_FAILUR
     if failures >= max_failures:
         return ParkFile()
     return RetryFile(FILE_RETRY_S[min(max(failures, 1), len(FILE_RETRY_S)) - 1])
-
-
-def replan_delay(empty_plans: int) -> float | None:
-    """Seconds until a daemon plans a night again after its ``empty_plans``-th plan with no job; None: no more."""
-    if empty_plans < 1 or empty_plans > len(REPLAN_DELAYS_S):
-        return None
-    return REPLAN_DELAYS_S[empty_plans - 1]
 
 
 class RepickGuard:
