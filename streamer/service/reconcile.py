@@ -34,6 +34,7 @@ from streamer.rules.retention import (
     footprint_from_header,
     is_kept,
 )
+from streamer.service.budget import record_minimum
 from streamer.storage.atomic import is_unfinished_name
 from streamer.storage.deleter import unlink_below
 from streamer.storage.naming import (
@@ -165,6 +166,8 @@ def run(config: Config, *, fix: bool, erasable_list: str | None) -> int:
         if fix and not findings.clean:
             apply_fixes(config, ledger, findings)
             print("fixed: registered unknown files, marked gone files, removed orphan .part files")
+        if fix:
+            record_minimum(config, ledger)  # drops recorded sizes no file can have, and the minimum they made
     if erasable_list:
         count = 0
         with open(erasable_list, "w", encoding="utf-8") as out:
