@@ -9,25 +9,32 @@ next look (``empty_plan:<night>:<ccds>``).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
 import time
 from collections.abc import Sequence
 
+from streamer.archive.client import BURST_MAX_OUTAGE_S, BURST_MAX_WAIT_PER_OPERATION_S
 from streamer.ledger import jobs as ledger_jobs
 from streamer.rules.nights import follow_nights
 from streamer.rules.replan import PlanRecord, next_look_s, plan_due, replan_delay
 from streamer.service.budget import check_budget
 from streamer.service.context import Context, wait_event
 from streamer.service.graph import build_night_graph
-from streamer.service.plan import plan_night
+from streamer.service.plan import PlanError, plan_night
 
 log = logging.getLogger("streamer.service")
+
+#: Seconds a backfill gives the planning of one night (searches, flat LED reads) before it gives up with an error.
+BURST_PLAN_TIMEOUT_S = 1800.0
 
 
 async def planner(ctx: Context, nights: Sequence[dt.date], ccds: Sequence[int]) -> None:
     """Plan every due night; plan empty ones again when due; in follow mode, look again every ``poll_minutes``."""
+    if ctx.burst and ctx.client is not None:
+        ctx.client.bound_waiting(per_operation_s=BURST_MAX_WAIT_PER_OPERATION_S, per_outage_s=BURST_MAX_OUTAGE_S)
     seen: set[dt.date] = set()
     while not ctx.stopping.is_set():
         for night in nights_due(ctx, nights):
@@ -68,7 +75,14 @@ def plan_record(ctx: Context, night: dt.date, ccds: Sequence[int]) -> PlanRecord
 
 async def plan_one_night(ctx: Context, night: dt.date, ccds: Sequence[int]) -> None:
     log.info("planning %s for CCDs %s", night, ",".join(map(str, ccds)))
-    await plan_night(ctx.client, ctx.ledger, ctx.config, night, ccds)
+    try:
+        async with asyncio.timeout(BURST_PLAN_TIMEOUT_S if ctx.burst else None):
+            await plan_night(ctx.client, ctx.ledger, ctx.config, night, ccds)
+    except TimeoutError:
+        raise PlanError(
+            f"night {night}: the archive did not answer its searches within {BURST_PLAN_TIMEOUT_S:.0f} s "
+            "(a backfill waits no longer; run it again later)"
+        ) from None
     counts = build_night_graph(
         ctx.ledger, night.isoformat(), ccds,
         bias_skip_first=ctx.config.detrend.bias_skip_first,
