@@ -309,6 +309,7 @@ class Fetcher:
             return FetchOutcome(file_id, relpath, state, error=row["last_error"], http_status=row["http_status"])
         if state == "deleted":
             downloads.want_again(self.ledger, file_id)
+            row = self.ledger.file(file_id)
         try:
             prepare_directories(self.root, relpath, final)
             if final.exists() and await self._adopt_existing(row, final):
