@@ -8,6 +8,11 @@ expected) are retried with exponential backoff and full jitter, honouring
 When most recent requests fail, the archive is taken to be down: every request
 waits behind :class:`OutageGate` with a growing delay, and failures during an
 outage do not use up a file's attempts.
+
+Bounds on waiting: one retry waits at most ``MAX_RETRY_AFTER_S`` however long a
+``Retry-After`` asks; :meth:`ArchiveClient.bound_waiting` (a backfill sets
+``BURST_MAX_WAIT_PER_OPERATION_S`` and ``BURST_MAX_OUTAGE_S``) bounds the retries and pauses
+one operation waits for, and how long of one outage is waited out before requests fail at once.
 """
 
 from __future__ import annotations
@@ -38,6 +43,13 @@ OUTAGE_ATTEMPTS_FACTOR: Final = 5
 PERMANENT_STATUSES: Final = frozenset({400, 401, 403, 404, 405, 410, 414, 451})
 #: Sent with every request: bodies are stored and verified as served, never decompressed on the way.
 REQUEST_HEADERS: Final = {"Accept-Encoding": "identity"}
+#: The longest wait a ``Retry-After`` can ask for before one retry (a year is read as this).
+MAX_RETRY_AFTER_S: Final = 300.0
+#: Seconds a backfill (burst) lets one operation (a search, a HEAD, a download) wait for its retries and
+#: outage pauses; once used up, it fails with its last error instead of waiting more.
+BURST_MAX_WAIT_PER_OPERATION_S: Final = 1800.0
+#: Seconds of one outage a backfill waits out; once the outage is older, requests fail at once until it ends.
+BURST_MAX_OUTAGE_S: Final = 1800.0
 
 
 class ArchiveError(Exception):
@@ -129,7 +141,7 @@ class RetryPolicy:
         ceiling = min(self.max_s, self.initial_s * 2 ** max(0, failures - 1))
         delay = rng.uniform(0, ceiling)
         if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_s * 10))
+            delay = max(delay, min(retry_after, self.max_s * 10, MAX_RETRY_AFTER_S))
         return delay
 
 
@@ -168,6 +180,8 @@ class OutageGate:
         self.paused_until = 0.0
         self.since: float | None = None
         self.pauses = 0
+        #: Seconds of one outage worth waiting out (None: all of it); see :attr:`exhausted`.
+        self.max_outage_s: float | None = None
 
     @property
     def in_outage(self) -> bool:
@@ -217,10 +231,27 @@ class OutageGate:
         if self.recorder is not None:
             self.recorder(self.status(), message)
 
-    async def wait(self) -> None:
-        """Return when requests may go out (at once unless an outage pause is running)."""
+    async def wait(self, limit_s: float = float("inf")) -> float:
+        """Return when requests may go out (at once unless an outage pause is running), or after ``limit_s``.
+
+        Returns the seconds waited; :attr:`paused` says whether the pause is still running.
+        """
+        started = time.monotonic()
         while (remaining := self.paused_until - time.monotonic()) > 0:
-            await asyncio.sleep(remaining)
+            left = limit_s - (time.monotonic() - started)
+            if left <= 0:
+                break
+            await asyncio.sleep(min(remaining, left))
+        return time.monotonic() - started
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_until > time.monotonic()
+
+    @property
+    def exhausted(self) -> bool:
+        """The outage has lasted longer than ``max_outage_s``: requests fail at once instead of waiting."""
+        return self.since is not None and self.max_outage_s is not None and time.monotonic() - self.since > self.max_outage_s
 
 
 @dataclass
@@ -259,6 +290,8 @@ class ArchiveClient:
         self._session: aiohttp.ClientSession | None = None
         self._login_lock = asyncio.Lock()
         self._login_generation = 0
+        #: Seconds one operation may wait for its retries and outage pauses (None: no bound).
+        self.max_wait_per_operation_s: float | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -316,6 +349,11 @@ class ArchiveClient:
             self._login_generation += 1
             log.info("session expired; logged in again as %s", self.credentials.username)
 
+    def bound_waiting(self, *, per_operation_s: float | None, per_outage_s: float | None) -> None:
+        """Bound what an operation waits for retries and pauses, and how much of one outage is waited out."""
+        self.max_wait_per_operation_s = per_operation_s
+        self.gate.max_outage_s = per_outage_s
+
     @property
     def login_generation(self) -> int:
         return self._login_generation
@@ -341,22 +379,33 @@ class ArchiveClient:
         """
         limit = max_attempts or self.policy.max_attempts
         failures = count or FailureCount()
+        bound = self.max_wait_per_operation_s
+        waited = [0.0]
+
+        def wait_left() -> float:
+            return float("inf") if bound is None else max(0.0, bound - waited[0])
 
         def stop(state: RetryCallState) -> bool:
             # Failures during an outage do not count, but even they are bounded so that a run ends.
-            return failures.counted >= limit or failures.total >= limit * OUTAGE_ATTEMPTS_FACTOR
+            used_up = failures.counted >= limit or failures.total >= limit * OUTAGE_ATTEMPTS_FACTOR
+            return used_up or wait_left() <= 0 or self.gate.exhausted
 
         def wait(state: RetryCallState) -> float:
             err = state.outcome.exception() if state.outcome is not None else None
             retry_after = err.retry_after if isinstance(err, TransientError) else None
-            return self.policy.delay(max(1, failures.counted), retry_after)
+            delay = min(self.policy.delay(max(1, failures.counted), retry_after), wait_left())
+            waited[0] += delay
+            return delay
 
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientError), stop=stop, wait=wait, reraise=True
         )
         async for attempt in retrying:
             with attempt:
-                await self.gate.wait()
+                if not self.gate.exhausted:  # past the bound, each operation tries once, without waiting
+                    waited[0] += await self.gate.wait(wait_left())
+                    if self.gate.paused:
+                        raise TransientError("archive outage: this operation's bound on waiting is used up")
                 generation = self._login_generation
                 try:
                     result = await operation()

@@ -3,10 +3,15 @@
 Fields: ``attempts`` counts the failed requests for a file's URL (HEAD, GET, header reads,
 the flat LED read at planning) plus the one that brought it to disk, so for a file on disk
 ``attempts - 1`` is its number of failed requests; ``last_error`` and ``http_status`` hold the
-last failure. A file given up on ends ``missing`` with a ``retry_at`` while refusals remain
-(refusals are counted as :data:`MISSING_EVENT` events; ``retry_at`` is NULL once
-``max_refusals`` are used up), or ``corrupt`` when its body failed verification every time.
+last failure. A file the archive refuses ends ``missing`` with a ``retry_at`` while refusals
+remain (refusals are counted as :data:`MISSING_EVENT` events; ``retry_at`` is NULL once
+``max_refusals`` are used up). A download that fails as a whole (its body failed verification
+every time: ``corrupt``; an unexpected local error: ``missing``) is counted as a
+:data:`DOWNLOAD_FAILED_EVENT` and gets the retry date its caller gives (NULL: parked).
 Every state change goes through :meth:`Ledger.set_file_state`, which checks the state machine.
+
+Which files are due is decided here only (:data:`FETCH_NOW_STATES`, :data:`RETRY_STATES` and
+:func:`download_candidates`); the fetcher takes every state listed there.
 """
 
 from __future__ import annotations
@@ -20,13 +25,23 @@ from typing import Any, Final, Protocol
 from streamer.ledger.core import Ledger
 
 MISSING_EVENT: Final = "file_missing"
+#: Event of a download that failed as a whole (see the module docstring); counted per file.
+DOWNLOAD_FAILED_EVENT: Final = "download_failed"
+#: Event of a file parked because a loop picked it again and again without any change.
+PARKED_EVENT: Final = "file_parked"
+#: States fetched at once: not on disk and not given up. A ``deleted`` file listed here is needed again
+#: (pinned by an unfinished job, or kept) and goes back to ``wanted`` first.
+FETCH_NOW_STATES: Final = ("wanted", "deleted", "reserved", "downloading")
+#: States given up on for a while: fetched again once ``retry_at`` has come, outside a burst (NULL: parked).
+RETRY_STATES: Final = ("missing", "corrupt")
 #: meta key holding the archive's outage state as JSON (``{"outage": bool, "since": t, "until": t, "delay_s": s, ...}``).
 OUTAGE_META_KEY: Final = "archive.outage"
 
-# A file is due when it is not on disk and was not given up on, or when a refused file's retry date has come.
+# A file is due when it is not on disk and was not given up on, or when a given-up file's retry date has come.
 _DUE: Final = (
-    "(f.state IN ('wanted', 'deleted', 'corrupt', 'reserved') "
-    " OR (f.state = 'missing' AND :burst = 0 AND f.retry_at <= :now AND f.attempts < :max_missing))"
+    "(f.state IN ('wanted', 'deleted', 'reserved') "
+    " OR (f.state = 'missing' AND :burst = 0 AND f.retry_at <= :now AND f.attempts < :max_missing)"
+    " OR (f.state = 'corrupt' AND :burst = 0 AND f.retry_at <= :now))"
 )
 
 
@@ -44,8 +59,9 @@ def download_candidates(
 
     First the files that unfinished jobs (waiting, ready, failed) pin, in the order of the
     first job that pins each, then the files that consumers keep, by id; only files with a URL.
-    A file is due when it is wanted, deleted, corrupt or reserved, or missing with its retry
-    date passed and fewer than ``max_missing`` attempts, except during a ``burst``.
+    A file is due when it is wanted, deleted or reserved; or, except during a ``burst``, missing
+    with its retry date passed and fewer than ``max_missing`` attempts, or corrupt with its retry
+    date passed (a corrupt or missing file without a retry date is parked).
     """
     params = {"burst": int(burst), "now": now, "max_missing": max_missing, "n": limit + len(exclude)}
     pinned = ledger.rows(
@@ -134,7 +150,7 @@ def record_missing(
     request is not yet counted in ``attempts``. Each refusal is logged as a :data:`MISSING_EVENT`.
     """
     with ledger.transaction() as conn:
-        if _state(conn, file_id) == "corrupt":
+        if _state(conn, file_id) in ("corrupt", "deleted"):
             ledger.set_file_state(conn, file_id, "wanted")
         refusals = conn.execute(
             "SELECT COUNT(*) FROM events WHERE kind = ? AND file_id = ?", (MISSING_EVENT, file_id)
@@ -146,10 +162,58 @@ def record_missing(
     return retry_at
 
 
-def record_corrupt(ledger: Ledger, file_id: int, reason: str, status: int | None, *, count_request: bool = False) -> None:
-    """Give a file up as ``corrupt`` (its body failed verification every time), its reservation released."""
+def download_failures(ledger: Ledger, file_id: int) -> int:
+    """How many times a file's download failed as a whole (:data:`DOWNLOAD_FAILED_EVENT` events)."""
+    return int(
+        ledger.scalar("SELECT COUNT(*) FROM events WHERE kind = ? AND file_id = ?", (DOWNLOAD_FAILED_EVENT, file_id))
+        or 0
+    )
+
+
+def record_download_failure(
+    ledger: Ledger, file_id: int, relpath: str, reason: str, status: int | None, *, state: str,
+    retry_s: float | None, count_request: bool = False,
+) -> float | None:  # fmt: skip
+    """A download failed as a whole: ``state`` (``corrupt`` or ``missing``), its bytes released, retried ``retry_s``
+    from now (None: parked). Counted as a :data:`DOWNLOAD_FAILED_EVENT`; returns the retry date.
+    """
+    retry_at = None if retry_s is None else time.time() + retry_s
     with ledger.transaction() as conn:
-        _give_up(ledger, conn, file_id, "corrupt", reason, status, retry_at=None, count_request=count_request)
+        current = _state(conn, file_id)
+        if state == "corrupt" and current not in ("downloading", "corrupt", "on_disk"):
+            state = "missing"  # nothing was verified: the download never got a body
+        if state == "missing" and current in ("corrupt", "deleted"):
+            ledger.set_file_state(conn, file_id, "wanted")
+        _give_up(ledger, conn, file_id, state, reason, status, retry_at=retry_at, count_request=count_request)
+        when = "parked" if retry_at is None else "retry after " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(retry_at))
+        ledger.event(DOWNLOAD_FAILED_EVENT, f"{relpath}: {state}: {reason} ({when})", level="warning", file_id=file_id, conn=conn)
+    return retry_at
+
+
+def park_file(ledger: Ledger, file_id: int, relpath: str, reason: str) -> None:
+    """Give a file up for good (``missing``, no retry date, bytes released) because a loop made no progress with it."""
+    with ledger.transaction() as conn:
+        if _state(conn, file_id) in ("corrupt", "deleted", "downloading"):
+            ledger.set_file_state(conn, file_id, "wanted")
+        previous = conn.execute("SELECT last_error FROM files WHERE id = ?", (file_id,)).fetchone()[0]
+        message = reason if not previous else f"{reason}; last error: {previous}"
+        _give_up(ledger, conn, file_id, "missing", message, None, retry_at=None, count_request=False)
+        ledger.event(PARKED_EVENT, f"{relpath}: {message}", level="error", file_id=file_id, conn=conn)
+
+
+def want_again(ledger: Ledger, file_id: int) -> None:
+    """A ``deleted`` file that is needed again (pinned or kept) is ``wanted``: it is fetched like a new one."""
+    with ledger.transaction() as conn:
+        ledger.set_file_state(conn, file_id, "wanted", expect=("deleted",), retry_at=None)
+
+
+def forget_implausible_sizes(ledger: Ledger, max_bytes: int) -> int:
+    """Drop expected sizes that no file can have (<= 0 or > ``max_bytes``): they are asked again. Returns how many."""
+    with ledger.transaction() as conn:
+        return conn.execute(
+            "UPDATE files SET expected_size = NULL WHERE expected_size IS NOT NULL AND (expected_size <= 0 OR expected_size > ?)",
+            (max_bytes,),
+        ).rowcount
 
 
 def file_state(ledger: Ledger, file_id: int) -> str:

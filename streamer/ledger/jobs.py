@@ -233,7 +233,7 @@ def park_job(ledger: Ledger, job: dict[str, Any], message: str) -> None:
 
 
 def refetch_raw(ledger: Ledger, job: dict[str, Any], message: str, reason: str, unlink: Any) -> None:
-    """The job's raw is unreadable: ``unlink(relpath)`` it, mark it corrupt (to be fetched again), retry the job."""
+    """The job's raw is unreadable: ``unlink(relpath)`` it, mark it wanted (fetched again at once), retry the job."""
     with ledger.transaction() as conn:
         release_output_reservations(conn, job["id"])
         raws = conn.execute(
@@ -243,7 +243,7 @@ def refetch_raw(ledger: Ledger, job: dict[str, Any], message: str, reason: str, 
         ).fetchall()
         for file_id, relpath in raws:
             unlink(relpath)
-            ledger.set_file_state(conn, file_id, "corrupt", last_error=reason, disk_bytes=0)
+            ledger.set_file_state(conn, file_id, "wanted", last_error=reason, disk_bytes=0)
         ledger.set_job_state(conn, job["id"], "failed", error=message, not_before=time.time())
         ledger.event(
             "corrupt", f"{job['key']}: {reason}; fetching its raw file again", level="warning", job_id=job["id"], conn=conn

@@ -5,10 +5,14 @@ The arithmetic is :mod:`streamer.rules.budget`; the sizes come from :mod:`stream
 
 from __future__ import annotations
 
+import logging
+
+from streamer.archive.transfer import MAX_FILE_BYTES
 from streamer.config import Config, format_size
 from streamer.errors import UsageError
 from streamer.ledger import budget as sizes
 from streamer.ledger.core import Ledger
+from streamer.ledger.downloads import forget_implausible_sizes
 from streamer.rules.budget import minimum_budget_bytes, product_estimate_bytes
 from streamer.storage.paths import master_size_class
 
@@ -24,8 +28,18 @@ def minimum_budget(config: Config, ledger: Ledger) -> int:
     )
 
 
+log = logging.getLogger(__name__)
+
+
 def record_minimum(config: Config, ledger: Ledger) -> int:
-    """Compute the minimum workable budget and record it for status."""
+    """Compute the minimum workable budget and record it for status.
+
+    Sizes no file can have (a HEAD that lied, recorded by an older version) are dropped first, so
+    they are asked again and cannot hold the minimum up; ``reconcile --fix`` calls this too.
+    """
+    forgotten = forget_implausible_sizes(ledger, MAX_FILE_BYTES)
+    if forgotten:
+        log.warning("dropped %d recorded file sizes above %d bytes: they will be asked again", forgotten, MAX_FILE_BYTES)
     minimum = minimum_budget(config, ledger)
     ledger.set_meta("minimum_budget_bytes", str(minimum))
     return minimum

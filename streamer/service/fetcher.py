@@ -8,12 +8,13 @@ The way of one file (one ledger transaction per state change, see :mod:`streamer
 
 Permanent refusals (404, 403) end ``missing`` with the reason, the status and a retry date
 (``archive.missing_retry_hours`` later, none once ``archive.missing_max_attempts`` refusals are
-used up). Transient failures are retried by the client's policy; a file whose body fails
-verification every time ends ``corrupt``, one that fails otherwise every time ends ``missing``
-with a retry date. Any other error (an OSError such as a directory where the file goes) also
-ends ``missing`` with a retry date, its reservation released, and is raised as
-:class:`DownloadError`. Which files to fetch, in which order, is
-:func:`streamer.ledger.downloads.download_candidates`.
+used up). Transient failures are retried by the client's policy; a file that fails otherwise
+every time ends ``missing`` with a retry date. A download that fails as a whole (the body
+failed verification every time: ``corrupt``; any other error, an OSError such as a directory
+where the file goes: ``missing``, raised as :class:`DownloadError`) is retried after the
+growing delays of :mod:`streamer.rules.download_retry` and parked (no retry date) after its
+last failure; each is logged in one line. Which files to fetch, in which order, is
+:func:`streamer.ledger.downloads.download_candidates`; a ``deleted`` file it lists is wanted again.
 
 Status indicators: the meta key ``archive.outage`` (JSON from
 :meth:`~streamer.archive.client.OutageGate.status`, with ``"outage": true`` while downloads are
@@ -54,6 +55,7 @@ from streamer.config import StorageConfig
 from streamer.errors import StreamerError
 from streamer.ledger import downloads
 from streamer.ledger.core import Ledger
+from streamer.rules.download_retry import MAX_FILE_FAILURES, RetryFile, after_download_failure
 from streamer.storage.atomic import is_disk_full
 from streamer.storage.naming import NamingError
 from streamer.storage.nofollow import UnsafePathError, make_dirs_below
@@ -61,7 +63,7 @@ from streamer.storage.paths import check_archive_relpath, local_path
 
 log = logging.getLogger(__name__)
 
-DOWNLOADABLE_STATES: Final = ("wanted", "reserved", "downloading", "missing", "corrupt")
+DOWNLOADABLE_STATES: Final = downloads.FETCH_NOW_STATES + downloads.RETRY_STATES
 
 
 class DownloadError(StreamerError):
@@ -225,6 +227,23 @@ async def wait_out_full_disk(fetcher: Fetcher, file_id: int, relpath: str, messa
     return FetchOutcome(file_id, relpath, str(fetcher.ledger.file(file_id)["state"]), error=message)
 
 
+def failed_as_whole(
+    ledger: Ledger, row: dict[str, Any], reason: str, status: int | None, *, state: str, requests: int = 0,
+    count_request: bool = False,
+) -> FetchOutcome:  # fmt: skip
+    """Record a download that failed as a whole, with the retry date of its failure count (none: parked); log one line."""
+    failures = downloads.download_failures(ledger, row["id"]) + 1
+    action = after_download_failure(failures)
+    retry_s = action.delay_s if isinstance(action, RetryFile) else None
+    downloads.record_download_failure(
+        ledger, row["id"], row["relpath"], reason, status, state=state, retry_s=retry_s, count_request=count_request
+    )
+    when = "parked" if retry_s is None else f"retry in {retry_s:.0f} s"
+    log.warning("%s: %s, failure %d of %d (%s): %s", row["relpath"], state, failures, MAX_FILE_FAILURES, when, reason)
+    final_state = downloads.file_state(ledger, row["id"])
+    return FetchOutcome(row["id"], row["relpath"], final_state, requests + int(count_request), 0, reason, status)
+
+
 class Fetcher:
     """Takes the ledger's files to disk within the disk budget.
 
@@ -269,9 +288,10 @@ class Fetcher:
 
         Whatever goes wrong, the file does not stay ``reserved``/``downloading`` with bytes held:
         an error other than a StreamerError (or a cancellation) sets it ``missing`` with a retry
-        date, its reservation released, and is raised as :class:`DownloadError`.
+        date (none after its last failure), its reservation released, logs one line, and is
+        raised as :class:`DownloadError`.
         """
-        relpath = str(self.ledger.file(file_id)["relpath"])
+        row = self.ledger.file(file_id)
         try:
             return await self._fetch(file_id)
         except StreamerError:
@@ -279,13 +299,9 @@ class Fetcher:
         except Exception as err:
             message = " ".join(f"{type(err).__name__}: {err}".split())
             if is_disk_full(err):  # the filesystem's fault, not the file's: it waits for room
-                return await wait_out_full_disk(self, file_id, relpath, message)
-            log.error("%s: unexpected error: %s", relpath, message, exc_info=True)
-            downloads.record_missing(
-                self.ledger, file_id, relpath, f"unexpected error: {message}", None, retry_s=self.missing_retry_s,
-                max_refusals=self.missing_max_attempts, count_request=True,
-            )  # fmt: skip
-            raise DownloadError(f"{relpath}: {message}") from None
+                return await wait_out_full_disk(self, file_id, row["relpath"], message)
+            failed_as_whole(self.ledger, row, f"unexpected error: {message}", None, state="missing", count_request=True)
+            raise DownloadError(f"{row['relpath']}: {message}") from None
 
     async def probe_size(self, file_id: int) -> int:
         """The size of a planned file from a HEAD request, recorded as its expected size."""
@@ -301,10 +317,13 @@ class Fetcher:
         except NamingError as err:
             return self._give_up(row, f"unsafe or unknown path: {err}", None, retryable=False)
         state = row["state"]
-        if state == "on_disk" or state not in DOWNLOADABLE_STATES:
+        if state not in DOWNLOADABLE_STATES:
             return FetchOutcome(file_id, relpath, state)
-        if state == "missing" and (row["retry_at"] is None or row["retry_at"] > time.time()):
-            return FetchOutcome(file_id, relpath, "missing", error=row["last_error"], http_status=row["http_status"])
+        if state in downloads.RETRY_STATES and (row["retry_at"] is None or row["retry_at"] > time.time()):
+            return FetchOutcome(file_id, relpath, state, error=row["last_error"], http_status=row["http_status"])
+        if state == "deleted":
+            downloads.want_again(self.ledger, file_id)
+            row = self.ledger.file(file_id)
         try:
             prepare_directories(self.root, relpath, final)
             if final.exists() and await self._adopt_existing(row, final):
@@ -373,11 +392,11 @@ class Fetcher:
                         counts=counts, count=count, on_failure=failure_recorder(self.ledger, row),
                     )  # fmt: skip
                 except TransientError as err:
-                    state = "corrupt" if err.verification else "missing"
                     part_path(final).unlink(missing_ok=True)
                     reason = f"gave up after {count.total} failures: {err.reason}"
-                    return self._give_up(self.ledger.file(row["id"]), reason, err.status, state=state,
-                                         requests=counts.requests)  # fmt: skip
+                    if err.verification:
+                        return failed_as_whole(self.ledger, row, reason, err.status, state="corrupt", requests=counts.requests)
+                    return self._give_up(self.ledger.file(row["id"]), reason, err.status, requests=counts.requests)
                 except PermanentError as err:
                     part_path(final).unlink(missing_ok=True)
                     return self._give_up(
@@ -388,22 +407,19 @@ class Fetcher:
             return FetchOutcome(row["id"], row["relpath"], "on_disk", counts.requests, counts.bytes_transferred)
 
     def _give_up(
-        self, row: dict[str, Any], reason: str, status: int | None, *, state: str = "missing", requests: int = 0,
-        count_request: bool = False, retryable: bool = True,
+        self, row: dict[str, Any], reason: str, status: int | None, *, requests: int = 0, count_request: bool = False,
+        retryable: bool = True,
     ) -> FetchOutcome:  # fmt: skip
-        """Record a file as missing (with a retry date while refusals remain) or corrupt; release its bytes.
+        """Record a file as missing (with a retry date while refusals remain); release its bytes.
 
         ``count_request``: the refused request was not yet counted in ``attempts`` (permanent errors).
         """
-        if state == "missing":
-            downloads.record_missing(
-                self.ledger, row["id"], row["relpath"], reason, status, retry_s=self.missing_retry_s,
-                max_refusals=self.missing_max_attempts, retryable=retryable, count_request=count_request,
-            )  # fmt: skip
-        else:
-            downloads.record_corrupt(self.ledger, row["id"], reason, status, count_request=count_request)
-        log.warning("%s: %s: %s", row["relpath"], state, reason)
-        return FetchOutcome(row["id"], row["relpath"], state, requests + int(count_request), 0, reason, status)
+        downloads.record_missing(
+            self.ledger, row["id"], row["relpath"], reason, status, retry_s=self.missing_retry_s,
+            max_refusals=self.missing_max_attempts, retryable=retryable, count_request=count_request,
+        )  # fmt: skip
+        log.warning("%s: missing: %s", row["relpath"], reason)
+        return FetchOutcome(row["id"], row["relpath"], "missing", requests + int(count_request), 0, reason, status)
 
     # --- header-only files ----------------------------------------------------------------------
 

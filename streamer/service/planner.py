@@ -1,54 +1,115 @@
-"""The planning stage: search the archive for each due night, build its work graph, check the budget."""
+"""The planning stage: search the archive for each due night, build its work graph, check the budget.
+
+A night is planned once, unless its plan had no job: then it is planned again by the rules of
+:mod:`streamer.rules.replan` (by every later backfill; by a daemon after growing delays). The
+ledger's meta keeps, per night and CCD list, the job counts of the last plan
+(``planned:<night>:<ccds>``) and, for an empty one, the count of empty plans and the date of the
+next look (``empty_plan:<night>:<ccds>``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import Sequence
 
+from streamer.archive.client import BURST_MAX_OUTAGE_S, BURST_MAX_WAIT_PER_OPERATION_S
 from streamer.ledger import jobs as ledger_jobs
 from streamer.rules.nights import follow_nights
+from streamer.rules.replan import PlanRecord, next_look_s, plan_due, replan_delay
 from streamer.service.budget import check_budget
 from streamer.service.context import Context, wait_event
 from streamer.service.graph import build_night_graph
-from streamer.service.plan import plan_night
+from streamer.service.plan import PlanError, plan_night
 
 log = logging.getLogger("streamer.service")
 
+#: Seconds a backfill gives the planning of one night (searches, flat LED reads) before it gives up with an error.
+BURST_PLAN_TIMEOUT_S = 1800.0
+
 
 async def planner(ctx: Context, nights: Sequence[dt.date], ccds: Sequence[int]) -> None:
-    """Plan every due night once; in follow mode, look again every ``poll_minutes``."""
-    planned: set[dt.date] = set()
+    """Plan every due night; plan empty ones again when due; in follow mode, look again every ``poll_minutes``."""
+    if ctx.burst and ctx.client is not None:
+        ctx.client.bound_waiting(per_operation_s=BURST_MAX_WAIT_PER_OPERATION_S, per_outage_s=BURST_MAX_OUTAGE_S)
+    seen: set[dt.date] = set()
     while not ctx.stopping.is_set():
-        for night in [n for n in nights_due(ctx, nights) if n not in planned]:
+        for night in nights_due(ctx, nights):
             if ctx.stopping.is_set():
                 return
-            key = f"planned:{night.isoformat()}:{','.join(map(str, ccds))}"
-            if ctx.ledger.get_meta(key) is None:
-                await plan_one_night(ctx, night, ccds, key)
-            planned.add(night)
-            ctx.poke()
-        if ctx.burst or not ctx.config.follow.enabled:
-            ctx.planning_done.set()
-            ctx.poke()
+            if plan_due(plan_record(ctx, night, ccds), now=time.time(), burst=ctx.burst, seen_this_run=night in seen):
+                await plan_one_night(ctx, night, ccds)
+                ctx.poke()
+            seen.add(night)
+        ctx.planning_done.set()
+        ctx.poke()
+        if ctx.burst:
             return
-        await wait_event(ctx.stopping, ctx.config.follow.poll_minutes * 60)
+        wait = next_look_s([plan_record(ctx, n, ccds) for n in nights_due(ctx, nights)], now=time.time())
+        if ctx.config.follow.enabled:
+            wait = min(wait if wait is not None else float("inf"), ctx.config.follow.poll_minutes * 60)
+        if wait is None:
+            return
+        await wait_event(ctx.stopping, wait)
 
 
-async def plan_one_night(ctx: Context, night: dt.date, ccds: Sequence[int], key: str) -> None:
+def plan_key(night: dt.date, ccds: Sequence[int], what: str = "planned") -> str:
+    return f"{what}:{night.isoformat()}:{','.join(map(str, ccds))}"
+
+
+def plan_record(ctx: Context, night: dt.date, ccds: Sequence[int]) -> PlanRecord:
+    """What the ledger's meta says of this night's plans (see the module docstring)."""
+    counts = ctx.ledger.get_meta(plan_key(night, ccds))
+    if counts is None:
+        return PlanRecord(planned=False)
+    empty = ctx.ledger.get_meta(plan_key(night, ccds, "empty_plan"))
+    if empty is None:  # a ledger from before empty plans were counted: an empty one is due at once
+        no_job = sum(json.loads(counts).values()) == 0
+        return PlanRecord(planned=True, empty_plans=int(no_job), replan_at=0.0 if no_job else None)
+    record = json.loads(empty)
+    return PlanRecord(planned=True, empty_plans=int(record["plans"]), replan_at=record["replan_at"])
+
+
+async def plan_one_night(ctx: Context, night: dt.date, ccds: Sequence[int]) -> None:
     log.info("planning %s for CCDs %s", night, ",".join(map(str, ccds)))
-    await plan_night(ctx.client, ctx.ledger, ctx.config, night, ccds)
+    try:
+        async with asyncio.timeout(BURST_PLAN_TIMEOUT_S if ctx.burst else None):
+            await plan_night(ctx.client, ctx.ledger, ctx.config, night, ccds)
+    except TimeoutError:
+        raise PlanError(
+            f"night {night}: the archive did not answer its searches within {BURST_PLAN_TIMEOUT_S:.0f} s "
+            "(a backfill waits no longer; run it again later)"
+        ) from None
     counts = build_night_graph(
         ctx.ledger, night.isoformat(), ccds,
         bias_skip_first=ctx.config.detrend.bias_skip_first,
         focalplane=ctx.config.detrend.flat_normalisation == "focalplane", consumers=ctx.config.consumers,
         catalogue_layout=ctx.config.photometry.layout,
     )  # fmt: skip
-    ctx.ledger.set_meta(key, json.dumps(counts))
+    ctx.ledger.set_meta(plan_key(night, ccds), json.dumps(counts))
     ctx.ledger.event("plan", f"night {night}: jobs {counts}")
+    if sum(counts.values()) == 0:
+        record_empty_plan(ctx, night, ccds)
+    else:
+        ctx.ledger.set_meta(plan_key(night, ccds, "empty_plan"), json.dumps({"plans": 0, "replan_at": None}))
     await probe_sizes(ctx)
     check_budget(ctx.config, ctx.ledger)
+
+
+def record_empty_plan(ctx: Context, night: dt.date, ccds: Sequence[int]) -> None:
+    """Count one more empty plan of the night and schedule the daemon's next look (none after the last)."""
+    earlier = ctx.ledger.get_meta(plan_key(night, ccds, "empty_plan"))
+    plans = (0 if earlier is None else int(json.loads(earlier)["plans"])) + 1
+    delay = replan_delay(plans)
+    replan_at = None if delay is None else time.time() + delay
+    ctx.ledger.set_meta(plan_key(night, ccds, "empty_plan"), json.dumps({"plans": plans, "replan_at": replan_at}))
+    when = "a daemon looks no more" if delay is None else f"planned again in {delay / 3600:.0f} h by a daemon"
+    message = f"night {night}: nothing planned (empty plan {plans}); every backfill plans it again, {when}"
+    log.warning("%s", message)
+    ctx.ledger.event("plan_empty", message, level="warning")
 
 
 async def probe_sizes(ctx: Context) -> None:

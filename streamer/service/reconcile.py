@@ -49,6 +49,7 @@ from streamer.rules.retention import (
     footprint_from_header,
     is_kept,
 )
+from streamer.service.budget import record_minimum
 from streamer.storage.atomic import is_unfinished_name
 from streamer.storage.deleter import UnsafePathError, unlink_below
 from streamer.storage.naming import (
@@ -266,6 +267,8 @@ def run(config: Config, *, fix: bool, erasable_list: str | None) -> int:
                 f"(under {QUARANTINE_DIRECTORY}/, archive files to be downloaded again), "
                 "marked gone files, removed orphan .part files"
             )
+        if fix:
+            record_minimum(config, ledger)  # drops recorded sizes no file can have, and the minimum they made
     if erasable_list:
         count = 0
         with open(erasable_list, "w", encoding="utf-8") as out:
