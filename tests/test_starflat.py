@@ -88,6 +88,18 @@ def test_the_simulated_starflat_sequence_gives_back_its_quadrant_responses(tmp_p
     rms = float(np.sqrt(np.mean(np.square(differences))))
     assert rms < max(0.002, float(np.sqrt(np.mean(np.square(errors))))), (differences, errors)
     assert (out / "starflat_ccd_zr.png").stat().st_size > 1000
+    # the night's QA report shows the same pattern in its per-quadrant zero-points (ZP grows by 2.5 log10 R)
+    report = run_cli(config, "report", "--night", NIGHT.isoformat(), "--out", str(tmp_path / "report"), "--json")
+    assert report.returncode == 0, report.stderr
+    zero_points = json.loads(report.stdout)["zero_points"]
+    by_exposure: dict[int, dict[int, float]] = {}
+    for zp in zero_points:
+        by_exposure.setdefault(zp["expid"], {})[zp["rcid"]] = zp["zp"]
+    complete = [zps for zps in by_exposure.values() if set(zps) == set(injected)]
+    assert len(complete) >= 5
+    offsets = {rcid: float(np.mean([zps[rcid] - np.mean(list(zps.values())) for zps in complete])) for rcid in injected}
+    expected = {rcid: 2.5 * np.log10(r) for rcid, r in injected.items()}  # injected is already relative to its mean
+    assert max(abs(offsets[r] - expected[r]) for r in injected) < 0.006  # mag; the pattern spans 0.036 mag
     elsewhere = run_cli(config, "starflat", "--start", "2021-01-01", "--end", "2021-01-02", "--out", str(out))
     assert elsewhere.returncode == 1 and "no catalogue on disk" in elsewhere.stderr and elsewhere.stderr.count("\n") == 1
 
