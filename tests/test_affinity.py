@@ -155,10 +155,10 @@ def _busy_worker(service_pid: int, timeout: float) -> psutil.Process | None:
 
 
 def test_a_filter_rotating_night_on_two_workers_stays_warm(tmp_path: Path, night: Path, base_url: str) -> None:
-    """Dispatch without affinity gives 40 of 48 warm on this night (both workers join each of the 4 filter
-    blocks: 8 cold); with it, runs gave 43 to 45, depending on when each filter's masters become ready.
-    The test asks for 42 (87.5 %): above what no affinity gives, below the spread of the races. The 90 %
-    figure of the issue is measured by ``bench.night`` (BENCHMARKS.md)."""
+    """Dispatch without affinity (each free worker takes the first ready job) gives 40 of 48 warm on this
+    night, in every run tried (both workers join each of the 4 filter blocks: 8 cold); with it, runs gave
+    43 (45 before the faster kernels), depending on when each filter's masters become ready. The test asks
+    for more than 40. The 90 % figure of the issue is measured by ``bench.night`` (BENCHMARKS.md)."""
     config = config_for(tmp_path, night, base_url, budget=UNLIMITED, workers=2)
     result = subprocess.run(streamer_cmd(config, *backfill_args(NIGHT, NIGHT)), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -168,7 +168,7 @@ def test_a_filter_rotating_night_on_two_workers_stays_warm(tmp_path: Path, night
     warm = sum(r["masters_from_disk"] == 0 for r in results)
     workers = {r["task"]["pid"] for r in results}
     assert len(workers) == 2, "both workers should have run exposures"
-    assert warm >= 42, f"{warm} of {SCIENCE} exposures warm"
+    assert warm > 40, f"{warm} of {SCIENCE} exposures warm"
 
 
 def test_a_worker_killed_mid_night_has_its_job_resubmitted(tmp_path: Path, night: Path, base_url: str) -> None:
