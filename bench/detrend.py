@@ -37,13 +37,12 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import datetime as dt  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench import median_cpu_seconds  # noqa: E402
 from streamer.config import DetrendConfig  # noqa: E402
 from streamer.detrend import calibrate, fused, masks, pocket, reference  # noqa: E402
 from streamer.detrend import nonlinearity as nl  # noqa: E402
@@ -84,12 +83,7 @@ def masters(rng: np.random.Generator) -> tuple[MasterQuadrant, MasterQuadrant]:
 
 def cpu_seconds(action: Callable[[], object], repeat: int) -> float:
     action()  # compile or load the cache; first touch
-    times = []
-    for _ in range(repeat):
-        start = time.process_time()
-        action()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+    return median_cpu_seconds(action, repeat)
 
 
 def largest_difference(got: calibrate.DetrendedQuadrant, want: calibrate.DetrendedQuadrant) -> tuple[float, bool]:

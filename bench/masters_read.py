@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import median_cpu_seconds
+
 NIGHT = dt.date(2021, 3, 2)
 CCD = 7
 FILTER = "zi"  # 3 LEDs: the smallest complete flat sequence
@@ -90,12 +92,7 @@ def write_format1(path: Path, quadrants: dict[int, Any]) -> int:
 
 def cpu_ms(call: Callable[[], object], repeat: int) -> float:
     """Median CPU milliseconds of ``call()``."""
-    times = []
-    for _ in range(repeat):
-        started = time.process_time()
-        call()
-        times.append(time.process_time() - started)
-    return 1000.0 * statistics.median(times)
+    return 1000.0 * median_cpu_seconds(call, repeat)
 
 
 def main(argv: list[str] | None = None) -> int:

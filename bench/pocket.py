@@ -25,12 +25,10 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import datetime as dt  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench import median_cpu_seconds  # noqa: E402
 from streamer.detrend import pocket  # noqa: E402
 from streamer.detrend.readout import OVERSCAN_COLUMNS, QUADRANT_SHAPE  # noqa: E402
 
@@ -50,15 +48,6 @@ def true_quadrant(rng: np.random.Generator) -> np.ndarray:
     return true
 
 
-def cpu_seconds(action: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.process_time()
-        action()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -72,9 +61,9 @@ def main() -> None:
 
     corrected = pocket.correct(observed, p)
     residual = float(np.sqrt(np.mean((corrected - true)[:, : QUADRANT_SHAPE[1]].astype(np.float64) ** 2)))
-    correct_s = cpu_seconds(lambda: pocket.correct(observed, p), args.repeat)
-    forward_s = cpu_seconds(lambda: pocket.forward(true, p), args.repeat)
-    floor_s = cpu_seconds(lambda: observed * np.float32(1.0001), args.repeat)
+    correct_s = median_cpu_seconds(lambda: pocket.correct(observed, p), args.repeat)
+    forward_s = median_cpu_seconds(lambda: pocket.forward(true, p), args.repeat)
+    floor_s = median_cpu_seconds(lambda: observed * np.float32(1.0001), args.repeat)
 
     print(f"quadrant {observed.shape[0]} x {observed.shape[1]} float32, CCD 6 q1, sky {SKY:.0f} ADU, "
           f"median of {args.repeat}, CPU s, 1 thread")  # fmt: skip
