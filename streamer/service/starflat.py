@@ -20,6 +20,7 @@ from streamer.errors import StreamerError
 from streamer.ledger import report as queries
 from streamer.ledger.core import Ledger
 from streamer.storage.atomic import write_atomically
+from streamer.storage.naming import ccd_quadrant_of
 from streamer.work import starflat
 from streamer.work.report_figures import draw_rcid_map
 
@@ -63,7 +64,7 @@ def _write_table(path: Path, variant: str, band: str, solution: starflat.Starfla
     writer = csv.writer(text)
     writer.writerow(TABLE_COLUMNS)
     for q in solution.quadrants:
-        writer.writerow([variant, band, q.rcid, q.rcid // 4 + 1, q.rcid % 4 + 1, f"{q.response:.6f}", f"{q.error:.6f}",
+        writer.writerow([variant, band, q.rcid, *ccd_quadrant_of(q.rcid), f"{q.response:.6f}", f"{q.error:.6f}",
                          q.measurements, q.stars])  # fmt: skip
     data = text.getvalue().encode()
     write_atomically(path, lambda handle: handle.write(data))

@@ -251,3 +251,10 @@ def rcid_of(ccdid: int, qid: int) -> int:
     _check_common(0, ccdid)
     _check_qid(qid)
     return 4 * (ccdid - 1) + qid - 1
+
+
+def ccd_quadrant_of(rcid: int) -> tuple[int, int]:
+    """(ccdid, qid) of readout channel ``rcid`` 0..63: the inverse of :func:`rcid_of`."""
+    if not 0 <= rcid <= 63:
+        raise NamingError(f"rcid {rcid}: expected 0..63")
+    return rcid // 4 + 1, rcid % 4 + 1

@@ -32,6 +32,8 @@ from streamer.config import format_size
 from streamer.formats import masters as masterio
 from streamer.photometry import FLAG_EDGE, FLAG_MASKED, FLAG_NONFINITE
 from streamer.storage.atomic import write_atomically
+from streamer.storage.naming import rcid_of
+from streamer.work import report_figures
 
 ZP_MIN_SNR: Final = 20.0
 ZP_RADIUS_PX: Final = 3.0
@@ -139,15 +141,19 @@ def catalogue_zero_points(table: Any) -> list[dict[str, Any]]:
             continue
         rows.append({
             "expid": int(columns["expid"][0]), "filtercode": str(columns["filtercode"][0]),
-            "ccdid": int(columns["ccdid"][0]), "qid": qid, "rcid": 4 * (int(columns["ccdid"][0]) - 1) + qid - 1,
+            "ccdid": int(columns["ccdid"][0]), "qid": qid, "rcid": rcid_of(int(columns["ccdid"][0]), qid),
             "zp": float(np.median(chosen)), "scatter": robust_sigma(chosen), "stars": int(chosen.size), "radius": radii[k],
         })  # fmt: skip
     return rows
 
 
+def _no_counts() -> dict[str, int]:
+    return {"measurements": 0, "flagged": 0, **dict.fromkeys(FLAG_NAMES, 0)}
+
+
 def catalogue_flags(table: Any) -> dict[str, int]:
     """Measurements (source x radius) of one apcat, those with any flag, and those with each flag."""
-    counts = {"measurements": 0, "flagged": 0, **dict.fromkeys(FLAG_NAMES, 0)}
+    counts = _no_counts()
     for k in range(radius_count(table.column_names)):
         flags = np.asarray(table.column(f"f_{k}_f").to_numpy(zero_copy_only=False), dtype=np.int64)
         counts["measurements"] += int(flags.size)
@@ -228,8 +234,6 @@ def build_report(records: NightRecords, out: Path) -> Report:
         "missing_files": [dict(m) for m in records.missing],
         "jobs": job_problems(records.jobs),
     }
-    from streamer.work import report_figures
-
     report.figures = report_figures.draw(report, thumbnails, out)
     _write_bytes(out / "report.json", json.dumps(_as_json(report), indent=1).encode())
     _write_bytes(out / "index.html", render_html(report).encode())
@@ -259,7 +263,7 @@ def _masters(records: NightRecords, report: Report) -> dict[str, list[npt.NDArra
 
 
 def _sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    total = {"measurements": 0, "flagged": 0, **dict.fromkeys(FLAG_NAMES, 0)}
+    total = _no_counts()
     for one in counts:
         for key, value in one.items():
             total[key] += value

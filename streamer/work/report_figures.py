@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamer.storage.atomic import write_atomically
+from streamer.storage.naming import ccd_quadrant_of
 
 if TYPE_CHECKING:
     from streamer.work.report import Report
@@ -83,7 +84,8 @@ def _rcid_map_figure(values: Mapping[int, float], title: str, label: str) -> Any
     plt = _pyplot()
     grid = np.full((8, 8), np.nan)
     for rcid, value in values.items():
-        ccd, qid = rcid // 4, rcid % 4 + 1
+        ccdid, qid = ccd_quadrant_of(rcid)
+        ccd = ccdid - 1
         row, col = QUADRANT_CELL[qid]
         grid[2 * (ccd // 4) + row, 2 * (ccd % 4) + col] = value
     figure, axis = plt.subplots(figsize=(5.5, 4.8))
