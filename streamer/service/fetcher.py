@@ -381,30 +381,29 @@ class Fetcher:
         size = known_size(row) or await self._head_size(row, count)
         reservation = reservation_for(row["kind"], size)
         counts = TransferCounts()
-        while True:
-            await self.disk.wait_for_room(reservation)
-            await self._reserve(self.ledger.file(row["id"]), reservation)
-            async with self.slots:
-                downloads.mark_downloading(self.ledger, row["id"])
-                try:
-                    await download(
-                        self.client, row["url"], final, kind=row["kind"], size=size, shape=self._shape_for(row),
-                        counts=counts, count=count, on_failure=failure_recorder(self.ledger, row),
-                    )  # fmt: skip
-                except TransientError as err:
-                    part_path(final).unlink(missing_ok=True)
-                    reason = f"gave up after {count.total} failures: {err.reason}"
-                    if err.verification:
-                        return failed_as_whole(self.ledger, row, reason, err.status, state="corrupt", requests=counts.requests)
-                    return self._give_up(self.ledger.file(row["id"]), reason, err.status, requests=counts.requests)
-                except PermanentError as err:
-                    part_path(final).unlink(missing_ok=True)
-                    return self._give_up(
-                        self.ledger.file(row["id"]), err.reason, err.status, requests=counts.requests - 1,
-                        count_request=err.status is not None,
-                    )  # fmt: skip
-                mark_on_disk(self.ledger, row, final, status=200)
-            return FetchOutcome(row["id"], row["relpath"], "on_disk", counts.requests, counts.bytes_transferred)
+        await self.disk.wait_for_room(reservation)
+        await self._reserve(self.ledger.file(row["id"]), reservation)
+        async with self.slots:
+            downloads.mark_downloading(self.ledger, row["id"])
+            try:
+                await download(
+                    self.client, row["url"], final, kind=row["kind"], size=size, shape=self._shape_for(row),
+                    counts=counts, count=count, on_failure=failure_recorder(self.ledger, row),
+                )  # fmt: skip
+            except TransientError as err:
+                part_path(final).unlink(missing_ok=True)
+                reason = f"gave up after {count.total} failures: {err.reason}"
+                if err.verification:
+                    return failed_as_whole(self.ledger, row, reason, err.status, state="corrupt", requests=counts.requests)
+                return self._give_up(self.ledger.file(row["id"]), reason, err.status, requests=counts.requests)
+            except PermanentError as err:
+                part_path(final).unlink(missing_ok=True)
+                return self._give_up(
+                    self.ledger.file(row["id"]), err.reason, err.status, requests=counts.requests - 1,
+                    count_request=err.status is not None,
+                )  # fmt: skip
+            mark_on_disk(self.ledger, row, final, status=200)
+        return FetchOutcome(row["id"], row["relpath"], "on_disk", counts.requests, counts.bytes_transferred)
 
     def _give_up(
         self, row: dict[str, Any], reason: str, status: int | None, *, requests: int = 0, count_request: bool = False,
