@@ -112,8 +112,9 @@ class DiskSampler:
         return max(self.samples, default=0)
 
 
-def part_files(store: Path) -> list[Path]:
-    return [p for p in store.rglob("*") if p.is_file() and (p.name.endswith(".part") or p.name.endswith(".zpart"))]
+def unfinished_files(store: Path) -> list[Path]:
+    """Partial downloads and temporaries of atomic writes under ``store`` (suffixes written here, not imported)."""
+    return [p for p in store.rglob("*") if p.is_file() and p.name.endswith((".part", ".zpart", ".tmp"))]
 
 
 def wait_for(predicate: Any, timeout: float, period: float = 0.2) -> bool:

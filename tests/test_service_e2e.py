@@ -29,7 +29,6 @@ from e2e import (
     backfill_args,
     catalogues,
     config_for,
-    part_files,
     run_cli,
     status_json,
     store_of,
@@ -135,17 +134,6 @@ def test_budget_below_minimum_is_refused_with_the_number(tmp_path: Path, archive
     assert "minimum workable budget" in result.stderr and "Traceback" not in result.stderr
 
 
-def _progress(ledger: Path) -> int:
-    """Jobs done plus files on disk, read from the ledger (0 while it cannot be read)."""
-    try:
-        with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as conn:
-            jobs = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0]
-            files = conn.execute("SELECT COUNT(*) FROM files WHERE state = 'on_disk'").fetchone()[0]
-            return int(jobs) + int(files)
-    except sqlite3.Error:
-        return 0
-
-
 def _wait_while_running(process: subprocess.Popen[str], predicate: Callable[[], bool], timeout: float) -> bool:
     """Whether ``predicate`` held while ``process`` was still running, within ``timeout`` seconds."""
     return wait_for(lambda: process.poll() is not None or predicate(), timeout, period=0.05) and process.poll() is None
@@ -155,36 +143,6 @@ def _stop(process: subprocess.Popen[str]) -> None:
     if process.poll() is None:
         process.kill()
     process.communicate(timeout=60)
-
-
-def test_kill_nine_five_times_then_identical_catalogues(
-    reference: dict[str, list[dict[str, object]]], tmp_path: Path, archive: Path, base_url: str
-) -> None:
-    config = config_for(tmp_path, archive, base_url, budget=max(_raw_bytes(archive) // 2, 30 * 10**6))
-    ledger = store_of(config) / "ledger.sqlite"
-    rng = random.Random(7)
-    planned, killed = 5, 0
-    for round_ in range(planned):
-        before = _progress(ledger)
-        process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
-        try:
-            # each kill lands after the ledger shows new progress (a job done or a file on disk) and before the end
-            moved = _wait_while_running(process, lambda baseline=before: _progress(ledger) > baseline, timeout=120)
-            assert moved, f"round {round_}: the backfill exited (code {process.returncode}) or made no progress before the kill"
-            time.sleep(rng.uniform(0.0, 0.3))
-            os.kill(process.pid, signal.SIGKILL)
-            if process.wait(timeout=60) == -signal.SIGKILL:
-                killed += 1  # the kill, not a normal exit just before it, ended the process
-        finally:
-            _stop(process)
-    assert killed == planned, f"{killed} of {planned} kills reached a running backfill"
-    assert _progress(ledger) > 0
-    result = run_cli(config, *backfill_args())
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert catalogues(store_of(config)) == reference
-    assert part_files(store_of(config)) == []
-    check = run_cli(config, "reconcile")
-    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_sigterm_stops_within_30_s_and_the_next_start_continues(

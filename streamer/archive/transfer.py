@@ -48,6 +48,7 @@ from streamer.archive.client import (
     transient_from_exception,
 )
 from streamer.archive.verify import BLOCK, VerificationError, header_end, verify_fits
+from streamer.crashpoints import crash_point
 from streamer.storage.atomic import fsync_directory
 from streamer.storage.nofollow import UnsafePathError
 
@@ -131,8 +132,10 @@ def replace_durably(source: Path, final: Path) -> None:
     """fsync ``source``, rename it to ``final`` and fsync the directory."""
     with open(source, "rb+") as handle:
         os.fsync(handle.fileno())
+    crash_point("rename", final.name)
     os.replace(source, final)
     fsync_directory(final.parent)
+    crash_point("renamed", final.name)
 
 
 def compress_mask(source: Path, target: Path) -> None:

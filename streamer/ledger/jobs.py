@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from streamer.crashpoints import crash_point
 from streamer.ledger.core import Ledger
 
 UNFINISHED = ("waiting", "ready", "failed")
@@ -198,6 +199,7 @@ def record_done(
         conn.execute(
             "UPDATE files SET last_used = ? WHERE id IN (SELECT file_id FROM pins WHERE job_id = ?)", (now, job["id"])
         )
+        crash_point("record", job["key"])
 
 
 def requeue_job(ledger: Ledger, job: dict[str, Any], reason: str) -> None:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Final
 
+from streamer.crashpoints import crash_point
+
 TEMPORARY_SUFFIX: Final = ".tmp"
 #: The errors of a filesystem without room: no space left, or the quota used up.
 DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -112,6 +114,7 @@ def write_atomically(path: Path | str, write: Callable[[BinaryIO], object]) -> P
         with open(temporary, "wb") as handle:
             write(handle)
             handle.flush()
+            crash_point("write", target.name)
             os.fsync(handle.fileno())
         os.replace(temporary, target)
     except BaseException as err:

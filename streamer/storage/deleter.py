@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from streamer.crashpoints import crash_point
 from streamer.ledger.core import Ledger
 from streamer.ledger.files import files_in_states, still_deletable
 from streamer.storage.nofollow import UnsafePathError, checked_parts, open_dir_below
@@ -60,6 +61,7 @@ def delete_files(ledger: Ledger, root: Path, rows: Sequence[dict[str, Any]]) -> 
             if not still_deletable(conn, row["id"]):
                 continue  # pinned, kept or moved since it was chosen
             ledger.set_file_state(conn, row["id"], "deleting", expect=("on_disk",))
+        crash_point("unlink", row["relpath"])
         freed += finish_deletion(ledger, root, row["id"], row["relpath"])
     return freed
 
