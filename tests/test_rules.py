@@ -7,7 +7,17 @@ import datetime as dt
 import pytest
 
 from streamer.rules.calibration import CalibrationUnavailable, Fallback, MasterOption, choose_fallback
-from streamer.rules.failures import JOB_BACKOFF_S, Block, Park, Refetch, Requeue, Retry, failure_action
+from streamer.rules.failures import (
+    JOB_BACKOFF_S,
+    MAX_WORKER_LOSSES,
+    WORKER_LOST_BACKOFF_S,
+    Block,
+    Park,
+    Refetch,
+    Requeue,
+    Retry,
+    failure_action,
+)
 from streamer.rules.nights import follow_nights, night_range
 from streamer.rules.readiness import Blocked, NeedsMaster, PinnedInput, Ready, Wait, readiness
 from streamer.rules.reservations import PendingOutput, plan_reservations
@@ -119,8 +129,21 @@ def test_reservations_that_all_fit_exactly() -> None:
 # --- failure policy ------------------------------------------------------------------------
 
 
-def test_a_dead_worker_requeues_whatever_the_attempts() -> None:
-    assert failure_action("worker_lost", "died", attempts_before=9, max_attempts=3) == Requeue()
+def test_a_dead_worker_requeues_after_a_short_pause_whatever_the_attempts() -> None:
+    # a worker loss is not an attempt: a job with its last attempt left is run again, not parked
+    first = failure_action("worker_lost", "died", attempts_before=9, max_attempts=3)
+    assert first == Requeue(WORKER_LOST_BACKOFF_S[0])
+    assert failure_action("worker_lost", "died", attempts_before=2, max_attempts=3, worker_losses_before=1) == Requeue(
+        WORKER_LOST_BACKOFF_S[1]
+    )
+    assert all(0 < d < JOB_BACKOFF_S[-1] for d in WORKER_LOST_BACKOFF_S)  # a pause, never "at once"
+
+
+def test_a_job_its_worker_dies_under_again_and_again_is_parked_with_the_count() -> None:
+    actions = [failure_action("worker_lost", "died", attempts_before=0, max_attempts=3, worker_losses_before=n) for n in range(5)]
+    assert MAX_WORKER_LOSSES == 3
+    assert [type(a) for a in actions] == [Requeue, Requeue, Park, Park, Park]
+    assert actions[2] == Park("the worker process died under it 3 times in a row")
 
 
 def test_a_missing_calibration_blocks_with_its_reason() -> None:

@@ -4,7 +4,9 @@ Results arrive on a queue rather than in future callbacks, so an error while rec
 lost: a product the job did not write makes the job fail (and retry), and anything unexpected
 ends the service, whose restart puts the job back to ready. A job that found no room on the
 filesystem goes back to ready, its attempt not counted, what it wrote removed, and the disk pause
-holds new work until there is room (:mod:`streamer.service.diskspace`).
+holds new work until there is room (:mod:`streamer.service.diskspace`). A job whose worker process
+died runs again after a short pause, its attempt not counted, and is parked after a few such
+losses in a row (:mod:`streamer.rules.failures`).
 """
 
 from __future__ import annotations
@@ -92,10 +94,14 @@ def record_failure(ctx: Context, item: Submitted, error: BaseException) -> None:
     if isinstance(error, BrokenProcessPool):
         ctx.executor.replace(item.generation)  # only the pool this job ran in: a newer one keeps its jobs
     kind, reason = error_class(error)
-    action = failure_action(kind, reason, attempts_before=job["attempts"], max_attempts=ctx.config.service.max_task_attempts)
+    action = failure_action(
+        kind, reason, attempts_before=job["attempts"], max_attempts=ctx.config.service.max_task_attempts,
+        worker_losses_before=job["worker_losses"],
+    )  # fmt: skip
     message = f"{type(error).__name__}: {error}"
     if isinstance(action, Requeue):
-        ledger_jobs.requeue_job(ctx.ledger, job, reason)
+        ledger_jobs.requeue_job(ctx.ledger, job, reason, not_before=time.time() + action.delay_s)
+        log.warning("%s: %s; run again in %.0f s", job["key"], reason, action.delay_s)
         return
     if isinstance(action, WaitForDisk):
         wait_for_disk(ctx, item, reason)
@@ -106,7 +112,8 @@ def record_failure(ctx: Context, item: Submitted, error: BaseException) -> None:
         root = ctx.config.storage.root
         ledger_jobs.refetch_raw(ctx.ledger, job, message, reason, lambda relpath: unlink_below(root, relpath))
     elif isinstance(action, Park):
-        ledger_jobs.park_job(ctx.ledger, job, message)
+        message = f"{action.reason}; last error: {message}" if action.reason else message
+        ledger_jobs.park_job(ctx.ledger, job, message, worker_lost=kind == "worker_lost")
     elif isinstance(action, Retry):
         ledger_jobs.fail_job(ctx.ledger, job, message, not_before=time.time() + action.delay_s)
     log.warning("%s: %s", job["key"], message)
