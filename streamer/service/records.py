@@ -90,9 +90,16 @@ def error_class(error: BaseException) -> tuple[ErrorClass, str]:
 
 
 def record_failure(ctx: Context, item: Submitted, error: BaseException) -> None:
-    job = item.job
+    record_job_failure(ctx, item.job, error, generation=item.generation, outputs=item.call.outputs)
+
+
+def record_job_failure(
+    ctx: Context, job: dict[str, Any], error: BaseException, *, generation: int, outputs: tuple[str, ...]
+) -> None:
+    """The failure policy's action for a running ``job`` that failed with ``error`` (in the pool of
+    ``generation``), carried out in the ledger, with one log line; ``outputs``: the files it writes."""
     if isinstance(error, BrokenProcessPool):
-        ctx.executor.replace(item.generation)  # only the pool this job ran in: a newer one keeps its jobs
+        ctx.executor.replace(generation)  # only the pool this job ran in: a newer one keeps its jobs
     kind, reason = error_class(error)
     action = failure_action(
         kind, reason, attempts_before=job["attempts"], max_attempts=ctx.config.service.max_task_attempts,
@@ -104,7 +111,7 @@ def record_failure(ctx: Context, item: Submitted, error: BaseException) -> None:
         log.warning("%s: %s; run again in %.0f s", job["key"], reason, action.delay_s)
         return
     if isinstance(action, WaitForDisk):
-        wait_for_disk(ctx, item, reason)
+        wait_for_disk(ctx, job, outputs, reason)
         return
     if isinstance(action, Block):
         ledger_jobs.block_job(ctx.ledger, job, action.reason)
@@ -119,16 +126,15 @@ def record_failure(ctx: Context, item: Submitted, error: BaseException) -> None:
     log.warning("%s: %s", job["key"], message)
 
 
-
-def wait_for_disk(ctx: Context, item: Submitted, reason: str) -> None:
+def wait_for_disk(ctx: Context, job: dict[str, Any], outputs: tuple[str, ...], reason: str) -> None:
     """The job found no room: remove what it wrote, put it back to ready (uncounted), pause new work until there is room."""
     root = ctx.config.storage.root
     need = 0
-    for relpath in item.call.outputs:
+    for relpath in outputs:
         row = ctx.ledger.file_by_relpath(relpath)
         if row is not None and row["state"] == "on_disk":
             continue
         unlink_below(root, relpath)  # a product of this failed run, never recorded: it is made again
         need += estimate_product_bytes(ctx.ledger, relpath, kind_of(relpath) or "")
-    ledger_jobs.return_for_disk(ctx.ledger, item.job, reason)
-    ctx.disk.trip(f"{item.job['key']}: {reason}", need)
+    ledger_jobs.return_for_disk(ctx.ledger, job, reason)
+    ctx.disk.trip(f"{job['key']}: {reason}", need)
