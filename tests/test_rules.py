@@ -25,8 +25,8 @@ from streamer.rules.reservations import PendingOutput, plan_reservations
 D = dt.date
 
 
-def raw(state: str = "on_disk", attempts: int = 0, file_id: int = 1) -> PinnedInput:
-    return PinnedInput(file_id=file_id, kind="raw", state=state, attempts=attempts)
+def raw(state: str = "on_disk", attempts: int = 0, file_id: int = 1, *, parked: bool = False) -> PinnedInput:
+    return PinnedInput(file_id=file_id, kind="raw", state=state, attempts=attempts, relpath=f"raw/{file_id}.fits.fz", parked=parked)
 
 
 def master(producer_kind: str, producer_state: str = "done", state: str = "on_disk", file_id: int = 10) -> PinnedInput:
@@ -60,6 +60,28 @@ def test_missing_raw_is_settled_in_burst_mode_only_and_then_blocks_the_exposure(
 def test_missing_after_the_last_attempt_is_settled_in_follow_mode() -> None:
     inputs = [raw("missing", attempts=3), master("master_bias"), master("master_flat")]
     assert decide("exposure", inputs, burst=False) == Blocked("input not available: raw")
+
+
+@pytest.mark.parametrize("state", ["missing", "corrupt"])
+def test_a_parked_raw_blocks_its_exposure_at_once_in_follow_mode_naming_the_file(state: str) -> None:
+    # a master still being made: nothing else to wait for, the raw will never come
+    inputs = [raw(state, attempts=1, parked=True), master("master_bias"), master("master_flat", "running", "wanted")]
+    for burst in (False, True):
+        assert decide("exposure", inputs, burst=burst) == Blocked("inputs cannot be obtained: download given up for raw/1.fits.fz")
+
+
+def test_a_raw_waiting_for_its_retry_date_is_not_parked() -> None:
+    for state in ("missing", "corrupt"):
+        assert decide("exposure", [raw(state, attempts=1), master("master_bias"), master("master_flat")], burst=False) == Wait()
+
+
+@pytest.mark.parametrize("kind", ["master_bias", "led_flat"])
+def test_a_frame_combining_job_goes_on_without_a_parked_frame(kind: str) -> None:
+    parked = raw("corrupt", file_id=1, parked=True)
+    assert decide(kind, [parked, raw("on_disk", file_id=2)], burst=False) == Ready()
+    assert decide(kind, [parked, raw("missing", file_id=2, parked=True)], burst=False) == Blocked(
+        "no input frame could be downloaded"
+    )
 
 
 def test_failed_master_asks_for_another_nights_and_names_the_one_it_replaces() -> None:

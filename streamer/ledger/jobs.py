@@ -30,9 +30,11 @@ def candidate_jobs(ledger: Ledger, *, now: float, limit: int = 500) -> list[dict
 
 
 def pinned_inputs(ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
-    """A job's pinned files with the kind and state of the job that produces each (if any)."""
+    """A job's pinned files with the kind and state of the job that produces each (if any); ``parked``:
+    the file's download was given up for good (missing or corrupt without a retry date)."""
     return ledger.rows(
-        "SELECT f.id, f.kind, f.state, f.attempts, f.night, f.producer_job, "
+        "SELECT f.id, f.relpath, f.kind, f.state, f.attempts, f.night, f.producer_job, "
+        "(f.state IN ('missing', 'corrupt') AND f.retry_at IS NULL) AS parked, "
         "j.state AS producer_state, j.kind AS producer_kind "
         "FROM pins p JOIN files f ON f.id = p.file_id LEFT JOIN jobs j ON j.id = f.producer_job "
         "WHERE p.job_id = ?",

@@ -82,7 +82,8 @@ def job_readiness(ctx: Context, job: dict[str, Any]) -> Readiness:
     inputs = [
         PinnedInput(
             file_id=r["id"], kind=r["kind"], state=r["state"], attempts=r["attempts"],
-            producer_kind=r["producer_kind"], producer_state=r["producer_state"],
+            producer_kind=r["producer_kind"], producer_state=r["producer_state"], relpath=r["relpath"],
+            parked=bool(r["parked"]),
         )  # fmt: skip
         for r in ledger_jobs.pinned_inputs(ctx.ledger, job["id"])
     ]
