@@ -84,7 +84,7 @@ def record_done(ctx: Context, job: dict[str, Any], call: job_kinds.Call, result:
 def error_class(error: BaseException) -> tuple[ErrorClass, str]:
     """The failure policy's name for ``error``, with the reason to record."""
     if isinstance(error, BrokenProcessPool | WorkerLost):
-        return "worker_lost", "worker process died; retried"
+        return "worker_lost", f"worker process died ({type(error).__name__}: {error})"
     verdict = job_kinds.classify_failure(error)
     return verdict.kind, verdict.reason
 
@@ -108,7 +108,8 @@ def record_job_failure(
     message = f"{type(error).__name__}: {error}"
     if isinstance(action, Requeue):
         ledger_jobs.requeue_job(ctx.ledger, job, reason, not_before=time.time() + action.delay_s)
-        log.warning("%s: %s; run again in %.0f s", job["key"], reason, action.delay_s)
+        losses = job["worker_losses"] + 1
+        log.warning("%s: %s, %d in a row; run again in %.0f s", job["key"], reason, losses, action.delay_s)
         return
     if isinstance(action, WaitForDisk):
         wait_for_disk(ctx, job, outputs, reason)
