@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from streamer.errors import LedgerLockedError
-from streamer.ledger.core import Ledger, TransitionError
+from streamer.ledger.core import MIGRATIONS, Ledger, TransitionError
 
 
 def _exposure(ledger: Ledger, conn, ffd: str = "20200924431759", imgtype: str = "object") -> int:  # type: ignore[no-untyped-def]
@@ -84,6 +85,21 @@ def test_needed_but_missing() -> None:
         kept = ledger.want_file(conn, relpath="sci/k", kind="sciimg", kept=True)
         ledger.want_file(conn, relpath="sci/unneeded", kind="sciimg")
     assert [r["id"] for r in ledger.needed_but_missing()] == [kept]
+
+
+def test_a_ledger_of_schema_3_gains_the_worker_loss_count_and_keeps_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in MIGRATIONS[:3]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute("INSERT INTO jobs (kind, key, state, attempts, created) VALUES ('exposure', 'k', 'failed', 2, 0)")
+    conn.close()
+    with Ledger.open(path) as ledger:
+        assert ledger.scalar("PRAGMA user_version") == len(MIGRATIONS) == 4
+        assert ledger.rows("SELECT key, state, attempts, worker_losses FROM jobs") == [
+            {"key": "k", "state": "failed", "attempts": 2, "worker_losses": 0}
+        ]
 
 
 def test_recover_after_unclean_stop(tmp_path: Path) -> None:

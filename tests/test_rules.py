@@ -7,7 +7,17 @@ import datetime as dt
 import pytest
 
 from streamer.rules.calibration import CalibrationUnavailable, Fallback, MasterOption, choose_fallback
-from streamer.rules.failures import JOB_BACKOFF_S, Block, Park, Refetch, Requeue, Retry, failure_action
+from streamer.rules.failures import (
+    JOB_BACKOFF_S,
+    MAX_WORKER_LOSSES,
+    WORKER_LOST_BACKOFF_S,
+    Block,
+    Park,
+    Refetch,
+    Requeue,
+    Retry,
+    failure_action,
+)
 from streamer.rules.nights import follow_nights, night_range
 from streamer.rules.readiness import Blocked, NeedsMaster, PinnedInput, Ready, Wait, readiness
 from streamer.rules.reservations import PendingOutput, plan_reservations
@@ -15,8 +25,8 @@ from streamer.rules.reservations import PendingOutput, plan_reservations
 D = dt.date
 
 
-def raw(state: str = "on_disk", attempts: int = 0, file_id: int = 1) -> PinnedInput:
-    return PinnedInput(file_id=file_id, kind="raw", state=state, attempts=attempts)
+def raw(state: str = "on_disk", attempts: int = 0, file_id: int = 1, *, parked: bool = False) -> PinnedInput:
+    return PinnedInput(file_id=file_id, kind="raw", state=state, attempts=attempts, relpath=f"raw/{file_id}.fits.fz", parked=parked)
 
 
 def master(producer_kind: str, producer_state: str = "done", state: str = "on_disk", file_id: int = 10) -> PinnedInput:
@@ -50,6 +60,28 @@ def test_missing_raw_is_settled_in_burst_mode_only_and_then_blocks_the_exposure(
 def test_missing_after_the_last_attempt_is_settled_in_follow_mode() -> None:
     inputs = [raw("missing", attempts=3), master("master_bias"), master("master_flat")]
     assert decide("exposure", inputs, burst=False) == Blocked("input not available: raw")
+
+
+@pytest.mark.parametrize("state", ["missing", "corrupt"])
+def test_a_parked_raw_blocks_its_exposure_at_once_in_follow_mode_naming_the_file(state: str) -> None:
+    # a master still being made: nothing else to wait for, the raw will never come
+    inputs = [raw(state, attempts=1, parked=True), master("master_bias"), master("master_flat", "running", "wanted")]
+    for burst in (False, True):
+        assert decide("exposure", inputs, burst=burst) == Blocked("inputs cannot be obtained: download given up for raw/1.fits.fz")
+
+
+def test_a_raw_waiting_for_its_retry_date_is_not_parked() -> None:
+    for state in ("missing", "corrupt"):
+        assert decide("exposure", [raw(state, attempts=1), master("master_bias"), master("master_flat")], burst=False) == Wait()
+
+
+@pytest.mark.parametrize("kind", ["master_bias", "led_flat"])
+def test_a_frame_combining_job_goes_on_without_a_parked_frame(kind: str) -> None:
+    parked = raw("corrupt", file_id=1, parked=True)
+    assert decide(kind, [parked, raw("on_disk", file_id=2)], burst=False) == Ready()
+    assert decide(kind, [parked, raw("missing", file_id=2, parked=True)], burst=False) == Blocked(
+        "no input frame could be downloaded"
+    )
 
 
 def test_failed_master_asks_for_another_nights_and_names_the_one_it_replaces() -> None:
@@ -119,8 +151,21 @@ def test_reservations_that_all_fit_exactly() -> None:
 # --- failure policy ------------------------------------------------------------------------
 
 
-def test_a_dead_worker_requeues_whatever_the_attempts() -> None:
-    assert failure_action("worker_lost", "died", attempts_before=9, max_attempts=3) == Requeue()
+def test_a_dead_worker_requeues_after_a_short_pause_whatever_the_attempts() -> None:
+    # a worker loss is not an attempt: a job with its last attempt left is run again, not parked
+    first = failure_action("worker_lost", "died", attempts_before=9, max_attempts=3)
+    assert first == Requeue(WORKER_LOST_BACKOFF_S[0])
+    assert failure_action("worker_lost", "died", attempts_before=2, max_attempts=3, worker_losses_before=1) == Requeue(
+        WORKER_LOST_BACKOFF_S[1]
+    )
+    assert all(0 < d < JOB_BACKOFF_S[-1] for d in WORKER_LOST_BACKOFF_S)  # a pause, never "at once"
+
+
+def test_a_job_its_worker_dies_under_again_and_again_is_parked_with_the_count() -> None:
+    actions = [failure_action("worker_lost", "died", attempts_before=0, max_attempts=3, worker_losses_before=n) for n in range(5)]
+    assert MAX_WORKER_LOSSES == 3
+    assert [type(a) for a in actions] == [Requeue, Requeue, Park, Park, Park]
+    assert actions[2] == Park("the worker process died under it 3 times in a row")
 
 
 def test_a_missing_calibration_blocks_with_its_reason() -> None:

@@ -217,6 +217,10 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         budget_bytes INTEGER NOT NULL
     );
     """,
+    # 4: worker processes that died under a job in a row (streamer.rules.failures parks the job after a few)
+    """
+    ALTER TABLE jobs ADD COLUMN worker_losses INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 

@@ -31,9 +31,11 @@ def candidate_jobs(ledger: Ledger, *, now: float, limit: int = 500) -> list[dict
 
 
 def pinned_inputs(ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
-    """A job's pinned files with the kind and state of the job that produces each (if any)."""
+    """A job's pinned files with the kind and state of the job that produces each (if any); ``parked``:
+    the file's download was given up for good (missing or corrupt without a retry date)."""
     return ledger.rows(
-        "SELECT f.id, f.kind, f.state, f.attempts, f.night, f.producer_job, "
+        "SELECT f.id, f.relpath, f.kind, f.state, f.attempts, f.night, f.producer_job, "
+        "(f.state IN ('missing', 'corrupt') AND f.retry_at IS NULL) AS parked, "
         "j.state AS producer_state, j.kind AS producer_kind "
         "FROM pins p JOIN files f ON f.id = p.file_id LEFT JOIN jobs j ON j.id = f.producer_job "
         "WHERE p.job_id = ?",
@@ -195,26 +197,33 @@ def record_done(
                  json.dumps(record, sort_keys=True, default=str), now),
             )  # fmt: skip
         release_output_reservations(conn, job["id"])  # outputs the job may leave unwritten
-        ledger.set_job_state(conn, job["id"], "done", finished=now, error=None, result=record)
+        ledger.set_job_state(conn, job["id"], "done", finished=now, error=None, result=record, worker_losses=0)
         conn.execute(
             "UPDATE files SET last_used = ? WHERE id IN (SELECT file_id FROM pins WHERE job_id = ?)", (now, job["id"])
         )
         crash_point("record", job["key"])
 
 
-def requeue_job(ledger: Ledger, job: dict[str, Any], reason: str) -> None:
-    """The worker died: back to ready at once, without a new attempt counted against it."""
+def requeue_job(ledger: Ledger, job: dict[str, Any], reason: str, *, not_before: float) -> None:
+    """The worker died under the job: failed, to run again at ``not_before``; the attempt is not counted,
+    the worker loss is (``worker_losses``, in a row: any other outcome of a run sets it back to 0)."""
+    losses = job["worker_losses"] + 1
     with ledger.transaction() as conn:
         release_output_reservations(conn, job["id"])
-        ledger.set_job_state(conn, job["id"], "ready", error=reason)
-        ledger.event("worker", f"{job['key']}: worker died, task requeued", level="warning", job_id=job["id"], conn=conn)
+        ledger.set_job_state(
+            conn, job["id"], "failed", error=reason, not_before=not_before, attempts=job["attempts"], worker_losses=losses
+        )
+        ledger.event(
+            "worker", f"{job['key']}: worker died, task requeued (worker loss {losses} in a row)", level="warning",
+            job_id=job["id"], conn=conn,
+        )  # fmt: skip
 
 
 def return_for_disk(ledger: Ledger, job: dict[str, Any], reason: str) -> None:
     """The filesystem had no room for the job's products: back to ready, the attempt not counted."""
     with ledger.transaction() as conn:
         release_output_reservations(conn, job["id"])
-        ledger.set_job_state(conn, job["id"], "ready", error=reason, attempts=job["attempts"])
+        ledger.set_job_state(conn, job["id"], "ready", error=reason, attempts=job["attempts"], worker_losses=0)
         ledger.event("disk_full", f"{job['key']}: {reason}; back to ready", level="warning", job_id=job["id"], conn=conn)
 
 
@@ -222,14 +231,17 @@ def fail_job(ledger: Ledger, job: dict[str, Any], message: str, *, not_before: f
     """Failed, to be retried at ``not_before``."""
     with ledger.transaction() as conn:
         release_output_reservations(conn, job["id"])
-        ledger.set_job_state(conn, job["id"], "failed", error=message, not_before=not_before)
+        ledger.set_job_state(conn, job["id"], "failed", error=message, not_before=not_before, worker_losses=0)
         ledger.event("failed", f"{job['key']}: {message}", level="warning", job_id=job["id"], conn=conn)
 
 
-def park_job(ledger: Ledger, job: dict[str, Any], message: str) -> None:
-    """Given up after the last attempt; pins released, the error kept."""
+def park_job(ledger: Ledger, job: dict[str, Any], message: str, *, worker_lost: bool = False) -> None:
+    """Given up after the last attempt (``worker_lost``: after the last worker loss in a row, counted); pins
+    released, the error kept."""
     with ledger.transaction() as conn:
         release_output_reservations(conn, job["id"])
+        if worker_lost:
+            conn.execute("UPDATE jobs SET worker_losses = ? WHERE id = ?", (job["worker_losses"] + 1, job["id"]))
         _end_job(ledger, conn, job, "parked", message)
         ledger.event("parked", f"{job['key']}: {message}", level="error", job_id=job["id"], conn=conn)
 
@@ -246,7 +258,7 @@ def refetch_raw(ledger: Ledger, job: dict[str, Any], message: str, reason: str, 
         for file_id, relpath in raws:
             unlink(relpath)
             ledger.set_file_state(conn, file_id, "wanted", last_error=reason, disk_bytes=0)
-        ledger.set_job_state(conn, job["id"], "failed", error=message, not_before=time.time())
+        ledger.set_job_state(conn, job["id"], "failed", error=message, not_before=time.time(), worker_losses=0)
         ledger.event(
             "corrupt", f"{job['key']}: {reason}; fetching its raw file again", level="warning", job_id=job["id"], conn=conn
         )

@@ -1,7 +1,9 @@
 """Whether a job can run now: ``Ready``, ``Wait``, ``Blocked(reason)`` or ``NeedsMaster``.
 
 Pure: the caller gives the job's kind and the facts of its pinned input files; the answer
-says what to do and changes nothing. ``NeedsMaster`` means an exposure lacks a usable
+says what to do and changes nothing. A file whose download was given up for good (parked) is
+settled: an exposure that needs it is blocked with the file's name, a job that combines frames
+goes on without it. ``NeedsMaster`` means an exposure lacks a usable
 master of one kind (its own night's failed, or it never had a master flat): the caller
 looks for the nearest night's with :func:`streamer.rules.calibration.choose_fallback`.
 """
@@ -28,6 +30,9 @@ class PinnedInput:
     attempts: int
     producer_kind: str | None = None
     producer_state: str | None = None
+    relpath: str = ""
+    #: The file's download was given up for good (the fetcher parked it): it will not come.
+    parked: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,10 @@ Readiness = Ready | Wait | Blocked | NeedsMaster
 
 
 def is_settled(item: PinnedInput, *, burst: bool, max_missing_attempts: int) -> bool:
-    """On disk, or given up: missing in burst mode (nothing waits for a retry) or after the last attempt."""
+    """On disk, or given up: parked, or missing in burst mode (nothing waits for a retry) or after the last attempt."""
     if item.state == "on_disk":
+        return True
+    if item.parked:
         return True
     if item.state == "missing":
         return burst or item.attempts >= max_missing_attempts
@@ -75,6 +82,9 @@ def readiness(job_kind: str, inputs: Sequence[PinnedInput], *, burst: bool, max_
                 if item.producer_kind == "focalplane":
                     return Blocked("focal-plane normalisation failed for this night and filter")
                 return NeedsMaster(producer_kind=item.producer_kind or "", replaces=item.file_id)
+        parked = sorted(item.relpath or item.kind for item in inputs if item.kind in ESSENTIAL_KINDS and item.parked)
+        if parked:  # it will never come: no need to wait for the other inputs
+            return Blocked(f"inputs cannot be obtained: download given up for {', '.join(parked)}")
     if any(not is_settled(item, burst=burst, max_missing_attempts=max_missing_attempts) for item in inputs):
         return Wait()
     if job_kind == "exposure":

@@ -18,7 +18,7 @@ from streamer.rules.readiness import Blocked, NeedsMaster, PinnedInput, Readines
 from streamer.rules.reservations import PendingOutput, plan_reservations
 from streamer.service.budget import estimate_product_bytes
 from streamer.service.context import Context
-from streamer.service.records import Submitted
+from streamer.service.records import Submitted, record_job_failure
 
 log = logging.getLogger("streamer.service")
 
@@ -82,7 +82,8 @@ def job_readiness(ctx: Context, job: dict[str, Any]) -> Readiness:
     inputs = [
         PinnedInput(
             file_id=r["id"], kind=r["kind"], state=r["state"], attempts=r["attempts"],
-            producer_kind=r["producer_kind"], producer_state=r["producer_state"],
+            producer_kind=r["producer_kind"], producer_state=r["producer_state"], relpath=r["relpath"],
+            parked=bool(r["parked"]),
         )  # fmt: skip
         for r in ledger_jobs.pinned_inputs(ctx.ledger, job["id"])
     ]
@@ -138,16 +139,26 @@ def reserve_outputs_through(ctx: Context, last_job: int) -> bool:
 
 def submit(ctx: Context, job: dict[str, Any], results: asyncio.Queue[Submitted], *, affinity: str | None = None) -> None:
     """Mark the job running and hand its call to the executor (timed: :func:`run_timed`) with its
-    affinity key; its result goes to the record stage."""
-    call = job_kinds.build_call(ctx.ledger, ctx.config, job)
-    ledger_jobs.start_job(ctx.ledger, job)
+    affinity key; its result goes to the record stage.
+
+    A call that cannot be built (an input the job kind does not expect) or that the executor refuses
+    is a failure of this job, not of the service: recorded by the failure policy (retried with
+    backoff, parked after the last attempt) with one log line.
+    """
+    ledger_jobs.start_job(ctx.ledger, job)  # first: the attempt counts even when the call cannot be made
     generation = ctx.executor.generation
     try:
-        concurrent = ctx.executor.submit_with_affinity(affinity, run_timed, call.function, call.kwargs)
-    except BrokenProcessPool:
-        ctx.executor.replace(generation)
-        generation = ctx.executor.generation
-        concurrent = ctx.executor.submit_with_affinity(affinity, run_timed, call.function, call.kwargs)
+        call = job_kinds.build_call(ctx.ledger, ctx.config, job)
+        try:
+            concurrent = ctx.executor.submit_with_affinity(affinity, run_timed, call.function, call.kwargs)
+        except BrokenProcessPool:
+            ctx.executor.replace(generation)
+            generation = ctx.executor.generation
+            concurrent = ctx.executor.submit_with_affinity(affinity, run_timed, call.function, call.kwargs)
+    except Exception as err:
+        outputs = ledger_jobs.output_relpaths(ctx.ledger, job["id"])
+        record_job_failure(ctx, job, err, generation=generation, outputs=outputs)
+        return
     future = asyncio.wrap_future(concurrent)
     ctx.running_jobs[job["id"]] = future
     item = Submitted(job=job, call=call, future=future, generation=generation)

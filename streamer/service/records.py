@@ -4,7 +4,9 @@ Results arrive on a queue rather than in future callbacks, so an error while rec
 lost: a product the job did not write makes the job fail (and retry), and anything unexpected
 ends the service, whose restart puts the job back to ready. A job that found no room on the
 filesystem goes back to ready, its attempt not counted, what it wrote removed, and the disk pause
-holds new work until there is room (:mod:`streamer.service.diskspace`).
+holds new work until there is room (:mod:`streamer.service.diskspace`). A job whose worker process
+died runs again after a short pause, its attempt not counted, and is parked after a few such
+losses in a row (:mod:`streamer.rules.failures`).
 """
 
 from __future__ import annotations
@@ -82,23 +84,35 @@ def record_done(ctx: Context, job: dict[str, Any], call: job_kinds.Call, result:
 def error_class(error: BaseException) -> tuple[ErrorClass, str]:
     """The failure policy's name for ``error``, with the reason to record."""
     if isinstance(error, BrokenProcessPool | WorkerLost):
-        return "worker_lost", "worker process died; retried"
+        return "worker_lost", f"worker process died ({type(error).__name__}: {error})"
     verdict = job_kinds.classify_failure(error)
     return verdict.kind, verdict.reason
 
 
 def record_failure(ctx: Context, item: Submitted, error: BaseException) -> None:
-    job = item.job
+    record_job_failure(ctx, item.job, error, generation=item.generation, outputs=item.call.outputs)
+
+
+def record_job_failure(
+    ctx: Context, job: dict[str, Any], error: BaseException, *, generation: int, outputs: tuple[str, ...]
+) -> None:
+    """The failure policy's action for a running ``job`` that failed with ``error`` (in the pool of
+    ``generation``), carried out in the ledger, with one log line; ``outputs``: the files it writes."""
     if isinstance(error, BrokenProcessPool):
-        ctx.executor.replace(item.generation)  # only the pool this job ran in: a newer one keeps its jobs
+        ctx.executor.replace(generation)  # only the pool this job ran in: a newer one keeps its jobs
     kind, reason = error_class(error)
-    action = failure_action(kind, reason, attempts_before=job["attempts"], max_attempts=ctx.config.service.max_task_attempts)
+    action = failure_action(
+        kind, reason, attempts_before=job["attempts"], max_attempts=ctx.config.service.max_task_attempts,
+        worker_losses_before=job["worker_losses"],
+    )  # fmt: skip
     message = f"{type(error).__name__}: {error}"
     if isinstance(action, Requeue):
-        ledger_jobs.requeue_job(ctx.ledger, job, reason)
+        ledger_jobs.requeue_job(ctx.ledger, job, reason, not_before=time.time() + action.delay_s)
+        losses = job["worker_losses"] + 1
+        log.warning("%s: %s, %d in a row; run again in %.0f s", job["key"], reason, losses, action.delay_s)
         return
     if isinstance(action, WaitForDisk):
-        wait_for_disk(ctx, item, reason)
+        wait_for_disk(ctx, job, outputs, reason)
         return
     if isinstance(action, Block):
         ledger_jobs.block_job(ctx.ledger, job, action.reason)
@@ -106,22 +120,22 @@ def record_failure(ctx: Context, item: Submitted, error: BaseException) -> None:
         root = ctx.config.storage.root
         ledger_jobs.refetch_raw(ctx.ledger, job, message, reason, lambda relpath: unlink_below(root, relpath))
     elif isinstance(action, Park):
-        ledger_jobs.park_job(ctx.ledger, job, message)
+        message = f"{action.reason}; last error: {message}" if action.reason else message
+        ledger_jobs.park_job(ctx.ledger, job, message, worker_lost=kind == "worker_lost")
     elif isinstance(action, Retry):
         ledger_jobs.fail_job(ctx.ledger, job, message, not_before=time.time() + action.delay_s)
     log.warning("%s: %s", job["key"], message)
 
 
-
-def wait_for_disk(ctx: Context, item: Submitted, reason: str) -> None:
+def wait_for_disk(ctx: Context, job: dict[str, Any], outputs: tuple[str, ...], reason: str) -> None:
     """The job found no room: remove what it wrote, put it back to ready (uncounted), pause new work until there is room."""
     root = ctx.config.storage.root
     need = 0
-    for relpath in item.call.outputs:
+    for relpath in outputs:
         row = ctx.ledger.file_by_relpath(relpath)
         if row is not None and row["state"] == "on_disk":
             continue
         unlink_below(root, relpath)  # a product of this failed run, never recorded: it is made again
         need += estimate_product_bytes(ctx.ledger, relpath, kind_of(relpath) or "")
-    ledger_jobs.return_for_disk(ctx.ledger, item.job, reason)
-    ctx.disk.trip(f"{item.job['key']}: {reason}", need)
+    ledger_jobs.return_for_disk(ctx.ledger, job, reason)
+    ctx.disk.trip(f"{job['key']}: {reason}", need)
