@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import operator
 import os
 import signal
@@ -15,7 +17,7 @@ from distributed import LocalCluster
 from streamer.config import ComputeConfig
 from streamer.errors import StreamerError, UsageError
 from streamer.execution.base import WorkerLost
-from streamer.execution.dask_cluster import DaskExecutor
+from streamer.execution.dask_cluster import DaskExecutor, OneLineRecords
 
 
 def _pid_then_sleep(seconds: float) -> int:
@@ -121,3 +123,22 @@ def test_scheduler_without_workers_is_waited_for_a_bounded_time() -> None:
         with pytest.raises(StreamerError, match="no worker after"):
             _executor(empty.scheduler_address, worker_wait_s=2)
         assert time.monotonic() - started < 30
+
+
+def test_dask_log_records_with_a_traceback_become_one_line() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(OneLineRecords())
+    logger = logging.getLogger("distributed.client.test-one-line")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError:
+            logger.exception("Failed to reconnect to %s", "tcp://127.0.0.1:1")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and "Traceback" not in text, text
+    assert "Failed to reconnect to tcp://127.0.0.1:1 (ConnectionRefusedError: [Errno 111] Connection refused)" in text

@@ -44,7 +44,7 @@ UNLIMITED = 50 * 10**9
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("archive")
-    generate_night(out, NIGHT, ccds=(13,), n_exposures=4, flats_per_led=2, n_biases=8, seed=11, shape="small", jobs=2)
+    generate_night(out, NIGHT, ccds=(13,), n_exposures=8, flats_per_led=2, n_biases=8, seed=11, shape="small", jobs=2)
     return out
 
 
@@ -61,7 +61,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, archive: Path, base_
     result = run_cli(config, *backfill_args())
     assert result.returncode == 0, result.stdout + result.stderr
     rows = catalogues(store_of(config))
-    assert len(rows) == 4
+    assert len(rows) == 8
     return rows, int(status_json(config)["minimum_budget_bytes"])
 
 
@@ -144,7 +144,7 @@ def test_twenty_kills_at_seeded_moments(
     planned, killed = 20, 0
     with DiskSampler(store_of(config)) as sampler:
         for round_ in range(planned):
-            killed += _kill_after_progress(config, ledger, round_, delay=rng.uniform(0.0, 0.5))
+            killed += _kill_after_progress(config, ledger, round_, delay=rng.uniform(0.0, 0.3))
         last = run_cli(config, *backfill_args())
     assert killed == planned, f"{killed} of {planned} kills reached a running backfill"
     _check_after_last_restart(config, budget, sampler, expected, last)

@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
@@ -33,6 +35,7 @@ from e2e import (
     status_json,
     store_of,
     streamer_cmd,
+    unfinished_files,
     wait_for,
 )
 from streamer.demo import serve_archive
@@ -347,9 +350,89 @@ def test_killing_a_dask_worker_mid_backfill(
         pids = client.run(os.getpid)
         busy = [addr for addr, keys in client.processing().items() if keys]
         os.kill(pids[busy[0]], signal.SIGKILL)
+        # the kill is counted: the busy worker's process is gone (the nanny starts a new one)
+        assert wait_for(lambda: not psutil.pid_exists(pids[busy[0]]), timeout=30), "the busy worker survived its kill"
         output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
     assert catalogues(store_of(config)) == reference
+    assert unfinished_files(store_of(config)) == []
+    check = run_cli(config, "reconcile")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _dask_process(*args: str) -> subprocess.Popen[bytes]:
+    """A ``dask scheduler`` or ``dask worker`` of its own, as a cluster's supervisor would start it."""
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _dask_cluster_processes(address: str, port: int) -> list[subprocess.Popen[bytes]]:
+    scheduler = _dask_process(
+        "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"
+    )
+    workers = [
+        _dask_process("distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1")
+        for _ in range(2)
+    ]
+    return [scheduler, *workers]
+
+
+def _end(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=60)
+
+
+def test_killing_the_dask_scheduler_stops_cleanly_and_a_restart_continues(
+    reference: dict[str, list[dict[str, object]]], tmp_path: Path, archive: Path, base_url: str
+) -> None:
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    config = config_for(tmp_path, archive, base_url, budget=UNLIMITED)
+    _config_with_compute(config, _dask_extra(address))
+    ledger = store_of(config) / "ledger.sqlite"
+    cluster = _dask_cluster_processes(address, port)
+    try:
+        process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert _wait_while_running(process, lambda: _jobs_running(ledger) > 0, timeout=180), (
+                f"the backfill exited (code {process.returncode}) before a task ran on the cluster"
+            )
+            cluster[0].kill()  # SIGKILL of the scheduler while a task runs
+            assert cluster[0].wait(timeout=30) == -signal.SIGKILL
+            stdout, stderr = process.communicate(timeout=180)
+        finally:
+            _stop(process)
+        # the client gives up reconnecting: one line, exit 1 (systemd restarts), no job counted as failed
+        assert process.returncode == 1, stdout + stderr
+        assert "lost the dask scheduler at" in stderr and "Traceback" not in stderr, stderr
+        with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('parked', 'blocked')").fetchone()[0] == 0
+            assert conn.execute("SELECT COALESCE(MAX(attempts), 0) FROM jobs WHERE state != 'done'").fetchone()[0] <= 1
+        _end(cluster)
+        cluster = _dask_cluster_processes(address, port)  # the supervisor brings the cluster back
+        result = run_cli(config, *backfill_args())
+    finally:
+        _end(cluster)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert catalogues(store_of(config)) == reference
+    assert unfinished_files(store_of(config)) == []
+    check = run_cli(config, "reconcile")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _jobs_running(ledger: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running'").fetchone()[0])
+    except sqlite3.Error:
+        return 0
 
 
 def test_demo_small(tmp_path: Path) -> None:

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sqlite3
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from e2e import NIGHT, backfill_args, config_for, store_of, streamer_cmd
 from streamer.config import load_config
+from streamer.crashpoints import ENVIRONMENT_VARIABLE
 from streamer.demo import serve_archive, write_config
 from streamer.execution.jobs import Call
 from streamer.execution.local import LocalExecutor
@@ -144,89 +141,24 @@ def _ledger_rows(store: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tu
         return []  # not created yet, or busy
 
 
-class WorkerKiller:
-    """Kills the service's pool worker (SIGKILL) once in each run of the first exposure job, seen in the ledger.
-
-    One worker, so the only pool process is the one running that job (the dispatcher fills free slots
-    only). Stops after ``limit`` kills, so that a service that never parks the job still ends.
-    """
-
-    def __init__(self, service_pid: int, store: Path, limit: int) -> None:
-        self.service_pid = service_pid
-        self.store = store
-        self.limit = limit
-        self.kills = 0
-        self.key: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run_of_job(self) -> float | None:
-        """When the job's current run started, while it is running; None otherwise."""
-        if self.key is None:
-            found = _ledger_rows(self.store, "SELECT key FROM jobs WHERE kind = 'exposure' ORDER BY id LIMIT 1")
-            if not found:
-                return None
-            self.key = str(found[0][0])
-        rows = _ledger_rows(self.store, "SELECT state, started FROM jobs WHERE key = ?", (self.key,))
-        return float(rows[0][1]) if rows and rows[0][0] == "running" else None
-
-    def _worker(self) -> psutil.Process | None:
-        try:
-            children = psutil.Process(self.service_pid).children()
-        except psutil.NoSuchProcess:
-            return None
-        for child in children:
-            try:
-                if "spawn_main" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
-                    return child
-            except psutil.Error:
-                continue
-        return None
-
-    def _run(self) -> None:
-        killed: set[float] = set()  # one kill per run of the job, a run known by its start time
-        while not self._stop.is_set() and self.kills < self.limit:
-            run = self._run_of_job()
-            if run is not None and run not in killed:
-                # the ledger says running just before the call goes to the worker: let it get there first
-                # (an exposure takes seconds in a worker, the hand-over milliseconds)
-                self._stop.wait(0.2)
-                worker = self._worker()
-                if worker is not None and self._run_of_job() == run:
-                    os.kill(worker.pid, signal.SIGKILL)
-                    killed.add(run)
-                    self.kills += 1
-            self._stop.wait(0.01)
-
-    def __enter__(self) -> WorkerKiller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-
-def test_backfill_parks_the_job_whose_worker_is_killed_every_time_and_ends(tmp_path: Path) -> None:
+def test_backfill_parks_the_job_whose_worker_dies_every_time_and_ends(tmp_path: Path) -> None:
     archive = tmp_path / "archive"
     generate_night(archive, NIGHT, ccds=(13,), n_exposures=3, flats_per_led=2, n_biases=8, seed=3, shape="small")
+    culprit = sorted(p.name for p in (archive / "raw").rglob("*_o.fits.fz"))[0]
+    # the worker that starts this exposure dies at once (SIGKILL to itself), every time it is given it
+    env = {**os.environ, ENVIRONMENT_VARIABLE: f"exposure:{culprit}#*@process"}
     with serve_archive(archive) as url:
-        config = config_for(tmp_path, archive, url, budget=50 * 10**9, workers=1)
+        config = config_for(tmp_path, archive, url, budget=50 * 10**9, workers=2)
         store = store_of(config)
-        process = subprocess.Popen(streamer_cmd(config, *backfill_args()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            with WorkerKiller(process.pid, store, limit=3 * MAX_WORKER_LOSSES) as killer:
-                output, _ = process.communicate(timeout=400)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    assert killer.kills == MAX_WORKER_LOSSES, f"{killer.kills} kills\n{output}"
-    assert process.returncode == 1, output  # incomplete: one job parked
+        result = subprocess.run(streamer_cmd(config, *backfill_args()), capture_output=True, text=True, timeout=400, env=env)
+    output = result.stdout + result.stderr
+    assert output.count(f"crash point exposure:{culprit}") == MAX_WORKER_LOSSES, output
+    assert result.returncode == 1, output  # incomplete: one job parked
     assert "1 parked" in output, output
-    states = dict(_ledger_rows(store, "SELECT key, state FROM jobs"))
-    assert states.pop(killer.key) == "parked"
-    assert states and set(states.values()) == {"done"}, states
-    error = _ledger_rows(store, "SELECT error FROM jobs WHERE key = ?", (killer.key,))[0][0]
+    jobs = {key: (kind, state) for key, kind, state in _ledger_rows(store, "SELECT key, kind, state FROM jobs")}
+    parked = [key for key, (_kind, state) in jobs.items() if state == "parked"]
+    assert parked == [f"exposure:{culprit[4:18]}:c13"], jobs  # ztf_<14-digit time>_...: the culprit alone
+    assert {state for key, (_kind, state) in jobs.items() if key != parked[0]} == {"done"}, jobs
+    error = _ledger_rows(store, "SELECT error FROM jobs WHERE key = ?", (parked[0],))[0][0]
     assert f"the worker process died under it {MAX_WORKER_LOSSES} times in a row" in error
     assert "Traceback" not in output

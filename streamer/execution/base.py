@@ -7,13 +7,24 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
+from streamer.errors import StreamerError
 from streamer.rules.affinity import Slot
 
-__all__ = ["BrokenProcessPool", "Executor", "Slot", "WorkerLost"]
+__all__ = ["BrokenProcessPool", "ClusterLost", "Executor", "Slot", "TaskDropped", "WorkerLost"]
 
 
 class WorkerLost(Exception):
     """The process running a task died (killed, out of memory): the task is retried elsewhere."""
+
+
+class TaskDropped(Exception):
+    """The cluster dropped the task because its scheduler went away: not the job's doing, so not
+    counted against it; the job runs again once the scheduler answers."""
+
+
+class ClusterLost(StreamerError):
+    """The compute cluster cannot be reached any more: the service stops (exit 1; systemd restarts it)
+    and the next start continues where this one stopped."""
 
 
 class Executor(Protocol):

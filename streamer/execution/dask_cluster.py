@@ -10,6 +10,7 @@ a filesystem that the workers share; :meth:`DaskExecutor.check_storage` says so 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
 from streamer.errors import StreamerError, UsageError
-from streamer.execution.base import WorkerLost
+from streamer.execution.base import ClusterLost, TaskDropped, WorkerLost
 from streamer.execution.local import _THREAD_VARIABLES
 from streamer.rules.affinity import Slot, choose_slot
 
@@ -44,6 +45,27 @@ class OneThreadNumerics(WorkerPlugin):
             os.environ[variable] = "1"
 
 
+class OneLineRecords(logging.Filter):
+    """Folds the traceback of a record from dask's own loggers into its line: a scheduler that goes
+    away is an expected event, answered in one line, not a page of tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("distributed") and record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(error).__name__}: {error})".replace("\n", " ")
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def fold_dask_tracebacks() -> None:
+    """Install :class:`OneLineRecords` on the handlers that dask's records reach (its own and the root's)."""
+    for handler in [*logging.getLogger("distributed").handlers, *logging.getLogger().handlers]:
+        if not any(isinstance(f, OneLineRecords) for f in handler.filters):
+            handler.addFilter(OneLineRecords())
+
+
 class DaskExecutor:
     """Runs worker functions on a dask cluster through its ``concurrent.futures`` interface."""
 
@@ -61,6 +83,7 @@ class DaskExecutor:
     def from_config(cls, compute: Any, *, connect_timeout_s: float = 10.0) -> DaskExecutor:
         """Connect to ``compute.scheduler`` or start a Slurm cluster; wait (bounded) for a first worker."""
         dask.config.set({"distributed.scheduler.allowed-failures": 0})
+        fold_dask_tracebacks()
         cluster = None
         if compute.slurm is not None:
             cluster = _slurm_cluster(compute)
@@ -98,13 +121,33 @@ class DaskExecutor:
                 "the storage root must be on a filesystem that the workers share"
             )
 
+    def _nthreads(self) -> dict[str, int]:
+        """Threads per worker address; :class:`ClusterLost` once the client gave up reconnecting."""
+        if self.client.status in ("closing", "closed"):
+            raise self._lost()
+        try:
+            return dict(self.client.nthreads())
+        except (RuntimeError, OSError) as err:
+            raise self._lost(err) from None
+
+    def _lost(self, err: BaseException | None = None) -> ClusterLost:
+        cause = f" ({type(err).__name__}: {err})" if err is not None else ""
+        return ClusterLost(
+            f"lost the dask scheduler at {self.address}: no answer after the client's reconnection attempts{cause}; "
+            "stopping, the next start continues once the scheduler is back"
+        )
+
+    @property
+    def address(self) -> str:
+        return str(getattr(self.client.scheduler, "address", None) or self.client.scheduler_info().get("address", "?"))
+
     @property
     def slots(self) -> int:
-        return max(1, sum(self.client.nthreads().values()))
+        return max(1, sum(self._nthreads().values()))
 
     def affinity_slots(self) -> list[Slot]:
         """Each worker (by address): the key of the last job sent to it, our tasks on it, its threads."""
-        return self._slots(self.client.nthreads())
+        return self._slots(self._nthreads())
 
     def _slots(self, nthreads: dict[str, int]) -> list[Slot]:
         with self._lock:
@@ -116,7 +159,7 @@ class DaskExecutor:
     def submit_with_affinity(self, key: str | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         """Send ``fn`` to the worker that :func:`choose_slot` picks (loose restriction: another worker
         takes it if that one is gone); without workers yet, to wherever the scheduler likes."""
-        nthreads = self.client.nthreads()
+        nthreads = self._nthreads()
         where: dict[str, Any] = {}
         address = None
         if nthreads:
@@ -125,7 +168,10 @@ class DaskExecutor:
             with self._lock:
                 self._loads[address] = self._loads.get(address, 0) + 1
                 self._keys[address] = key if key is not None else self._keys.get(address)
-        inner = self._executor.submit(fn, *args, **where, **kwargs)
+        try:
+            inner = self._executor.submit(fn, *args, **where, **kwargs)
+        except RuntimeError as err:  # the client closed between the check above and the submission
+            raise self._lost(err) from None
         outer: cf.Future[Any] = cf.Future()
 
         def relay(done: cf.Future[Any]) -> None:
@@ -133,7 +179,7 @@ class DaskExecutor:
                 with self._lock:
                     self._loads[address] = max(0, self._loads.get(address, 0) - 1)
             if done.cancelled():
-                outer.set_exception(WorkerLost("the task was cancelled by the cluster (scheduler restart?)"))
+                outer.set_exception(TaskDropped("the cluster cancelled the task (its scheduler was lost or restarted)"))
                 return
             error = done.exception()
             if isinstance(error, LOST_WORKER_ERRORS):
@@ -154,6 +200,7 @@ class DaskExecutor:
         """Nothing to do: a lost dask worker is replaced by the cluster, not by the service."""
 
     def describe(self) -> dict[str, Any]:
+        self._nthreads()  # ClusterLost rather than stale figures once the scheduler is gone
         info = self.client.scheduler_info()
         workers = info.get("workers", {})
         return {

@@ -227,6 +227,14 @@ def return_for_disk(ledger: Ledger, job: dict[str, Any], reason: str) -> None:
         ledger.event("disk_full", f"{job['key']}: {reason}; back to ready", level="warning", job_id=job["id"], conn=conn)
 
 
+def return_dropped(ledger: Ledger, job: dict[str, Any], reason: str) -> None:
+    """The cluster dropped the job (its scheduler went away): back to ready, neither the attempt nor a worker loss counted."""
+    with ledger.transaction() as conn:
+        release_output_reservations(conn, job["id"])
+        ledger.set_job_state(conn, job["id"], "ready", error=reason, attempts=job["attempts"])
+        ledger.event("worker", f"{job['key']}: {reason}; back to ready", level="warning", job_id=job["id"], conn=conn)
+
+
 def fail_job(ledger: Ledger, job: dict[str, Any], message: str, *, not_before: float) -> None:
     """Failed, to be retried at ``not_before``."""
     with ledger.transaction() as conn:

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from streamer.execution import jobs as job_kinds
-from streamer.execution.base import BrokenProcessPool
+from streamer.execution.base import BrokenProcessPool, ClusterLost
 from streamer.execution.timing import run_timed
 from streamer.ledger import jobs as ledger_jobs
 from streamer.rules.affinity import jobs_for_slots
@@ -155,6 +155,9 @@ def submit(ctx: Context, job: dict[str, Any], results: asyncio.Queue[Submitted],
             ctx.executor.replace(generation)
             generation = ctx.executor.generation
             concurrent = ctx.executor.submit_with_affinity(affinity, run_timed, call.function, call.kwargs)
+    except ClusterLost:
+        ledger_jobs.return_dropped(ctx.ledger, job, "not submitted: the compute cluster was lost")
+        raise  # the service stops; the next start continues
     except Exception as err:
         outputs = ledger_jobs.output_relpaths(ctx.ledger, job["id"])
         record_job_failure(ctx, job, err, generation=generation, outputs=outputs)

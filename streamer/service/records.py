@@ -19,7 +19,7 @@ from typing import Any
 
 from streamer.errors import StreamerError
 from streamer.execution import jobs as job_kinds
-from streamer.execution.base import BrokenProcessPool, WorkerLost
+from streamer.execution.base import BrokenProcessPool, TaskDropped, WorkerLost
 from streamer.ledger import jobs as ledger_jobs
 from streamer.rules.failures import Block, ErrorClass, Park, Refetch, Requeue, Retry, WaitForDisk, failure_action
 from streamer.service.budget import estimate_product_bytes
@@ -98,6 +98,10 @@ def record_job_failure(
 ) -> None:
     """The failure policy's action for a running ``job`` that failed with ``error`` (in the pool of
     ``generation``), carried out in the ledger, with one log line; ``outputs``: the files it writes."""
+    if isinstance(error, TaskDropped):
+        ledger_jobs.return_dropped(ctx.ledger, job, str(error))
+        log.warning("%s: %s; back to ready", job["key"], error)
+        return
     if isinstance(error, BrokenProcessPool):
         ctx.executor.replace(generation)  # only the pool this job ran in: a newer one keeps its jobs
     kind, reason = error_class(error)

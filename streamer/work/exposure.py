@@ -21,6 +21,7 @@ from astropy.io import fits
 
 from streamer import geometry, photometry
 from streamer.config import DetrendConfig, PhotometryConfig
+from streamer.crashpoints import crash_point
 from streamer.detrend import masks as maskbits
 from streamer.detrend import nonlinearity
 from streamer.detrend.calibrate import MasterQuadrant, detrend_science, pocket_step
@@ -246,6 +247,7 @@ def process_exposure(
     ``provenance`` (e.g. the configuration hash) goes into the apcat metadata.
     """
     raw_path = Path(raw_path)
+    crash_point("exposure", raw_path.name)
     name = parse_filename(raw_path.name)
     if not isinstance(name, RawName) or name.imgtypecode != "o":
         raise ValueError(f"{raw_path.name}: expected a raw science file name (..._o.fits.fz)")
