@@ -33,10 +33,10 @@ def _streamer(*args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def serve_archive(archive: Path, *, faults: str = "none") -> Iterator[str]:
-    """Run ``streamer sim serve`` on loopback; yield its base URL; stop it with SIGTERM."""
+def serve_archive(archive: Path, *, faults: str = "none", port: int = 0) -> Iterator[str]:
+    """Run ``streamer sim serve`` on loopback (``port`` 0: any free one); yield its base URL; stop it with SIGTERM."""
     server = subprocess.Popen(
-        _streamer("sim", "serve", "--root", str(archive), "--host", "127.0.0.1", "--port", "0", "--faults", faults),
+        _streamer("sim", "serve", "--root", str(archive), "--host", "127.0.0.1", "--port", str(port), "--faults", faults),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:

@@ -8,6 +8,7 @@ the fetcher did not take, an error that left the row ``wanted``).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,16 @@ from streamer.rules.download_retry import (
     RetryFile,
     after_download_failure,
 )
-from streamer.rules.replan import REPLAN_DELAYS_S, PlanRecord, next_look_s, plan_due, replan_delay
+from streamer.rules.replan import (
+    INGESTION_WINDOW_S,
+    REPLAN_DELAYS_S,
+    PlanRecord,
+    next_look_s,
+    night_ends_at,
+    partial_look_at,
+    plan_due,
+    replan_delay,
+)
 from streamer.service.context import Context
 from streamer.service.downloads import downloader
 from streamer.service.fetcher import FetchOutcome
@@ -66,6 +76,29 @@ def test_an_empty_night_is_planned_again_by_a_backfill_once_and_by_a_daemon_at_i
     assert not plan_due(exhausted, now=1e9, burst=False, seen_this_run=False)
     assert next_look_s([full, empty, exhausted], now=400.0) == 600.0
     assert next_look_s([full, exhausted], now=400.0) is None
+
+
+def test_a_night_planned_with_jobs_soon_after_its_end_is_looked_at_again_until_ingestion_is_over() -> None:
+    night = dt.date(2026, 11, 30)
+    end = dt.datetime(2026, 12, 1, tzinfo=dt.UTC).timestamp()  # midnight UTC after the night, written out
+    assert night_ends_at(night) == end
+    early = PlanRecord(planned=True, replan_at=end + 7200.0, last_plan_at=end + 3600.0, night_ends_at=end)
+    late = PlanRecord(planned=True, replan_at=None, last_plan_at=end + INGESTION_WINDOW_S + 1, night_ends_at=end)
+    unknown = PlanRecord(planned=True, night_ends_at=end)  # a ledger from before the time of a plan was recorded
+    assert early.maybe_partial and not late.maybe_partial and not unknown.maybe_partial
+    assert plan_due(early, now=0.0, burst=True, seen_this_run=False)
+    assert not plan_due(early, now=0.0, burst=True, seen_this_run=True)
+    assert not plan_due(early, now=end + 7199.0, burst=False, seen_this_run=False)
+    assert plan_due(early, now=end + 7200.0, burst=False, seen_this_run=False)
+    for burst in (False, True):
+        assert not plan_due(late, now=1e12, burst=burst, seen_this_run=False)
+        assert not plan_due(unknown, now=1e12, burst=burst, seen_this_run=False)
+    assert next_look_s([late, early], now=end + 3600.0) == 3600.0
+    # the daemon's looks: after 1 h, 6 h, 24 h ... of each plan, none once a plan falls after the window
+    assert partial_look_at(1, now=end + 100.0, night_end=end) == end + 100.0 + 3600.0
+    assert partial_look_at(2, now=end + 100.0, night_end=end) == end + 100.0 + 6 * 3600.0
+    assert partial_look_at(1, now=end + INGESTION_WINDOW_S, night_end=end) is None
+    assert partial_look_at(len(REPLAN_DELAYS_S) + 1, now=end, night_end=end) is None
 
 
 def test_repick_guard_counts_only_immediate_repicks_in_a_row() -> None:

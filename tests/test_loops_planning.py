@@ -7,6 +7,7 @@ truth: as many catalogues as it made exposures.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import sqlite3
@@ -66,3 +67,39 @@ def test_a_night_planned_empty_is_planned_again_by_the_next_backfill(archive: Pa
     assert json.loads(_meta(store_of(config), f"empty_plan:{key}") or "{}")["plans"] == 0
     # a night whose plan has jobs is not planned again
     assert third.returncode == 0 and "planning" not in third.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_night_partly_ingested_when_planned_is_planned_again_by_the_next_backfill(tmp_path: Path) -> None:
+    """Last night, planned while IRSA held only one of its two exposures, gets the other from a later backfill."""
+    night = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)  # within IRSA's ingestion window
+    archive = tmp_path / "archive"
+    generate_night(
+        archive, night, ccds=(13,), n_exposures=2, flats_per_led=2, n_biases=8, seed=6, shape="small",
+        filters=("zr",), flat_filters=("zr",),
+    )  # fmt: skip
+    late = sorted(p.parent.name for p in (archive / "raw").rglob("*_o.fits.fz"))[-1]  # the exposure IRSA adds later
+    aside = tmp_path / "not-yet-ingested"
+    moved = [d for tree in ("raw", "sci") for d in (archive / tree).rglob(late) if d.is_dir()]
+    assert len(moved) == 2, moved
+    for directory in moved:
+        (aside / directory.relative_to(archive)).parent.mkdir(parents=True, exist_ok=True)
+        directory.rename(aside / directory.relative_to(archive))
+    with serve_archive(archive) as url:
+        port = int(url.rsplit(":", 1)[1])  # the second archive on the same address, as IRSA's is: the ledger keeps URLs
+        config = config_for(tmp_path, archive, url, budget=50 * 10**9)
+        first = run_cli(config, *backfill_args(night, night), timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    assert len(catalogues(store_of(config))) == 1
+    for directory in moved:
+        (aside / directory.relative_to(archive)).rename(directory)
+    with serve_archive(archive, port=port) as url:
+        config = config_for(tmp_path, archive, url, budget=50 * 10**9)  # the same store
+        second = run_cli(config, *backfill_args(night, night), timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    assert "planning" in second.stderr
+    with sqlite3.connect(store_of(config) / "ledger.sqlite") as conn:
+        remade = [r[0] for r in conn.execute("SELECT message FROM events WHERE message LIKE '%made again%'")]
+    assert any(m.startswith("master_flat:") for m in remade) and any(m.startswith("master_bias:") for m in remade), remade
+    names = sorted(catalogues(store_of(config)))
+    assert len(names) == 2 and any(late in name for name in names), names

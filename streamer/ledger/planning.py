@@ -101,6 +101,20 @@ def night_inputs(conn: sqlite3.Connection, night: str, ccds: Sequence[int]) -> d
     return by_ccd
 
 
+def reopen_producers_of_needed_products(ledger: Ledger, conn: sqlite3.Connection) -> list[str]:
+    """Done jobs whose product was deleted (evicted) but is pinned by a job still to run go back to
+    ``waiting``, to be made again; returns their keys. A later pass of the graph pins their inputs."""
+    rows = conn.execute(
+        "SELECT DISTINCT j.id, j.key FROM jobs j JOIN files f ON f.producer_job = j.id "
+        "JOIN pins p ON p.file_id = f.id JOIN jobs u ON u.id = p.job_id "
+        "WHERE j.state = 'done' AND f.state = 'deleted' AND u.state IN ('waiting', 'ready', 'failed') ORDER BY j.id"
+    ).fetchall()
+    for job_id, key in rows:
+        ledger.set_job_state(conn, job_id, "waiting", expect=("done",), error=None, attempts=0, worker_losses=0)
+        ledger.event("plan", f"{key}: made again, its product was deleted and a new job needs it", job_id=job_id, conn=conn)
+    return [str(key) for _job_id, key in rows]
+
+
 def set_producer(conn: sqlite3.Connection, file_id: int, job_id: int) -> None:
     """Make ``job_id`` the producer of a file that has none yet."""
     conn.execute("UPDATE files SET producer_job = ? WHERE id = ? AND producer_job IS NULL", (job_id, file_id))

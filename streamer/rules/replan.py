@@ -1,21 +1,30 @@
-"""When a night that was planned with nothing in it is planned again.
+"""When a night already planned is planned again: it was empty, or it may have been partly ingested.
 
 Pure. IRSA lists a night some hours after it ends, and a search can answer empty once; a
-night planned then has no job, and without a second look it would stay empty for ever.
+night planned then has no job, and without a second look it would stay empty for ever. IRSA also
+ingests a night over hours: a plan made soon after the night ended may hold only part of it.
 
-- A backfill plans every night it is given again when its last plan had no job (once per run).
+- A backfill plans every night it is given again when its last plan had no job, or was made less
+  than :data:`INGESTION_WINDOW_S` after the night ended (once per run).
 - A daemon plans an empty night again :data:`REPLAN_DELAYS_S` after each empty plan, and stops
   looking after the last delay (the night is then taken as empty; a backfill still looks again).
-- A night whose plan has jobs is not planned again.
+  A night whose plan had jobs but was made within the ingestion window is looked at again after
+  the same delays, until a look falls after the window.
+- Otherwise a night is not planned again. Planning again only adds: jobs and files are recorded
+  once by key, and a job already done keeps what it was made from.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Final
 
 #: Seconds after the 1st, 2nd, ... empty plan of a night that a daemon plans it again.
 REPLAN_DELAYS_S: Final = (3600.0, 6 * 3600.0, 24 * 3600.0, 72 * 3600.0)
+
+#: Seconds after a night's end during which IRSA may still be adding its files.
+INGESTION_WINDOW_S: Final = 72 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,19 @@ class PlanRecord:
     planned: bool
     empty_plans: int = 0
     replan_at: float | None = None
+    #: when the night was last planned (None: by a version that did not record it), and when it ended
+    last_plan_at: float | None = None
+    night_ends_at: float = 0.0
+
+    @property
+    def maybe_partial(self) -> bool:
+        """The last plan had jobs but came before IRSA could have finished ingesting the night."""
+        return self.last_plan_at is not None and self.last_plan_at < self.night_ends_at + INGESTION_WINDOW_S
+
+
+def night_ends_at(night: dt.date) -> float:
+    """The night's end as a POSIX time: midnight UTC after the night's date (ZTF nights end by 13:00 UTC)."""
+    return dt.datetime.combine(night + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC).timestamp()
 
 
 def replan_delay(empty_plans: int) -> float | None:
@@ -34,14 +56,24 @@ def replan_delay(empty_plans: int) -> float | None:
     return REPLAN_DELAYS_S[empty_plans - 1]
 
 
+def partial_look_at(looks: int, *, now: float, night_end: float) -> float | None:
+    """When a daemon looks again at a night planned with jobs at ``now`` (its ``looks``-th plan within
+    the ingestion window); None once this plan came after the window or the delays are used up."""
+    if now >= night_end + INGESTION_WINDOW_S:
+        return None
+    delay = replan_delay(looks)
+    return None if delay is None else now + delay
+
+
 def plan_due(record: PlanRecord, *, now: float, burst: bool, seen_this_run: bool) -> bool:
-    """Whether to plan a night now: never planned, or planned empty and due again (see the module docstring).
+    """Whether to plan a night now: never planned, or planned empty or maybe partly and due again
+    (see the module docstring).
 
     ``seen_this_run``: this backfill has already planned (or re-planned) the night.
     """
     if not record.planned:
         return True
-    if record.empty_plans == 0:
+    if record.empty_plans == 0 and not record.maybe_partial:
         return False
     if burst:
         return not seen_this_run
@@ -50,5 +82,5 @@ def plan_due(record: PlanRecord, *, now: float, burst: bool, seen_this_run: bool
 
 def next_look_s(records: list[PlanRecord], *, now: float) -> float | None:
     """Seconds until the earliest re-plan a daemon has scheduled among ``records``; None when there is none."""
-    due = [r.replan_at for r in records if r.planned and r.empty_plans and r.replan_at is not None]
+    due = [r.replan_at for r in records if r.planned and (r.empty_plans or r.maybe_partial) and r.replan_at is not None]
     return None if not due else max(0.0, min(due) - now)

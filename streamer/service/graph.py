@@ -45,6 +45,10 @@ def _product(
     return file_id
 
 
+#: Graph passes at most: one, and one per level of masters a reopened job can need (flat, LED flat, bias, focal plane).
+MAX_REOPEN_PASSES = 5
+
+
 def build_night_graph(
     ledger: Ledger,
     night: str,
@@ -61,17 +65,23 @@ def build_night_graph(
     so a consumer restricted to fields or targets keeps none).
     """
     with ledger.transaction() as conn:
-        graph = _NightGraph(ledger, conn, night, consumers, catalogue_layout)
         exposures = queries.night_inputs(conn, night, ccds)
-        for ccdid in ccds:
-            graph.add_master_bias(ccdid, exposures.get(ccdid, []), bias_skip_first)
-            graph.add_flats(ccdid, exposures.get(ccdid, []))
-        if focalplane:
-            graph.add_focalplane()
-        for ccdid in ccds:
-            for row in exposures.get(ccdid, []):
-                if row["imgtype"] == "object" and row["raw_file_id"] is not None:
-                    graph.add_exposure(ccdid, row)
+        # a night planned again (new exposures ingested since) may need masters made and since evicted:
+        # their jobs are reopened and the graph built again, so that they pin their inputs, down the chain
+        # (master flat -> LED flats -> master bias); each pass only adds, by key
+        for _pass in range(MAX_REOPEN_PASSES):
+            graph = _NightGraph(ledger, conn, night, consumers, catalogue_layout)
+            for ccdid in ccds:
+                graph.add_master_bias(ccdid, exposures.get(ccdid, []), bias_skip_first)
+                graph.add_flats(ccdid, exposures.get(ccdid, []))
+            if focalplane:
+                graph.add_focalplane()
+            for ccdid in ccds:
+                for row in exposures.get(ccdid, []):
+                    if row["imgtype"] == "object" and row["raw_file_id"] is not None:
+                        graph.add_exposure(ccdid, row)
+            if not queries.reopen_producers_of_needed_products(ledger, conn):
+                break
     return dict(graph.counts)
 
 

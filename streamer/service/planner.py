@@ -1,9 +1,10 @@
 """The planning stage: search the archive for each due night, build its work graph, check the budget.
 
-A night is planned once, unless its plan had no job: then it is planned again by the rules of
-:mod:`streamer.rules.replan` (by every later backfill; by a daemon after growing delays). The
-ledger's meta keeps, per night and CCD list, the job counts of the last plan
-(``planned:<night>:<ccds>``) and, for an empty one, the count of empty plans and the date of the
+A night is planned once, unless its plan had no job or was made while IRSA may still have been
+ingesting it: then it is planned again by the rules of :mod:`streamer.rules.replan` (by every
+later backfill; by a daemon after growing delays). The ledger's meta keeps, per night and CCD
+list, the job counts of the last plan (``planned:<night>:<ccds>``) and the count of empty plans,
+the count of plans with jobs (``looks``), the time of the last plan and the date of the daemon's
 next look (``empty_plan:<night>:<ccds>``).
 """
 
@@ -19,7 +20,15 @@ from collections.abc import Sequence
 from streamer.archive.client import BURST_MAX_OUTAGE_S, BURST_MAX_WAIT_PER_OPERATION_S
 from streamer.ledger import jobs as ledger_jobs
 from streamer.rules.nights import follow_nights
-from streamer.rules.replan import PlanRecord, next_look_s, plan_due, replan_delay
+from streamer.rules.replan import (
+    INGESTION_WINDOW_S,
+    PlanRecord,
+    next_look_s,
+    night_ends_at,
+    partial_look_at,
+    plan_due,
+    replan_delay,
+)
 from streamer.service.budget import check_budget
 from streamer.service.context import Context, wait_event
 from streamer.service.graph import build_night_graph
@@ -70,7 +79,10 @@ def plan_record(ctx: Context, night: dt.date, ccds: Sequence[int]) -> PlanRecord
         no_job = sum(json.loads(counts).values()) == 0
         return PlanRecord(planned=True, empty_plans=int(no_job), replan_at=0.0 if no_job else None)
     record = json.loads(empty)
-    return PlanRecord(planned=True, empty_plans=int(record["plans"]), replan_at=record["replan_at"])
+    return PlanRecord(
+        planned=True, empty_plans=int(record["plans"]), replan_at=record["replan_at"],
+        last_plan_at=record.get("last_plan_at"), night_ends_at=night_ends_at(night),
+    )  # fmt: skip
 
 
 async def plan_one_night(ctx: Context, night: dt.date, ccds: Sequence[int]) -> None:
@@ -94,9 +106,22 @@ async def plan_one_night(ctx: Context, night: dt.date, ccds: Sequence[int]) -> N
     if sum(counts.values()) == 0:
         record_empty_plan(ctx, night, ccds)
     else:
-        ctx.ledger.set_meta(plan_key(night, ccds, "empty_plan"), json.dumps({"plans": 0, "replan_at": None}))
+        record_plan_with_jobs(ctx, night, ccds)
     await probe_sizes(ctx)
     check_budget(ctx.config, ctx.ledger)
+
+
+def record_plan_with_jobs(ctx: Context, night: dt.date, ccds: Sequence[int]) -> None:
+    """A plan with jobs: while it may be partial (within the ingestion window), schedule the daemon's next look."""
+    earlier = json.loads(ctx.ledger.get_meta(plan_key(night, ccds, "empty_plan")) or "{}")
+    now = time.time()
+    looks = int(earlier.get("looks", 0)) + 1
+    replan_at = partial_look_at(looks, now=now, night_end=night_ends_at(night))
+    record = {"plans": 0, "replan_at": replan_at, "looks": looks, "last_plan_at": now}
+    ctx.ledger.set_meta(plan_key(night, ccds, "empty_plan"), json.dumps(record))
+    if replan_at is not None:
+        log.info("night %s: planned within %.0f h of its end, looked at again in %.0f h for files IRSA adds later",
+                 night, INGESTION_WINDOW_S / 3600, (replan_at - now) / 3600)  # fmt: skip
 
 
 def record_empty_plan(ctx: Context, night: dt.date, ccds: Sequence[int]) -> None:
@@ -104,8 +129,11 @@ def record_empty_plan(ctx: Context, night: dt.date, ccds: Sequence[int]) -> None
     earlier = ctx.ledger.get_meta(plan_key(night, ccds, "empty_plan"))
     plans = (0 if earlier is None else int(json.loads(earlier)["plans"])) + 1
     delay = replan_delay(plans)
-    replan_at = None if delay is None else time.time() + delay
-    ctx.ledger.set_meta(plan_key(night, ccds, "empty_plan"), json.dumps({"plans": plans, "replan_at": replan_at}))
+    now = time.time()
+    replan_at = None if delay is None else now + delay
+    ctx.ledger.set_meta(
+        plan_key(night, ccds, "empty_plan"), json.dumps({"plans": plans, "replan_at": replan_at, "last_plan_at": now})
+    )
     when = "a daemon looks no more" if delay is None else f"planned again in {delay / 3600:.0f} h by a daemon"
     message = f"night {night}: nothing planned (empty plan {plans}); every backfill plans it again, {when}"
     log.warning("%s", message)
