@@ -6,7 +6,9 @@ night planned then has no job, and without a second look it would stay empty for
 - A backfill plans every night it is given again when its last plan had no job (once per run).
 - A daemon plans an empty night again :data:`REPLAN_DELAYS_S` after each empty plan, and stops
   looking after the last delay (the night is then taken as empty; a backfill still looks again).
-- A night whose plan has jobs is not planned again.
+- A night whose plan has jobs is not planned again, unless the consumers changed since
+  (one was added or removed, or its selection changed): then it is planned again at once (once
+  per backfill), so that what each consumer keeps is derived again.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class PlanRecord:
     planned: bool
     empty_plans: int = 0
     replan_at: float | None = None
+    #: the consumers changed since the last plan (added, removed or with another selection)
+    consumers_changed: bool = False
 
 
 def replan_delay(empty_plans: int) -> float | None:
@@ -41,6 +45,8 @@ def plan_due(record: PlanRecord, *, now: float, burst: bool, seen_this_run: bool
     """
     if not record.planned:
         return True
+    if record.consumers_changed:
+        return not (burst and seen_this_run)
     if record.empty_plans == 0:
         return False
     if burst:
