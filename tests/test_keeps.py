@@ -8,6 +8,7 @@ from pathlib import Path
 from streamer.ledger import downloads
 from streamer.ledger.core import MIGRATIONS, Ledger
 from streamer.ledger.status import consumer_figures, refusals_total
+from streamer.rules.replan import PlanRecord, plan_due
 
 KEEPS_MIGRATION = 5
 
@@ -157,3 +158,11 @@ def test_consumer_figures_of_two_overlapping_consumers() -> None:
         "missing_files": 4, "missing_bytes": 3000 + 6000, "refusals": 0,
     }  # fmt: skip
     assert consumer_figures(ledger, "nobody")["on_disk_files"] == 0
+
+
+def test_a_night_planned_for_other_consumers_is_planned_again_once_per_backfill() -> None:
+    changed = PlanRecord(planned=True, consumers_changed=True)
+    assert plan_due(changed, now=0.0, burst=True, seen_this_run=False)
+    assert not plan_due(changed, now=0.0, burst=True, seen_this_run=True)
+    assert plan_due(changed, now=0.0, burst=False, seen_this_run=True)  # a daemon records the new hash as it plans
+    assert not plan_due(PlanRecord(planned=True), now=0.0, burst=False, seen_this_run=False)

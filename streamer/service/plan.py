@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 PROCESSING_KINDS: Final = frozenset({"apcat", "detrended", "masters"})
 RAW_IMGTYPES: Final = ("object", "bias", "flat")
+#: Kinds that every plan of a night lists whenever a consumer keeps them: one left out is no longer kept.
+UNKEPT_WHEN_UNPLANNED: Final = ("raw", "sciimg", "sciimg_header", "mskimg")
 
 
 class PlanError(StreamerError):
@@ -112,6 +114,8 @@ class NightPlan:
     exposures: tuple[PlannedExposure, ...]
     files: tuple[PlannedFile, ...]
     flats_without_led: tuple[str, ...] = ()
+    #: the CCDs planned (files of theirs that the plan leaves out lose their keeps rows)
+    ccds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,7 @@ def plan_from_rows(
     biases = used_biases([r for r in raw_rows if r["ccdid"] in wanted], bias_skip_first)
     raw_rows = [r for r in raw_rows if r["ccdid"] in wanted and r["filefracday"].startswith(prefix)]
     sci_rows = [r for r in sci_rows if r["ccdid"] in wanted and r["filefracday"].startswith(prefix)]
-    planner = _NightPlanner(night, consumers, base_url, quadrant_shape, sci_rows)
+    planner = _NightPlanner(night, ccds, consumers, base_url, quadrant_shape, sci_rows)
     for row in raw_rows:
         if row["imgtype"] in RAW_IMGTYPES:
             planner.add_raw(row, biases, (leds or {}).get(row["filefracday"]), write_detrended=write_detrended)
@@ -197,10 +201,11 @@ class _NightPlanner:
     """The exposures and files of one night, gathered from its search rows."""
 
     def __init__(
-        self, night: dt.date, consumers: Sequence[ConsumerConfig], base_url: str,
+        self, night: dt.date, ccds: Sequence[int], consumers: Sequence[ConsumerConfig], base_url: str,
         quadrant_shape: tuple[int, int] | None, sci_rows: Sequence[dict[str, Any]],
     ) -> None:  # fmt: skip
         self.night = night
+        self.ccds = tuple(sorted(set(ccds)))
         self.night_text = night.isoformat()
         self.consumers = consumers
         self.base_url = base_url
@@ -279,6 +284,7 @@ class _NightPlanner:
             tuple(e for k, e in sorted(self.exposures.items()) if k in used_keys or e.imgtype == "bias"),
             tuple(self.files[k] for k in sorted(self.files)),
             tuple(sorted(self.flats_without_led)),
+            self.ccds,
         )
 
 
@@ -300,6 +306,8 @@ def record_plan(ledger: Ledger, plan: NightPlan) -> PlanSummary:
                 )  # fmt: skip
             )
             by_kind[planned.kind] += 1
+        # detrended images are left out: a plan lists them only with detrend.write_detrended
+        queries.unkeep_unplanned(conn, plan.night.isoformat(), plan.ccds, UNKEPT_WHEN_UNPLANNED, file_ids)
         states = queries.file_states(conn, file_ids)
     downloaded = {i for i, planned in zip(file_ids, plan.files, strict=True) if planned.url}
     to_download = tuple(
