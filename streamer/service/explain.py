@@ -5,7 +5,8 @@ and history, the consumers that keep it and by which rule, the unfinished tasks 
 the job that produced it and from which inputs, and whether it is erasable now, and if not,
 what must happen first. It opens the ledger read-only, so it works while the daemon runs.
 ``--json`` prints the same as one object: ``file``, ``history``, ``consumers``, ``pinned_by``,
-``producer`` (null for a downloaded file) and ``erasable`` (``now`` and the ``blockers``).
+``producer`` (null for a downloaded file) and ``erasable`` (``now`` and the ``blockers``); ``file``
+holds the ledger row, with ``kept_by`` (the consumers its ``keeps`` rows name) and ``refusals``.
 """
 
 from __future__ import annotations
