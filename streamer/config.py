@@ -564,6 +564,11 @@ class Config:
         payload = json.dumps(plain, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    def consumers_hash(self) -> str:
+        """A stable hash of the consumers' settings: a night planned under others is planned again."""
+        payload = json.dumps(_plain(self.consumers), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
     def as_dict(self) -> dict[str, Any]:
         return _plain(self)
 

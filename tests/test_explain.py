@@ -50,8 +50,9 @@ def test_a_catalogue_is_kept_never_erased_and_names_its_inputs(backfilled: Path,
     assert report["file"]["kind"] == "apcat" and report["file"]["state"] == "on_disk"
     assert [c["consumer"] for c in report["consumers"] if c["keeps"]] == ["ubercal"]
     assert report["erasable"]["now"] is False
-    # what the evictor checks: a catalogue is never erased (ubercal's keep is not recorded on products)
-    assert report["erasable"]["blockers"] == ["it is a catalogue (never erased)"]
+    # what the evictor checks: a catalogue is never erased, and ubercal's keep is recorded on it
+    assert report["erasable"]["blockers"] == ["it is a catalogue (never erased)", "kept by ubercal"]
+    assert report["file"]["kept_by"] == ["ubercal"]
     assert report["pinned_by"] == []
     producer = report["producer"]
     assert producer["kind"] == "exposure" and producer["state"] == "done"

@@ -96,7 +96,7 @@ def test_a_ledger_of_schema_3_gains_the_worker_loss_count_and_keeps_its_jobs(tmp
     conn.execute("INSERT INTO jobs (kind, key, state, attempts, created) VALUES ('exposure', 'k', 'failed', 2, 0)")
     conn.close()
     with Ledger.open(path) as ledger:
-        assert ledger.scalar("PRAGMA user_version") == len(MIGRATIONS) == 4
+        assert ledger.scalar("PRAGMA user_version") == len(MIGRATIONS) >= 4
         assert ledger.rows("SELECT key, state, attempts, worker_losses FROM jobs") == [
             {"key": "k", "state": "failed", "attempts": 2, "worker_losses": 0}
         ]

@@ -141,3 +141,36 @@ def test_keeping_detrended_images_alone_still_plans_what_the_exposure_jobs_need(
     assert kinds.count("sciimg_header") == 4 and kinds.count("mskimg") == 4  # the WCS comes from the headers
     assert kinds.count("detrended") == 4 and all(f.kept and f.url == "" for f in plan.files if f.kind == "detrended")
     assert not any(f.kept for f in plan.files if f.kind != "detrended")
+
+
+def test_planning_again_replaces_who_keeps_what() -> None:
+    """A consumer whose selection changed: the files a new plan still lists get its keepers, those it
+    no longer lists (a full sciimg nobody keeps now) lose theirs; a file of another CCD is untouched."""
+    raw, sci = _rows()
+    ledger = Ledger.memory()
+    scene = ConsumerConfig(name="scene", keep=("sciimg", "mskimg"))
+    raws = ConsumerConfig(name="raws", keep=("raw",), fields=(655,))
+    record_plan(ledger, plan_from_rows(NIGHT, [13], raw, sci, [], base_url=BASE, bias_skip_first=2))
+    other = [_raw("20200924431759", "object", ccdid=14)]
+    record_plan(ledger, plan_from_rows(NIGHT, [14], other, [], [scene, raws], base_url=BASE, bias_skip_first=2))
+    record_plan(ledger, plan_from_rows(NIGHT, [13], raw, sci, [scene, raws], base_url=BASE, bias_skip_first=2))
+
+    def keepers(kind: str, ccd: int = 13) -> dict[str, list[str]]:
+        rows = ledger.rows(
+            "SELECT f.id, f.relpath, f.kept FROM files f JOIN exposures e ON e.id = f.exposure_id "
+            "WHERE f.kind = ? AND e.ccdid = ?", (kind, ccd),
+        )  # fmt: skip
+        assert all(r["kept"] == bool(ledger.keepers(r["id"])) for r in rows)
+        return {r["relpath"]: ledger.keepers(r["id"]) for r in rows}
+
+    assert len(keepers("sciimg")) == 4 and all(k == ["scene"] for k in keepers("sciimg").values())
+    assert all(k == ["scene"] for k in keepers("mskimg").values())
+    science = [p for p, k in keepers("raw").items() if "_o." in p]
+    assert len(science) == 1 and keepers("raw")[science[0]] == ["raws"]
+    assert all(k == [] for p, k in keepers("raw").items() if "_o." not in p)  # calibration raws: field 0
+    # scene now keeps masks only: the full images are no longer planned, and no longer kept
+    scene_masks = ConsumerConfig(name="scene", keep=("mskimg",))
+    record_plan(ledger, plan_from_rows(NIGHT, [13], raw, sci, [scene_masks, raws], base_url=BASE, bias_skip_first=2))
+    assert len(keepers("sciimg")) == 4 and all(k == [] for k in keepers("sciimg").values())
+    assert all(k == ["scene"] for k in keepers("mskimg").values())
+    assert list(keepers("raw", 14).values()) == [["raws"]]  # another CCD's plan is not this one's to undo

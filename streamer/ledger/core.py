@@ -221,6 +221,23 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """
     ALTER TABLE jobs ADD COLUMN worker_losses INTEGER NOT NULL DEFAULT 0;
     """,
+    # 5: which consumer keeps which file (files.kept stays: "some consumer of the configuration keeps it"),
+    # and the archive's refusals and whole-download failures per file as counters, which the pruning of
+    # events cannot reset (counted from the events still there). Files kept before this have no row: their
+    # night is planned again at the next start (its consumers are unknown), which writes them.
+    """
+    CREATE TABLE keeps (
+        file_id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+        consumer TEXT NOT NULL,
+        PRIMARY KEY (file_id, consumer)
+    ) WITHOUT ROWID;
+    CREATE INDEX keeps_consumer ON keeps (consumer, file_id);
+    ALTER TABLE files ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE files ADD COLUMN download_failures INTEGER NOT NULL DEFAULT 0;
+    UPDATE files SET
+        refusals = (SELECT COUNT(*) FROM events e WHERE e.kind = 'file_missing' AND e.file_id = files.id),
+        download_failures = (SELECT COUNT(*) FROM events e WHERE e.kind = 'download_failed' AND e.file_id = files.id);
+    """,
 )
 
 
@@ -433,10 +450,13 @@ class Ledger:
         field: int | None = None,
         expected_size: int | None = None,
         kept: bool = False,
+        keepers: Sequence[str] | None = None,
     ) -> int:
         """Record a file as wanted, once; a file already known keeps its state. Returns its id.
 
-        A file registered without metadata (by ``reconcile``) gets it filled in here.
+        A file registered without metadata (by ``reconcile``) gets it filled in here. ``keepers``:
+        the consumers that keep it, replacing its ``keeps`` rows, and ``kept`` is then whether there
+        is one; without them ``kept`` is only ever raised. A ``deleted`` file that is kept is wanted again.
         """
         if kind not in FILE_KINDS:
             raise ValueError(f"file kind {kind!r}: expected one of {', '.join(FILE_KINDS)}")
@@ -449,11 +469,42 @@ class Ledger:
             "qid = COALESCE(qid, excluded.qid), night = COALESCE(night, excluded.night), "
             "field = COALESCE(field, excluded.field), "
             "expected_size = COALESCE(excluded.expected_size, expected_size), "
-            "kept = MAX(kept, excluded.kept), "
+            f"kept = {'excluded.kept' if keepers is not None else 'MAX(kept, excluded.kept)'}, "
             "state = CASE WHEN state = 'deleted' AND excluded.kept = 1 THEN 'wanted' ELSE state END",
-            (relpath, url, kind, exposure_id, qid, night, field, expected_size, int(kept), time.time()),
-        )
-        return int(conn.execute("SELECT id FROM files WHERE relpath = ?", (relpath,)).fetchone()[0])
+            (relpath, url, kind, exposure_id, qid, night, field, expected_size,
+             int(bool(keepers)) if keepers is not None else int(kept), time.time()),
+        )  # fmt: skip
+        file_id = int(conn.execute("SELECT id FROM files WHERE relpath = ?", (relpath,)).fetchone()[0])
+        if keepers is not None:
+            names = sorted(set(keepers))
+            marks = ",".join("?" * len(names))
+            conn.execute(f"DELETE FROM keeps WHERE file_id = ? AND consumer NOT IN ({marks})", (file_id, *names))
+            conn.executemany(
+                "INSERT INTO keeps (file_id, consumer) VALUES (?, ?) ON CONFLICT DO NOTHING", [(file_id, n) for n in names]
+            )
+        return file_id
+
+    def keepers(self, file_id: int) -> list[str]:
+        """The consumers that keep a file, by the ``keeps`` rows (sorted)."""
+        rows = self.db.conn.execute("SELECT consumer FROM keeps WHERE file_id = ? ORDER BY consumer", (file_id,))
+        return [str(r[0]) for r in rows]
+
+    def forget_consumers(self, names: Sequence[str]) -> int:
+        """Drop the ``keeps`` rows of consumers not in ``names`` (the configuration's); a file left with no
+        row is no longer kept. Files kept before ``keeps`` existed (no row at all) are left as they are.
+        Returns how many rows went.
+        """
+        marks = ",".join("?" * len(names))
+        with self.transaction() as conn:
+            gone = conn.execute(
+                f"SELECT file_id FROM keeps WHERE consumer NOT IN ({marks})", tuple(names)
+            ).fetchall()
+            removed = conn.execute(f"DELETE FROM keeps WHERE consumer NOT IN ({marks})", tuple(names)).rowcount
+            conn.executemany(
+                "UPDATE files SET kept = 0 WHERE id = ? AND NOT EXISTS (SELECT 1 FROM keeps WHERE file_id = ?)",
+                [(r[0], r[0]) for r in gone],
+            )
+        return int(removed)
 
     def file(self, file_id: int) -> dict[str, Any]:
         found = self.rows("SELECT * FROM files WHERE id = ?", (file_id,))

@@ -4,10 +4,11 @@ Fields: ``attempts`` counts the failed requests for a file's URL (HEAD, GET, hea
 the flat LED read at planning) plus the one that brought it to disk, so for a file on disk
 ``attempts - 1`` is its number of failed requests; ``last_error`` and ``http_status`` hold the
 last failure. A file the archive refuses ends ``missing`` with a ``retry_at`` while refusals
-remain (refusals are counted as :data:`MISSING_EVENT` events; ``retry_at`` is NULL once
-``max_refusals`` are used up). A download that fails as a whole (its body failed verification
-every time: ``corrupt``; an unexpected local error: ``missing``) is counted as a
-:data:`DOWNLOAD_FAILED_EVENT` and gets the retry date its caller gives (NULL: parked).
+remain (refusals are counted in ``files.refusals`` and logged as :data:`MISSING_EVENT` events;
+``retry_at`` is NULL once ``max_refusals`` are used up). A download that fails as a whole (its
+body failed verification every time: ``corrupt``; an unexpected local error: ``missing``) is
+counted in ``files.download_failures``, logged as a :data:`DOWNLOAD_FAILED_EVENT`, and gets the
+retry date its caller gives (NULL: parked). The counters survive the pruning of events.
 Every state change goes through :meth:`Ledger.set_file_state`, which checks the state machine.
 
 Which files are due is decided here only (:data:`FETCH_NOW_STATES`, :data:`RETRY_STATES` and
@@ -146,15 +147,14 @@ def record_missing(
     """Give a file up as ``missing``, its reservation released; return its retry date (None: no retry).
 
     The file is retried ``retry_s`` from now while it has had fewer than ``max_refusals``
-    refusals (this one included) and ``retryable`` is set. ``count_request``: the refused
-    request is not yet counted in ``attempts``. Each refusal is logged as a :data:`MISSING_EVENT`.
+    refusals (this one included, ``files.refusals``) and ``retryable`` is set. ``count_request``: the
+    refused request is not yet counted in ``attempts``. Each refusal is also logged as a :data:`MISSING_EVENT`.
     """
     with ledger.transaction() as conn:
         if _state(conn, file_id) in ("corrupt", "deleted"):
             ledger.set_file_state(conn, file_id, "wanted")
-        refusals = conn.execute(
-            "SELECT COUNT(*) FROM events WHERE kind = ? AND file_id = ?", (MISSING_EVENT, file_id)
-        ).fetchone()[0] + 1
+        conn.execute("UPDATE files SET refusals = refusals + 1 WHERE id = ?", (file_id,))
+        refusals = int(conn.execute("SELECT refusals FROM files WHERE id = ?", (file_id,)).fetchone()[0])
         retry_at = time.time() + retry_s if retryable and refusals < max_refusals else None
         _give_up(ledger, conn, file_id, "missing", reason, status, retry_at=retry_at, count_request=count_request)
         when = "given up" if retry_at is None else "retry after " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(retry_at))
@@ -163,11 +163,8 @@ def record_missing(
 
 
 def download_failures(ledger: Ledger, file_id: int) -> int:
-    """How many times a file's download failed as a whole (:data:`DOWNLOAD_FAILED_EVENT` events)."""
-    return int(
-        ledger.scalar("SELECT COUNT(*) FROM events WHERE kind = ? AND file_id = ?", (DOWNLOAD_FAILED_EVENT, file_id))
-        or 0
-    )
+    """How many times a file's download failed as a whole (``files.download_failures``, kept when events are pruned)."""
+    return int(ledger.scalar("SELECT download_failures FROM files WHERE id = ?", (file_id,)) or 0)
 
 
 def record_download_failure(
@@ -185,6 +182,7 @@ def record_download_failure(
         if state == "missing" and current in ("corrupt", "deleted"):
             ledger.set_file_state(conn, file_id, "wanted")
         _give_up(ledger, conn, file_id, state, reason, status, retry_at=retry_at, count_request=count_request)
+        conn.execute("UPDATE files SET download_failures = download_failures + 1 WHERE id = ?", (file_id,))
         when = "parked" if retry_at is None else "retry after " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(retry_at))
         ledger.event(DOWNLOAD_FAILED_EVENT, f"{relpath}: {state}: {reason} ({when})", level="warning", file_id=file_id, conn=conn)
     return retry_at

@@ -51,6 +51,29 @@ def file_states(conn: sqlite3.Connection, file_ids: Sequence[int]) -> dict[int, 
     return {int(i): str(s) for i, s in conn.execute(f"SELECT id, state FROM files WHERE id IN ({marks})", list(file_ids))}
 
 
+def unkeep_unplanned(
+    conn: sqlite3.Connection, night: str, ccds: Sequence[int], kinds: Sequence[str], planned: Sequence[int]
+) -> int:
+    """Files of ``kinds`` of the night's ``ccds`` that a new plan no longer lists lose their ``keeps`` rows
+    and their ``kept`` flag (a consumer's selection changed). Returns how many files lost rows."""
+    if not ccds or not kinds:
+        return 0
+    listed = set(planned)
+    stale = [
+        int(r[0])
+        for r in conn.execute(
+            f"SELECT DISTINCT f.id FROM files f JOIN exposures e ON e.id = f.exposure_id "
+            f"JOIN keeps k ON k.file_id = f.id WHERE f.night = ? AND e.ccdid IN ({', '.join('?' * len(ccds))}) "
+            f"AND f.kind IN ({', '.join('?' * len(kinds))})",
+            (night, *ccds, *kinds),
+        )
+        if int(r[0]) not in listed
+    ]
+    conn.executemany("DELETE FROM keeps WHERE file_id = ?", [(i,) for i in stale])
+    conn.executemany("UPDATE files SET kept = 0 WHERE id = ?", [(i,) for i in stale])
+    return len(stale)
+
+
 def flats_without_led(ledger: Ledger, night: str, ccds: Sequence[int]) -> list[dict[str, Any]]:
     """Raw flat files of a night whose exposure has no LED yet: on-disk files first within each exposure."""
     marks = ", ".join("?" * len(ccds))

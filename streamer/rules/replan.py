@@ -10,6 +10,9 @@ ingests a night over hours: a plan made soon after the night ended may hold only
   looking after the last delay (the night is then taken as empty; a backfill still looks again).
   A night whose plan had jobs but was made within the ingestion window is looked at again after
   the same delays, until a look falls after the window.
+- A night whose consumers changed since its last plan (one was added or removed, or its selection
+  changed) is planned again at once (once per backfill), so that what each consumer keeps is
+  derived again.
 - Otherwise a night is not planned again. Planning again only adds: jobs and files are recorded
   once by key, and a job already done keeps what it was made from.
 """
@@ -37,6 +40,8 @@ class PlanRecord:
     #: when the night was last planned (None: by a version that did not record it), and when it ended
     last_plan_at: float | None = None
     night_ends_at: float = 0.0
+    #: the consumers changed since the last plan (added, removed or with another selection)
+    consumers_changed: bool = False
 
     @property
     def maybe_partial(self) -> bool:
@@ -73,6 +78,8 @@ def plan_due(record: PlanRecord, *, now: float, burst: bool, seen_this_run: bool
     """
     if not record.planned:
         return True
+    if record.consumers_changed:
+        return not (burst and seen_this_run)
     if record.empty_plans == 0 and not record.maybe_partial:
         return False
     if burst:

@@ -4,7 +4,7 @@ A consumer keeps a file when the file's kind is in its ``keep`` list and the fil
 matches every selection the consumer gives: ``fields``, the ``start``/``end`` dates
 (inclusive, against the night), and ``targets`` (a quadrant whose footprint comes
 within a target's radius, on a night inside the target's own dates). The planner
-uses this to set ``files.kept``; the evictor may reuse it.
+uses :func:`kept_by` to write the ledger's ``keeps`` rows (and ``files.kept``); the evictor may reuse it.
 """
 
 from __future__ import annotations

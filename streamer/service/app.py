@@ -144,6 +144,9 @@ def recover(ctx: Context) -> None:
     """After any stop: finish what a crash interrupted, and remove half-made products and temporaries."""
     root = ctx.config.storage.root
     counts = ctx.ledger.recover()
+    forgotten = ctx.ledger.forget_consumers([c.name for c in ctx.config.consumers])
+    if forgotten:
+        log.info("%d keeps rows of consumers no longer configured dropped", forgotten)
     for row in ledger_jobs.unrecorded_products(ctx.ledger):
         unlink_below(root, row["relpath"])  # a product written but never recorded is made again
     for relpath in orphan_product_temporaries(root):

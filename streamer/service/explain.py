@@ -5,7 +5,8 @@ and history, the consumers that keep it and by which rule, the unfinished tasks 
 the job that produced it and from which inputs, and whether it is erasable now, and if not,
 what must happen first. It opens the ledger read-only, so it works while the daemon runs.
 ``--json`` prints the same as one object: ``file``, ``history``, ``consumers``, ``pinned_by``,
-``producer`` (null for a downloaded file) and ``erasable`` (``now`` and the ``blockers``).
+``producer`` (null for a downloaded file) and ``erasable`` (``now`` and the ``blockers``); ``file``
+holds the ledger row, with ``kept_by`` (the consumers its ``keeps`` rows name) and ``refusals``.
 """
 
 from __future__ import annotations
@@ -57,8 +58,12 @@ def find_file(ledger: Ledger, config: Config, name: str) -> dict[str, Any]:
     return rows[0]
 
 
-def consumer_verdict(consumer: ConsumerConfig, row: dict[str, Any]) -> dict[str, Any]:
-    """Whether ``consumer`` keeps the file, and by which of its rules (kind, fields, dates, targets)."""
+def consumer_verdict(consumer: ConsumerConfig, row: dict[str, Any], recorded: list[str] | None = None) -> dict[str, Any]:
+    """Whether ``consumer`` keeps the file, and by which of its rules (kind, fields, dates, targets).
+
+    ``recorded``: the consumers the ledger's ``keeps`` rows name for the file (written at planning,
+    where a target's footprint is known).
+    """
     rule = {"kind": list(consumer.keep), "fields": list(consumer.fields) if consumer.fields is not None else "any",
             "dates": [str(consumer.start or "any"), str(consumer.end or "any")],
             "targets": len(consumer.targets) if consumer.targets is not None else "any"}  # fmt: skip
@@ -71,8 +76,9 @@ def consumer_verdict(consumer: ConsumerConfig, row: dict[str, Any]) -> dict[str,
         return {"consumer": consumer.name, "keeps": False, "why": why, "rule": rule}
     if consumer.targets is None:
         return {"consumer": consumer.name, "keeps": True, "why": "kind, field and dates match", "rule": rule}
-    # the footprint comes from the search row at planning, which set files.kept
-    keeps = bool(row["kept"])
+    # the footprint comes from the search row at planning, which wrote the keeps rows (before them: files.kept)
+    recorded = recorded or []
+    keeps = consumer.name in recorded if recorded else bool(row["kept"])
     why = "a target's footprint matched at planning" if keeps else "no target's footprint matched at planning"
     return {"consumer": consumer.name, "keeps": keeps, "why": why, "rule": rule}
 
@@ -117,12 +123,14 @@ def erasable(row: dict[str, Any], keepers: list[str], pins: list[dict[str, Any]]
 def explain_file(ledger: Ledger, config: Config, name: str) -> dict[str, Any]:
     """Everything ``explain`` shows about one file, as JSON-ready values."""
     row = find_file(ledger, config, name)
-    consumers = [consumer_verdict(c, row) for c in config.consumers]
+    recorded = ledger.keepers(row["id"])
+    consumers = [consumer_verdict(c, row, recorded) for c in config.consumers]
     pins = queries.pinning_jobs(ledger, row["id"])
     keepers = [c["consumer"] for c in consumers if c["keeps"]]
     file = {k: row[k] for k in ("id", "relpath", "kind", "state", "url", "night", "field", "qid", "expected_size",
                                 "actual_size", "disk_bytes", "reserved_bytes", "attempts", "last_error", "http_status")}  # fmt: skip
-    file |= {"path": str(config.storage.root / row["relpath"]), "kept": bool(row["kept"]), "updated": _iso(row["updated"]),
+    file |= {"path": str(config.storage.root / row["relpath"]), "kept": bool(row["kept"]), "kept_by": recorded,
+             "refusals": row["refusals"], "updated": _iso(row["updated"]),
              "fetched_at": _iso(row["fetched_at"]), "last_used": _iso(row["last_used"]), "retry_at": _iso(row["retry_at"])}  # fmt: skip
     return {
         "file": file,
@@ -152,7 +160,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     f = report["file"]
     size = format_size(f["disk_bytes"]) if f["state"] == "on_disk" else "not on disk"
     lines = [f"{f['relpath']} ({f['kind']}, file {f['id']}): {f['state']} since {f['updated']}, {size}"]
-    lines.append(f"  fetched {f['fetched_at'] or 'never'}; attempts {f['attempts']}; last error {f['last_error'] or 'none'}"
+    lines.append(f"  fetched {f['fetched_at'] or 'never'}; attempts {f['attempts']}; refusals {f['refusals']}; last error {f['last_error'] or 'none'}"
                  + (f"; retry after {f['retry_at']}" if f["retry_at"] else ""))  # fmt: skip
     for c in report["consumers"]:
         lines.append(f"  consumer {c['consumer']}: {'keeps it' if c['keeps'] else 'does not keep it'} ({c['why']}; "

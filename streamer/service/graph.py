@@ -26,7 +26,7 @@ from streamer.config import ConsumerConfig
 from streamer.ledger import planning as queries
 from streamer.ledger.core import Ledger
 from streamer.rules.bias import bias_time_order, biases_to_use
-from streamer.rules.retention import FileFacts, is_kept
+from streamer.rules.retention import FileFacts, kept_by
 from streamer.storage.naming import RawName
 from streamer.storage.paths import (
     apcat_relpaths,
@@ -38,9 +38,10 @@ from streamer.storage.paths import (
 
 
 def _product(
-    ledger: Ledger, conn: sqlite3.Connection, relpath: str, kind: str, job_id: int, night: str, *, kept: bool = False
+    ledger: Ledger, conn: sqlite3.Connection, relpath: str, kind: str, job_id: int, night: str, *,
+    keepers: Sequence[str] | None = None,
 ) -> int:
-    file_id = ledger.want_file(conn, relpath=relpath, kind=kind, night=night, kept=kept)
+    file_id = ledger.want_file(conn, relpath=relpath, kind=kind, night=night, keepers=keepers)
     queries.set_producer(conn, file_id, job_id)
     return file_id
 
@@ -95,7 +96,9 @@ class _NightGraph:
         self.catalogue_layout = catalogue_layout
         self.conn = conn
         self.night = night
-        self.keep_masters = is_kept(consumers, FileFacts("masters", None, dt.date.fromisoformat(night)))
+        self.consumers = consumers
+        self.night_date = dt.date.fromisoformat(night)
+        self.master_keepers = kept_by(consumers, FileFacts("masters", None, self.night_date))
         self.counts: dict[str, int] = defaultdict(int)
         self.master_biases: dict[int, int] = {}
         self.master_flats: dict[tuple[int, str], int] = {}
@@ -106,9 +109,11 @@ class _NightGraph:
         self.counts[kind] += 1
         return self.ledger.add_job(self.conn, kind=kind, key=key, pins=pins, night=self.night, **fields)
 
-    def _product(self, relpath: str, kind: str, job_id: int) -> int:
-        kept = kind == "masters" and self.keep_masters
-        return _product(self.ledger, self.conn, relpath, kind, job_id, self.night, kept=kept)
+    def _product(self, relpath: str, kind: str, job_id: int, keepers: Sequence[str] | None = None) -> int:
+        """A product file of ``job_id``; a master's keepers are the night's, others are given (None: unchanged)."""
+        if kind == "masters":
+            keepers = self.master_keepers
+        return _product(self.ledger, self.conn, relpath, kind, job_id, self.night, keepers=keepers)
 
     def add_master_bias(self, ccdid: int, rows: Sequence[dict[str, Any]], skip_first: int) -> None:
         biases = biases_to_use(
@@ -158,7 +163,10 @@ class _NightGraph:
         )  # fmt: skip
         raw = RawName(row["filefracday"], row["field"], row["filtercode"], ccdid, "o")
         for relpath in apcat_relpaths(raw, self.catalogue_layout):
-            apcat = self._product(relpath, "apcat", job)
+            # no footprint here: a consumer restricted to targets is not counted as keeping catalogues
+            # (they are never evicted anyway)
+            keepers = kept_by(self.consumers, FileFacts("apcat", row["field"], self.night_date))
+            apcat = self._product(relpath, "apcat", job, keepers)
             queries.set_file_exposure(self.conn, apcat, row["id"], row["field"])
         for detrended in row["detrended_outputs"]:
             queries.set_producer(self.conn, detrended, job)

@@ -20,7 +20,8 @@ What is wanted, per CCD of the night:
   ``..._mskimg.fits.fz``) when photometry is needed or a consumer keeps them; the full
   ``sciimg`` only when a consumer keeps it.
 
-``kept`` is set from :mod:`streamer.rules.retention`. Files already on disk (downloaded or
+``keeps`` (which consumers keep a file; ``kept``: some does) is set from
+:func:`streamer.rules.retention.kept_by`, replacing what an earlier plan of the night said. Files already on disk (downloaded or
 registered by ``reconcile``) keep their state and are not in ``to_download``.
 """
 
@@ -45,7 +46,7 @@ from streamer.ledger import planning as queries
 from streamer.ledger.core import Ledger
 from streamer.ledger.downloads import record_failed_request
 from streamer.rules.bias import bias_time_order, biases_to_use
-from streamer.rules.retention import FileFacts, Footprint, is_kept
+from streamer.rules.retention import FileFacts, Footprint, kept_by
 from streamer.storage.naming import RawName, SciName
 from streamer.storage.paths import (
     detrended_relpath,
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 PROCESSING_KINDS: Final = frozenset({"apcat", "detrended", "masters"})
 RAW_IMGTYPES: Final = ("object", "bias", "flat")
+#: Kinds that every plan of a night lists whenever a consumer keeps them: one left out is no longer kept.
+UNKEPT_WHEN_UNPLANNED: Final = ("raw", "sciimg", "sciimg_header", "mskimg")
 
 
 class PlanError(StreamerError):
@@ -96,8 +99,13 @@ class PlannedFile:
     qid: int | None
     night: str
     field: int
-    kept: bool
+    keepers: tuple[str, ...]
     expected_size: int | None = None
+
+    @property
+    def kept(self) -> bool:
+        """Whether some consumer keeps it."""
+        return bool(self.keepers)
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,8 @@ class NightPlan:
     exposures: tuple[PlannedExposure, ...]
     files: tuple[PlannedFile, ...]
     flats_without_led: tuple[str, ...] = ()
+    #: the CCDs planned (files of theirs that the plan leaves out lose their keeps rows)
+    ccds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,7 +188,7 @@ def plan_from_rows(
     biases = used_biases([r for r in raw_rows if r["ccdid"] in wanted], bias_skip_first)
     raw_rows = [r for r in raw_rows if r["ccdid"] in wanted and r["filefracday"].startswith(prefix)]
     sci_rows = [r for r in sci_rows if r["ccdid"] in wanted and r["filefracday"].startswith(prefix)]
-    planner = _NightPlanner(night, consumers, base_url, quadrant_shape, sci_rows)
+    planner = _NightPlanner(night, ccds, consumers, base_url, quadrant_shape, sci_rows)
     for row in raw_rows:
         if row["imgtype"] in RAW_IMGTYPES:
             planner.add_raw(row, biases, (leds or {}).get(row["filefracday"]), write_detrended=write_detrended)
@@ -191,10 +201,11 @@ class _NightPlanner:
     """The exposures and files of one night, gathered from its search rows."""
 
     def __init__(
-        self, night: dt.date, consumers: Sequence[ConsumerConfig], base_url: str,
+        self, night: dt.date, ccds: Sequence[int], consumers: Sequence[ConsumerConfig], base_url: str,
         quadrant_shape: tuple[int, int] | None, sci_rows: Sequence[dict[str, Any]],
     ) -> None:  # fmt: skip
         self.night = night
+        self.ccds = tuple(sorted(set(ccds)))
         self.night_text = night.isoformat()
         self.consumers = consumers
         self.base_url = base_url
@@ -214,7 +225,8 @@ class _NightPlanner:
     def add_raw(self, row: dict[str, Any], biases: set[tuple[str, int]], led: int | None, *, write_detrended: bool) -> None:
         name = RawName(row["filefracday"], row["field"], row["filtercode"], row["ccdid"], row["imgtypecode"])
         footprints = tuple(self.footprints.get((name.filefracday, name.ccdid), ()))
-        kept = is_kept(self.consumers, FileFacts("raw", row["field"], self.night, footprints))
+        keepers = tuple(kept_by(self.consumers, FileFacts("raw", row["field"], self.night, footprints)))
+        kept = bool(keepers)
         used = row["imgtype"] != "bias" or (name.filefracday, name.ccdid) in biases
         wanted = kept or (self.processing and used)
         if not wanted and not (self.processing and row["imgtype"] == "bias"):
@@ -230,7 +242,7 @@ class _NightPlanner:
         if not wanted:
             return  # a skipped bias: its exposure is recorded (the graph skips by position), its file is not wanted
         self.files[name.relpath] = PlannedFile(
-            name.relpath, "raw", name.url(self.base_url), exposure.key, None, self.night_text, row["field"], kept
+            name.relpath, "raw", name.url(self.base_url), exposure.key, None, self.night_text, row["field"], keepers
         )
         if write_detrended and row["imgtype"] == "object":
             self.add_detrended(name, exposure.key, row["field"])
@@ -241,7 +253,7 @@ class _NightPlanner:
             facts = FileFacts("detrended", field_id, self.night, (quadrant,) if quadrant is not None else ())
             relpath = detrended_relpath(name, qid)
             self.files[relpath] = PlannedFile(
-                relpath, "detrended", "", exposure_key, qid, self.night_text, field_id, is_kept(self.consumers, facts)
+                relpath, "detrended", "", exposure_key, qid, self.night_text, field_id, tuple(kept_by(self.consumers, facts))
             )
 
     def add_ipac_quadrant(self, row: dict[str, Any]) -> None:
@@ -261,9 +273,9 @@ class _NightPlanner:
             ("sciimg", sci.relpath, sci.url(self.base_url), False),
         )
         for kind, relpath, url, needed in candidates:
-            kept = is_kept(self.consumers, FileFacts(kind, row["field"], self.night, footprint))
-            if kept or needed:
-                self.files[relpath] = PlannedFile(relpath, kind, url, key, row["qid"], self.night_text, row["field"], kept)
+            keepers = tuple(kept_by(self.consumers, FileFacts(kind, row["field"], self.night, footprint)))
+            if keepers or needed:
+                self.files[relpath] = PlannedFile(relpath, kind, url, key, row["qid"], self.night_text, row["field"], keepers)
 
     def plan(self) -> NightPlan:
         used_keys = {f.exposure for f in self.files.values()}
@@ -272,6 +284,7 @@ class _NightPlanner:
             tuple(e for k, e in sorted(self.exposures.items()) if k in used_keys or e.imgtype == "bias"),
             tuple(self.files[k] for k in sorted(self.files)),
             tuple(sorted(self.flats_without_led)),
+            self.ccds,
         )
 
 
@@ -289,10 +302,12 @@ def record_plan(ledger: Ledger, plan: NightPlan) -> PlanSummary:
                 ledger.want_file(
                     conn, relpath=planned.relpath, kind=planned.kind, url=planned.url,
                     exposure_id=exposure_ids[planned.exposure], qid=planned.qid, night=planned.night,
-                    field=planned.field, expected_size=planned.expected_size, kept=planned.kept,
+                    field=planned.field, expected_size=planned.expected_size, keepers=planned.keepers,
                 )  # fmt: skip
             )
             by_kind[planned.kind] += 1
+        # detrended images are left out: a plan lists them only with detrend.write_detrended
+        queries.unkeep_unplanned(conn, plan.night.isoformat(), plan.ccds, UNKEPT_WHEN_UNPLANNED, file_ids)
         states = queries.file_states(conn, file_ids)
     downloaded = {i for i, planned in zip(file_ids, plan.files, strict=True) if planned.url}
     to_download = tuple(

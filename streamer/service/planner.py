@@ -1,10 +1,12 @@
 """The planning stage: search the archive for each due night, build its work graph, check the budget.
 
-A night is planned once, unless its plan had no job or was made while IRSA may still have been
-ingesting it: then it is planned again by the rules of :mod:`streamer.rules.replan` (by every
-later backfill; by a daemon after growing delays). The ledger's meta keeps, per night and CCD
-list, the job counts of the last plan (``planned:<night>:<ccds>``) and the count of empty plans,
-the count of plans with jobs (``looks``), the time of the last plan and the date of the daemon's
+A night is planned once, unless its plan had no job, was made while IRSA may still have been
+ingesting it, or was made for other consumers: then it is planned again by the rules of
+:mod:`streamer.rules.replan` (by every later backfill; by a daemon after growing delays, or at
+once for changed consumers). The ledger's meta keeps, per night and CCD list, the job counts of
+the last plan (``planned:<night>:<ccds>``), the hash of the consumers it was planned for
+(``consumers:<night>:<ccds>``) and the count of empty plans, the count of plans with jobs
+(``looks``), the time of the last plan and the date of the daemon's
 next look (``empty_plan:<night>:<ccds>``).
 """
 
@@ -74,14 +76,16 @@ def plan_record(ctx: Context, night: dt.date, ccds: Sequence[int]) -> PlanRecord
     counts = ctx.ledger.get_meta(plan_key(night, ccds))
     if counts is None:
         return PlanRecord(planned=False)
+    # a ledger from before the hash was recorded: planned again once, to write its ``keeps`` rows
+    changed = ctx.ledger.get_meta(plan_key(night, ccds, "consumers")) != ctx.config.consumers_hash()
     empty = ctx.ledger.get_meta(plan_key(night, ccds, "empty_plan"))
     if empty is None:  # a ledger from before empty plans were counted: an empty one is due at once
         no_job = sum(json.loads(counts).values()) == 0
-        return PlanRecord(planned=True, empty_plans=int(no_job), replan_at=0.0 if no_job else None)
+        return PlanRecord(planned=True, empty_plans=int(no_job), replan_at=0.0 if no_job else None, consumers_changed=changed)
     record = json.loads(empty)
     return PlanRecord(
         planned=True, empty_plans=int(record["plans"]), replan_at=record["replan_at"],
-        last_plan_at=record.get("last_plan_at"), night_ends_at=night_ends_at(night),
+        last_plan_at=record.get("last_plan_at"), night_ends_at=night_ends_at(night), consumers_changed=changed,
     )  # fmt: skip
 
 
@@ -102,6 +106,7 @@ async def plan_one_night(ctx: Context, night: dt.date, ccds: Sequence[int]) -> N
         catalogue_layout=ctx.config.photometry.layout,
     )  # fmt: skip
     ctx.ledger.set_meta(plan_key(night, ccds), json.dumps(counts))
+    ctx.ledger.set_meta(plan_key(night, ccds, "consumers"), ctx.config.consumers_hash())
     ctx.ledger.event("plan", f"night {night}: jobs {counts}")
     if sum(counts.values()) == 0:
         record_empty_plan(ctx, night, ccds)

@@ -14,8 +14,16 @@ object; its fields (stable; new fields may be added, none removed or renamed):
 - ``rates``: ``downloads_last_hour``, ``downloaded_bytes_last_hour``, ``jobs_done_last_hour``;
 - ``eta_seconds``: unfinished jobs over the last hour's rate (null without a rate);
 - ``erasable``: ``files``, ``bytes`` on disk that no consumer keeps and no job pins;
-- ``consumers``: per consumer ``name``, ``keep``, ``missing_files``, ``missing_bytes`` (kept
-  files of its kinds that are not on disk);
+- ``consumers``: per consumer, from the ledger's ``keeps`` rows (which consumer keeps which
+  file): ``name``, ``keep``; ``on_disk_files``, ``on_disk_bytes`` (what it keeps on disk, allocated
+  bytes); ``lacking_files``, ``lacking_bytes`` (kept, not on disk, still to be downloaded, made or
+  fetched again; expected bytes, 0 where unknown); ``owed_files`` (kept, not on disk and not
+  coming: the archive refused them or they failed verification, ``missing`` or ``corrupt``,
+  retried later or parked; or products whose task is blocked or parked, e.g. by a refused
+  input); ``refusals`` (the archive's refusals of its files, counted in the ledger, not from
+  events, so pruning does not reset it); ``missing_files``, ``missing_bytes`` (every kept file
+  not on disk: lacking plus owed, with expected bytes);
+- ``refusals``: every refusal by the archive, of any file;
 - ``calibration_fallbacks``: frames that used another night's masters (``job``, ``message``);
 - ``last_errors``: the latest warnings and errors (``time``, ``kind``, ``message``);
 - ``stuck``: why the service cannot move (null when it can); ``outage``: the archive
@@ -91,6 +99,7 @@ def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
         **_rates(ledger, now),
         "erasable": queries.erasable_totals(ledger),
         "consumers": _consumers(config, ledger),
+        "refusals": queries.refusals_total(ledger),
         "calibration_fallbacks": [
             {"job": r["job_id"], "time": _iso(r["t"]), "message": r["message"]} for r in queries.calibration_events(ledger)
         ],
@@ -156,10 +165,8 @@ def _rates(ledger: Ledger, now: float) -> dict[str, Any]:
 def _consumers(config: Config, ledger: Ledger) -> list[dict[str, Any]]:
     out = []
     for consumer in config.consumers:
-        missing = queries.kept_not_on_disk(ledger, consumer.keep)
-        out.append(
-            {"name": consumer.name, "keep": list(consumer.keep), "missing_files": missing["files"], "missing_bytes": missing["bytes"]}
-        )
+        figures = queries.consumer_figures(ledger, consumer.name)
+        out.append({"name": consumer.name, "keep": list(consumer.keep), **figures})
     return out
 
 
@@ -226,7 +233,10 @@ def _print_report(report: dict[str, Any]) -> None:
     for consumer in report["consumers"]:
         console.print(
             f"consumer {consumer['name']} (keeps {', '.join(consumer['keep'])}): "
-            f"{consumer['missing_files']} kept files not on disk ({format_size(consumer['missing_bytes'])})"
+            f"{consumer['on_disk_files']} on disk ({format_size(consumer['on_disk_bytes'])}), "
+            f"{consumer['lacking_files']} still to come ({format_size(consumer['lacking_bytes'])}), "
+            f"{consumer['owed_files']} owed (refused by the archive, corrupt, or their task blocked; "
+            f"{consumer['refusals']} refusals)"
         )
     if report["calibration_fallbacks"]:
         console.print("calibrations from another night:")
