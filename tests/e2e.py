@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from streamer.config import Config, load_config
 from streamer.demo import write_config
 
 NIGHT = dt.date(2020, 9, 24)
@@ -44,6 +45,16 @@ def config_for(
         tmp / name, store=store, catalog_dir=archive / "refcat", base_url=base_url, budget=budget, extra=extra,
         workers=workers,
     )  # fmt: skip
+
+
+def offline_config(tmp: Path) -> Config:
+    """A loaded configuration whose store exists under ``tmp`` and whose archive is nowhere (port 9):
+    for tests that drive the service's stages without downloading."""
+    path = write_config(
+        tmp / "config.toml", store=tmp / "store", catalog_dir=tmp / "refcat", base_url="http://127.0.0.1:9", budget=10**9
+    )
+    (tmp / "store").mkdir()
+    return load_config(path)
 
 
 def store_of(config: Path) -> Path:

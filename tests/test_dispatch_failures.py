@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from streamer.config import load_config
-from streamer.demo import write_config
+from e2e import offline_config
 from streamer.execution.local import LocalExecutor
 from streamer.ledger.core import Ledger
 from streamer.service.context import Context
@@ -24,15 +23,6 @@ from streamer.service.dispatch import dispatcher, submit
 from streamer.service.records import Submitted
 
 RAW = "raw/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o.fits.fz"
-
-
-def _config(tmp_path: Path) -> Any:
-    path = write_config(
-        tmp_path / "config.toml", store=tmp_path / "store", catalog_dir=tmp_path / "refcat",
-        base_url="http://127.0.0.1:9", budget=10**9,
-    )  # fmt: skip
-    (tmp_path / "store").mkdir()
-    return load_config(path)
 
 
 def _unknown_kind(ledger: Ledger, root: Path) -> int:
@@ -102,7 +92,7 @@ def test_a_call_that_cannot_be_made_fails_the_job_with_one_line_then_parks_it(
     make_job, error_name = JOBS[case]
     ledger = Ledger.memory()
     executor = LocalExecutor(1)
-    ctx = Context(config=_config(tmp_path), ledger=ledger, executor=executor, burst=False)
+    ctx = Context(config=offline_config(tmp_path), ledger=ledger, executor=executor, burst=False)
     job_id = make_job(ledger, ctx.config.storage.root)
     try:
         with caplog.at_level(logging.WARNING, logger="streamer"):
@@ -128,7 +118,7 @@ def test_an_executor_that_refuses_the_call_fails_the_job_and_releases_it(tmp_pat
     ledger = Ledger.memory()
     executor = LocalExecutor(1)
     executor.shutdown()  # refuses every call: RuntimeError, not BrokenProcessPool
-    ctx = Context(config=_config(tmp_path), ledger=ledger, executor=executor, burst=False)
+    ctx = Context(config=offline_config(tmp_path), ledger=ledger, executor=executor, burst=False)
     with ledger.transaction() as conn:
         job_id = ledger.add_job(conn, kind="master_bias", key="master_bias:2020-09-24:c13", night="2020-09-24", ccdid=13)
         ledger.set_job_state(conn, job_id, "ready")

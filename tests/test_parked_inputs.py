@@ -8,10 +8,8 @@ then the dispatch stage of a daemon (not burst) looks at the job.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from streamer.config import load_config
-from streamer.demo import write_config
+from e2e import offline_config
 from streamer.execution.local import LocalExecutor
 from streamer.ledger import downloads
 from streamer.ledger.core import Ledger
@@ -22,15 +20,6 @@ from streamer.service.fetcher import failed_as_whole
 
 RAW = "raw/2020/0924/431759/ztf_20200924431759_000655_zr_c13_o.fits.fz"
 OTHER_RAW = "raw/2020/0924/431760/ztf_20200924431760_000656_zr_c13_o.fits.fz"
-
-
-def _config(tmp_path: Path) -> Any:
-    path = write_config(
-        tmp_path / "config.toml", store=tmp_path / "store", catalog_dir=tmp_path / "refcat",
-        base_url="http://127.0.0.1:9", budget=10**9,
-    )  # fmt: skip
-    (tmp_path / "store").mkdir()
-    return load_config(path)
 
 
 def _exposure(ledger: Ledger, key: str, relpath: str) -> tuple[int, int]:
@@ -50,7 +39,7 @@ def _fail_download_as_whole(ledger: Ledger, file_id: int) -> None:
 def test_a_parked_raw_blocks_its_exposure_in_a_daemon_naming_the_file(tmp_path: Path) -> None:
     ledger = Ledger.memory()
     executor = LocalExecutor(1)
-    ctx = Context(config=_config(tmp_path), ledger=ledger, executor=executor, burst=False)
+    ctx = Context(config=offline_config(tmp_path), ledger=ledger, executor=executor, burst=False)
     parked_job, parked_file = _exposure(ledger, "exposure:20200924431759:c13", RAW)
     retried_job, retried_file = _exposure(ledger, "exposure:20200924431760:c13", OTHER_RAW)
     try:

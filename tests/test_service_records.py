@@ -11,23 +11,13 @@ from typing import Any
 
 import pytest
 
-from streamer.config import load_config
-from streamer.demo import write_config
+from e2e import offline_config
 from streamer.execution.base import BrokenProcessPool
 from streamer.execution.jobs import Call
 from streamer.execution.local import LocalExecutor
 from streamer.ledger.core import Ledger
 from streamer.service.context import Context
 from streamer.service.records import Submitted, record
-
-
-def _config(tmp_path: Path) -> Any:
-    path = write_config(
-        tmp_path / "config.toml", store=tmp_path / "store", catalog_dir=tmp_path / "refcat",
-        base_url="http://127.0.0.1:9", budget=10**9,
-    )  # fmt: skip
-    (tmp_path / "store").mkdir()
-    return load_config(path)
 
 
 def _running_job_with_output(ledger: Ledger) -> dict[str, Any]:
@@ -47,7 +37,7 @@ async def _finished_future(result: Any) -> asyncio.Future[Any]:
 
 
 def test_a_job_that_finishes_without_its_product_is_failed_not_left_running(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = offline_config(tmp_path)
     ledger = Ledger.memory()
     executor = LocalExecutor(1)
     try:

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from e2e import NIGHT, backfill_args, config_for, store_of, streamer_cmd
-from streamer.config import load_config
+from e2e import NIGHT, backfill_args, config_for, offline_config, store_of, streamer_cmd
 from streamer.crashpoints import ENVIRONMENT_VARIABLE
-from streamer.demo import serve_archive, write_config
+from streamer.demo import serve_archive
 from streamer.execution.jobs import Call
 from streamer.execution.local import LocalExecutor
 from streamer.ledger import jobs as ledger_jobs
@@ -43,15 +42,6 @@ def _die() -> None:
 
 def _pid() -> int:
     return os.getpid()
-
-
-def _config(tmp_path: Path) -> Any:
-    path = write_config(
-        tmp_path / "config.toml", store=tmp_path / "store", catalog_dir=tmp_path / "refcat",
-        base_url="http://127.0.0.1:9", budget=10**9,
-    )  # fmt: skip
-    (tmp_path / "store").mkdir()
-    return load_config(path)
 
 
 def _add_jobs(ledger: Ledger, keys: list[str]) -> None:
@@ -83,7 +73,7 @@ async def _run_round(ctx: Context, plan: list[tuple[str, Callable[[], Any]]]) ->
 def test_a_job_that_kills_its_worker_is_parked_and_the_job_lost_beside_it_is_not(tmp_path: Path) -> None:
     ledger = Ledger.memory()
     executor = LocalExecutor(1)  # one process: a job queued behind the culprit dies with it
-    ctx = Context(config=_config(tmp_path), ledger=ledger, executor=executor, burst=True)
+    ctx = Context(config=offline_config(tmp_path), ledger=ledger, executor=executor, burst=True)
     _add_jobs(ledger, [CULPRIT, BYSTANDER])
     try:
         before = time.time()
@@ -112,7 +102,7 @@ def test_a_job_that_kills_its_worker_is_parked_and_the_job_lost_beside_it_is_not
 def test_an_ordinary_failure_ends_a_run_of_worker_losses(tmp_path: Path) -> None:
     ledger = Ledger.memory()
     executor = LocalExecutor(1)
-    ctx = Context(config=_config(tmp_path), ledger=ledger, executor=executor, burst=True)
+    ctx = Context(config=offline_config(tmp_path), ledger=ledger, executor=executor, burst=True)
     _add_jobs(ledger, [CULPRIT])
     try:
         for _ in range(MAX_WORKER_LOSSES - 1):
