@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from streamer import __version__
+from streamer import __version__, clock
 from streamer.errors import StreamerError, UsageError
 
 if TYPE_CHECKING:
@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--faults", default="none", metavar="PROFILE", help="none, flaky, hostile or a TOML file of rates")
     serve.add_argument("--fault-seed", type=int, default=0, metavar="S")
     serve.add_argument("--require-login", action="store_true", help="serve data only to a logged-in session")
+    serve.add_argument(
+        "--arrival", action="store_true",
+        help=f"searches find an exposure only once the clock (${clock.ENVIRONMENT_VARIABLE}) reaches it, a calibration after its night",
+    )  # fmt: skip
     serve.add_argument("--username", default="ztfuser", help="the account the login accepts")
     serve.add_argument("--password-env", default="STREAMER_SIM_PASSWORD", help="variable holding the accepted password")
     serve.set_defaults(handler=_sim_serve)

@@ -486,7 +486,7 @@ class BackfillConfig:
 @dataclass(frozen=True)
 class FollowConfig:
     enabled: bool = _option(_boolean, default=False)
-    delay_hours: float = _option(_number(0), default=24.0)
+    delay_hours: float = _option(_number(0), default=6.0)
     poll_minutes: float = _option(_number(0, lo_open=True), default=60.0)
 
 

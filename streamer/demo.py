@@ -33,10 +33,12 @@ def _streamer(*args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def serve_archive(archive: Path, *, faults: str = "none", port: int = 0) -> Iterator[str]:
-    """Run ``streamer sim serve`` on loopback (``port`` 0: any free one); yield its base URL; stop it with SIGTERM."""
+def serve_archive(archive: Path, *, faults: str = "none", port: int = 0, arrival: bool = False) -> Iterator[str]:
+    """Run ``streamer sim serve`` on loopback (``port`` 0: any free one; ``arrival``: its ``--arrival``);
+    yield its base URL; stop it with SIGTERM."""
+    options = ("--arrival",) if arrival else ()
     server = subprocess.Popen(
-        _streamer("sim", "serve", "--root", str(archive), "--host", "127.0.0.1", "--port", str(port), "--faults", faults),
+        _streamer("sim", "serve", "--root", str(archive), "--host", "127.0.0.1", "--port", str(port), "--faults", faults, *options),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:

@@ -25,12 +25,12 @@ from streamer.rules.download_retry import (
     RetryFile,
     after_download_failure,
 )
+from streamer.rules.nights import night_ends_at
 from streamer.rules.replan import (
     INGESTION_WINDOW_S,
     REPLAN_DELAYS_S,
     PlanRecord,
     next_look_s,
-    night_ends_at,
     partial_look_at,
     plan_due,
     replan_delay,

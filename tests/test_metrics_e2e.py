@@ -1,7 +1,7 @@
 """The Prometheus endpoint of a real service run on small simulated frames, against ``streamer status``.
 
 The service runs as ``streamer run`` with the night as its configured backfill range: it does the
-backfill and then idles, so the last scrape and status are taken while nothing can move and must
+backfill, removes what no consumer keeps and then idles, so the last scrape and status are taken while nothing can move and must
 agree exactly. During the run figures move between two reads, so there only counts that never
 go down are checked, sandwiched: scrape <= status taken after it <= the next scrape.
 """
@@ -93,7 +93,8 @@ def test_metrics_agree_with_status(tmp_path: Path, archive: Path, base_url: str)
             unfinished = sum(n for states in report["jobs"].values() for s, n in states.items() if s != "done")
             in_flight = sum(report["files"].get(kind, {}).get(s, {}).get("files", 0)
                             for kind in report["files"] for s in ("reserved", "downloading"))  # fmt: skip
-            finished = bool(report["jobs"]) and unfinished == 0 and in_flight == 0
+            swept = report["erasable"]["files"] == 0  # a daemon whose work is done removes what no one keeps
+            finished = bool(report["jobs"]) and unfinished == 0 and in_flight == 0 and swept
             rounds += 1
             assert rounds < 300 and process.poll() is None, "the run did not finish"
             time.sleep(0.5)
@@ -136,10 +137,10 @@ def _compare_at_rest(samples: Samples, report: dict[str, object], archive: Path,
     raws = sorted((archive / "raw").rglob("*.fits.fz"))
     skipped = sorted(p for p in raws if p.name.endswith("_b.fits.fz"))[:DEMO_BIAS_SKIP]
     raws = [p for p in raws if p not in skipped]
-    assert files["raw"]["on_disk"]["files"] == len(raws)
+    assert files["raw"]["deleted"]["files"] == len(raws) and "on_disk" not in files["raw"]  # fetched, used, swept
     downloaded = {kind for kind in files if kind in ("raw", "sciimg", "sciimg_header", "mskimg")}
     fetched = fetched_files(samples)
-    assert fetched == sum(files[k].get("on_disk", {}).get("files", 0) for k in downloaded)
+    assert fetched == sum(files[k].get(state, {}).get("files", 0) for k in downloaded for state in ("on_disk", "deleted"))
     assert by_labels(samples, "streamer_downloaded_bytes_total")[("ok",)] >= sum(p.stat().st_size for p in raws)
     assert single["streamer_archive_requests_total"] >= fetched
     assert single["streamer_archive_outage"] == 0 and single["streamer_stuck"] == 0

@@ -192,7 +192,13 @@ def test_night_range_is_inclusive_and_crosses_months() -> None:
 
 
 def test_a_night_is_followed_delay_hours_after_it_ends() -> None:
+    # the night of 2020-09-24 (UT) ends at 2020-09-25 00:00 UTC
     now = dt.datetime(2020, 9, 25, 5, 0, tzinfo=dt.UTC)
-    assert follow_nights(now, delay_hours=6, first=None) == [D(2020, 9, 24)]
-    assert follow_nights(now, delay_hours=4, first=None) == [D(2020, 9, 25)]
-    assert follow_nights(now, delay_hours=6, first=D(2020, 9, 22)) == [D(2020, 9, 22), D(2020, 9, 23), D(2020, 9, 24)]
+    assert follow_nights(now, delay_hours=6, first=None) == [D(2020, 9, 23)]
+    assert follow_nights(now, delay_hours=5, first=None) == [D(2020, 9, 24)]
+    assert follow_nights(now - dt.timedelta(microseconds=1), delay_hours=5, first=None) == [D(2020, 9, 23)]
+    assert follow_nights(now, delay_hours=0, first=None) == [D(2020, 9, 24)]
+    assert follow_nights(now, delay_hours=29, first=None) == [D(2020, 9, 23)]
+    assert follow_nights(now, delay_hours=29.5, first=None) == [D(2020, 9, 22)]
+    assert follow_nights(now, delay_hours=53, first=None) == [D(2020, 9, 22)]
+    assert follow_nights(now, delay_hours=6, first=D(2020, 9, 21)) == [D(2020, 9, 21), D(2020, 9, 22), D(2020, 9, 23)]

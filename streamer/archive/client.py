@@ -30,6 +30,7 @@ from typing import Any, Final, TypeVar
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from streamer import clock
 from streamer.archive.auth import Credentials, login, safe_error_text, session_cookie
 from streamer.config import ArchiveConfig
 
@@ -224,7 +225,7 @@ class OutageGate:
             "pauses": self.pauses,
             "paused_for_s": round(remaining, 1) if self.in_outage else 0.0,
             "next_delay_s": self.delay_s,
-            "since_unix": None if self.since is None else time.time() - (time.monotonic() - self.since),
+            "since_unix": None if self.since is None else clock.now() - (time.monotonic() - self.since),
         }
 
     def _publish(self, message: str) -> None:

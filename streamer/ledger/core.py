@@ -16,7 +16,6 @@ import json
 import os
 import sqlite3
 import stat
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Final
 
 import sqlite_utils
 
+from streamer import clock
 from streamer.errors import LedgerLockedError, StreamerError
 
 FILE_STATES: Final = ("wanted", "reserved", "downloading", "on_disk", "deleting", "deleted", "missing", "corrupt")
@@ -400,7 +400,7 @@ class Ledger:
     ) -> None:
         """Append to the event log (inside the caller's transaction when ``conn`` is given)."""
         sql = "INSERT INTO events (t, level, kind, message, file_id, job_id) VALUES (?, ?, ?, ?, ?, ?)"
-        params = (time.time(), level, kind, message, file_id, job_id)
+        params = (clock.now(), level, kind, message, file_id, job_id)
         if conn is not None:
             conn.execute(sql, params)
         else:
@@ -410,7 +410,7 @@ class Ledger:
     def prune_events(self, *, older_than_s: float, keep_at_most: int = 100_000) -> int:
         """Drop events older than the retention, and all but the newest ``keep_at_most``."""
         with self.transaction() as conn:
-            removed = conn.execute("DELETE FROM events WHERE t < ?", (time.time() - older_than_s,)).rowcount
+            removed = conn.execute("DELETE FROM events WHERE t < ?", (clock.now() - older_than_s,)).rowcount
             removed += conn.execute(
                 "DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 (keep_at_most,),
@@ -472,7 +472,7 @@ class Ledger:
             f"kept = {'excluded.kept' if keepers is not None else 'MAX(kept, excluded.kept)'}, "
             "state = CASE WHEN state = 'deleted' AND excluded.kept = 1 THEN 'wanted' ELSE state END",
             (relpath, url, kind, exposure_id, qid, night, field, expected_size,
-             int(bool(keepers)) if keepers is not None else int(kept), time.time()),
+             int(bool(keepers)) if keepers is not None else int(kept), clock.now()),
         )  # fmt: skip
         file_id = int(conn.execute("SELECT id FROM files WHERE relpath = ?", (relpath,)).fetchone()[0])
         if keepers is not None:
@@ -520,7 +520,7 @@ class Ledger:
         self, conn: sqlite3.Connection, file_id: int, state: str, *, expect: Sequence[str] | None = None, **fields: Any
     ) -> None:
         """Move one file to ``state`` (checked against the state machine), updating ``fields`` too."""
-        _transition(conn, "file", file_id, state, FILE_TRANSITIONS, expect, {**fields, "updated": time.time()})
+        _transition(conn, "file", file_id, state, FILE_TRANSITIONS, expect, {**fields, "updated": clock.now()})
 
     # --- the disk budget -------------------------------------------------------------------
 
@@ -557,7 +557,7 @@ class Ledger:
             job_id = int(existing[0])
         else:
             columns = ["kind", "key", "created", *fields]
-            values = [kind, key, time.time(), *fields.values()]
+            values = [kind, key, clock.now(), *fields.values()]
             cursor = conn.execute(
                 f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", values
             )
@@ -584,7 +584,7 @@ class Ledger:
         """After an unclean stop: downloads go back to reserved, running jobs back to ready."""
         with self.transaction() as conn:
             downloads = conn.execute(
-                "UPDATE files SET state = 'reserved', updated = ? WHERE state = 'downloading'", (time.time(),)
+                "UPDATE files SET state = 'reserved', updated = ? WHERE state = 'downloading'", (clock.now(),)
             ).rowcount
             running = conn.execute("UPDATE jobs SET state = 'ready' WHERE state = 'running'").rowcount
             if downloads or running:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any, Final, Protocol
 
+from streamer import clock
 from streamer.ledger.core import Ledger
 
 MISSING_EVENT: Final = "file_missing"
@@ -87,7 +88,7 @@ def record_failed_request(ledger: Ledger, file_id: int, err: FailedRequest) -> N
     with ledger.transaction() as conn:
         conn.execute(
             "UPDATE files SET attempts = attempts + 1, last_error = ?, http_status = ?, updated = ? WHERE id = ?",
-            (err.reason, err.status, time.time(), file_id),
+            (err.reason, err.status, clock.now(), file_id),
         )
 
 
@@ -126,7 +127,7 @@ def mark_on_disk(ledger: Ledger, file_id: int, *, disk_bytes: int, actual_size: 
         conn.execute("UPDATE files SET attempts = attempts + 1 WHERE id = ?", (file_id,))
         ledger.set_file_state(
             conn, file_id, "on_disk", expect=("downloading",), disk_bytes=disk_bytes, actual_size=actual_size,
-            reserved_bytes=0, last_error=None, http_status=http_status, retry_at=None, fetched_at=time.time(),
+            reserved_bytes=0, last_error=None, http_status=http_status, retry_at=None, fetched_at=clock.now(),
         )  # fmt: skip
 
 
@@ -155,7 +156,7 @@ def record_missing(
             ledger.set_file_state(conn, file_id, "wanted")
         conn.execute("UPDATE files SET refusals = refusals + 1 WHERE id = ?", (file_id,))
         refusals = int(conn.execute("SELECT refusals FROM files WHERE id = ?", (file_id,)).fetchone()[0])
-        retry_at = time.time() + retry_s if retryable and refusals < max_refusals else None
+        retry_at = clock.now() + retry_s if retryable and refusals < max_refusals else None
         _give_up(ledger, conn, file_id, "missing", reason, status, retry_at=retry_at, count_request=count_request)
         when = "given up" if retry_at is None else "retry after " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(retry_at))
         ledger.event(MISSING_EVENT, f"{relpath}: {reason} ({when})", level="warning", file_id=file_id, conn=conn)
@@ -174,7 +175,7 @@ def record_download_failure(
     """A download failed as a whole: ``state`` (``corrupt`` or ``missing``), its bytes released, retried ``retry_s``
     from now (None: parked). Counted as a :data:`DOWNLOAD_FAILED_EVENT`; returns the retry date.
     """
-    retry_at = None if retry_s is None else time.time() + retry_s
+    retry_at = None if retry_s is None else clock.now() + retry_s
     with ledger.transaction() as conn:
         current = _state(conn, file_id)
         if state == "corrupt" and current not in ("downloading", "corrupt", "on_disk"):

@@ -7,10 +7,10 @@ State changes go through :meth:`Ledger.set_file_state`, so the transition table 
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Sequence
 from typing import Any
 
+from streamer import clock
 from streamer.ledger.core import Ledger
 
 
@@ -33,7 +33,7 @@ def adopt_on_disk(ledger: Ledger, conn: sqlite3.Connection, file_id: int, *, dis
     state, fetched_at = conn.execute("SELECT state, fetched_at FROM files WHERE id = ?", (file_id,)).fetchone()
     if state == "corrupt":
         ledger.set_file_state(conn, file_id, "wanted")
-    now = time.time()
+    now = clock.now()
     ledger.set_file_state(
         conn, file_id, "on_disk", disk_bytes=disk_bytes, actual_size=actual_size, reserved_bytes=0,
         fetched_at=fetched_at if fetched_at is not None else now,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from streamer import clock
 from streamer.crashpoints import crash_point
 from streamer.ledger.core import Ledger
 
@@ -158,7 +158,7 @@ def repin_master(ledger: Ledger, job: dict[str, Any], *, add: int, drop: int | N
 
 
 def _end_job(ledger: Ledger, conn: sqlite3.Connection, job: dict[str, Any], state: str, reason: str) -> None:
-    ledger.set_job_state(conn, job["id"], state, error=reason, finished=time.time())
+    ledger.set_job_state(conn, job["id"], state, error=reason, finished=clock.now())
     conn.execute("DELETE FROM pins WHERE job_id = ?", (job["id"],))
 
 
@@ -175,14 +175,14 @@ def start_job(ledger: Ledger, job: dict[str, Any]) -> None:
     with ledger.transaction() as conn:
         if job["state"] in ("failed", "waiting"):
             ledger.set_job_state(conn, job["id"], "ready")
-        ledger.set_job_state(conn, job["id"], "running", started=time.time(), attempts=job["attempts"] + 1)
+        ledger.set_job_state(conn, job["id"], "running", started=clock.now(), attempts=job["attempts"] + 1)
 
 
 def record_done(
     ledger: Ledger, job: dict[str, Any], outputs: Sequence[tuple[str, int, int]], record: dict[str, Any]
 ) -> None:
     """Outputs ``(relpath, disk_bytes, size)`` on disk as products, the job done, its inputs marked used."""
-    now = time.time()
+    now = clock.now()
     with ledger.transaction() as conn:
         for relpath, disk_bytes, size in outputs:
             row = conn.execute("SELECT id FROM files WHERE relpath = ?", (relpath,)).fetchone()
@@ -266,7 +266,7 @@ def refetch_raw(ledger: Ledger, job: dict[str, Any], message: str, reason: str, 
         for file_id, relpath in raws:
             unlink(relpath)
             ledger.set_file_state(conn, file_id, "wanted", last_error=reason, disk_bytes=0)
-        ledger.set_job_state(conn, job["id"], "failed", error=message, not_before=time.time(), worker_losses=0)
+        ledger.set_job_state(conn, job["id"], "failed", error=message, not_before=clock.now(), worker_losses=0)
         ledger.event(
             "corrupt", f"{job['key']}: {reason}; fetching its raw file again", level="warning", job_id=job["id"], conn=conn
         )

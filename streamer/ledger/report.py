@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Final
 
+from streamer import clock
 from streamer.ledger.core import Ledger
 
 DISK_SAMPLE_EVERY_S: Final = 60.0
@@ -17,7 +17,7 @@ def record_disk_sample(ledger: Ledger, *, budget: int, overhead: int, t: float |
     Nothing is written when the figures equal the last sample's and that sample is recent, so an idle
     daemon adds one row a minute. True when a row was written.
     """
-    now = time.time() if t is None else t
+    now = clock.now() if t is None else t
     totals = ledger.rows(
         "SELECT COALESCE(SUM(disk_bytes), 0) AS disk, COALESCE(SUM(reserved_bytes), 0) AS reserved FROM file_totals"
     )[0]
@@ -37,7 +37,7 @@ def record_disk_sample(ledger: Ledger, *, budget: int, overhead: int, t: float |
 def prune_disk_samples(ledger: Ledger, *, older_than_s: float) -> int:
     """Drop disk samples older than the retention (the events' retention)."""
     with ledger.transaction() as conn:
-        return int(conn.execute("DELETE FROM disk_samples WHERE t < ?", (time.time() - older_than_s,)).rowcount)
+        return int(conn.execute("DELETE FROM disk_samples WHERE t < ?", (clock.now() - older_than_s,)).rowcount)
 
 
 def disk_samples(ledger: Ledger, start: float, end: float) -> list[dict[str, Any]]:
@@ -109,7 +109,7 @@ def finished_nights_without_report(ledger: Ledger) -> list[str]:
 
 
 def mark_report_written(ledger: Ledger, night: str, t: float | None = None) -> None:
-    ledger.set_meta(REPORT_META_PREFIX + night, repr(time.time() if t is None else t))
+    ledger.set_meta(REPORT_META_PREFIX + night, repr(clock.now() if t is None else t))
 
 
 def catalogues_between(ledger: Ledger, start: str, end: str) -> list[dict[str, Any]]:

@@ -19,7 +19,6 @@ ingests a night over hours: a plan made soon after the night ended may hold only
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Final
 
@@ -47,11 +46,6 @@ class PlanRecord:
     def maybe_partial(self) -> bool:
         """The last plan had jobs but came before IRSA could have finished ingesting the night."""
         return self.last_plan_at is not None and self.last_plan_at < self.night_ends_at + INGESTION_WINDOW_S
-
-
-def night_ends_at(night: dt.date) -> float:
-    """The night's end as a POSIX time: midnight UTC after the night's date (ZTF nights end by 13:00 UTC)."""
-    return dt.datetime.combine(night + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC).timestamp()
 
 
 def replan_delay(empty_plans: int) -> float | None:

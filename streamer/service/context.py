@@ -7,10 +7,10 @@ import contextlib
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamer import clock
 from streamer.config import Config
 from streamer.execution.base import Executor
 from streamer.ledger.core import Ledger
@@ -53,12 +53,16 @@ class Context:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     planning_done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: A planner pass is under way (its files and jobs are not all recorded yet).
+    planning: bool = False
+    #: Work ended since the daemon's last sweep of erasable files (see ``evictor.daemon_idle``).
+    sweep_due: bool = False
     running_jobs: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     downloading: set[int] = field(default_factory=set)
     stuck_reason: str | None = None
     stopped_by: str | None = None
     output_bytes_wanted: int = 0
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=clock.now)
     fetcher: Any = None
     client: Any = None
     space: Any = None

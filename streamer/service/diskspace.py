@@ -26,15 +26,16 @@ import contextlib
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from streamer import clock
 from streamer.config import format_size
 from streamer.errors import StreamerError
 from streamer.ledger import jobs as ledger_jobs
 from streamer.ledger.core import Ledger
+from streamer.ledger.disk import BUDGET_META_KEY, PAUSE_META_KEY
 from streamer.rules.budget import budget_in_effect, disk_deficit_bytes, disk_has_room, next_disk_poll_s
 from streamer.rules.eviction import choose_victims
 from streamer.service.budget import minimum_budget
@@ -46,8 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streamer.service")
 
-PAUSE_META_KEY: Final = "disk.pause"
-BUDGET_META_KEY: Final = "budget.in_effect"
 _CHAIN_LIMIT: Final = 64
 
 
@@ -95,7 +94,7 @@ class DiskPause:
         self.reason = reason
         if not self.paused:
             self.paused = True
-            self.since = time.time()
+            self.since = clock.now()
             self._read_free()
             log.warning("paused: disk full (%s free): %s; downloads and new tasks wait for room", format_size(self.free), reason)
             self.ledger.event("disk_full", f"paused: {reason}", level="warning")
@@ -108,7 +107,7 @@ class DiskPause:
         if self.paused and disk_has_room(self._read_free(), self.need, filesystem_bytes(self.root)):
             self.paused = False
             self._tripped_need = 0
-            log.info("resumed: %s free on the filesystem after %.0f s of pause", format_size(self.free), time.time() - self.since)
+            log.info("resumed: %s free on the filesystem after %.0f s of pause", format_size(self.free), clock.now() - self.since)
             self.ledger.event("disk_free", f"resumed: {format_size(self.free)} free")
             self.on_change()
         self._record()
@@ -123,7 +122,7 @@ class DiskPause:
         self.trip(message)
 
     def paused_for_s(self) -> float:
-        return time.time() - self.since if self.paused else 0.0
+        return clock.now() - self.since if self.paused else 0.0
 
     async def wait_for_room(self, need: int) -> None:
         """Return once downloads may go on and ``need`` bytes (and the margin) are free."""
@@ -170,14 +169,6 @@ class DiskPause:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
-
-
-def pause_line(state: dict[str, Any]) -> str | None:
-    """The one line that says the disk pause (from :meth:`DiskPause.describe`), or None when nothing waits."""
-    if not state.get("waiting"):
-        return None
-    what = "downloads and new tasks wait" if state.get("paused") else "downloads wait"
-    return f"paused: disk full ({format_size(state.get('free_bytes', 0))} free): {what} for {format_size(state.get('need_bytes', 0))}"
 
 
 async def disk_watcher(ctx: Context) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import time
 from typing import Any
 
+from streamer import clock
 from streamer.execution import jobs as job_kinds
 from streamer.execution.base import BrokenProcessPool, ClusterLost
 from streamer.execution.timing import run_timed
@@ -65,7 +65,7 @@ def affinity_key(ctx: Context, job: dict[str, Any]) -> str | None:
 def ready_jobs(ctx: Context, limit: int) -> list[dict[str, Any]]:
     """The first jobs that can run now; on the way, block those that never can and re-pin fallback masters."""
     ready: list[dict[str, Any]] = []
-    for job in ledger_jobs.candidate_jobs(ctx.ledger, now=time.time()):
+    for job in ledger_jobs.candidate_jobs(ctx.ledger, now=clock.now()):
         if job["id"] in ctx.running_jobs:
             continue
         verdict = resolve(ctx, job, job_readiness(ctx, job))

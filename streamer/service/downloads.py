@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from streamer import clock
 from streamer.config import format_size
 from streamer.ledger.downloads import download_candidates, park_file
 from streamer.rules.download_retry import RepickGuard
@@ -25,7 +26,7 @@ log = logging.getLogger("streamer.service")
 def candidates(ctx: Context, limit: int) -> list[dict[str, Any]]:
     """The next files to download (the ledger's one download order), skipping those in flight."""
     return download_candidates(
-        ctx.ledger, limit=limit, burst=ctx.burst, now=time.time(),
+        ctx.ledger, limit=limit, burst=ctx.burst, now=clock.now(),
         max_missing=ctx.config.archive.missing_max_attempts, exclude=ctx.downloading,
     )  # fmt: skip
 

@@ -1,10 +1,17 @@
-"""The eviction stage: free erasable files between the watermarks, or when a reservation waits for room."""
+"""The eviction stage: free erasable files between the watermarks, or when a reservation waits for room.
+
+A backfill ends by removing every erasable file (``evict(force=True)`` in the app). A daemon does the
+same each time its work is done since the last sweep (:func:`daemon_idle`), so that each night ends
+with only what consumers keep, as after a backfill, rather than with raws cached up to the watermark.
+"""
 
 from __future__ import annotations
 
 import logging
 
 from streamer.config import format_size
+from streamer.ledger import jobs as ledger_jobs
+from streamer.ledger import report as report_queries
 from streamer.rules.eviction import bytes_to_free, choose_victims
 from streamer.service.context import Context, Finished
 from streamer.service.downloads import report_stuck
@@ -35,7 +42,20 @@ async def evictor(ctx: Context) -> None:
         elif ctx.stuck_reason is not None and not need:
             ctx.ledger.event("unstuck", "downloads resumed: space was freed")
             ctx.stuck_reason = None
+        if ctx.sweep_due and daemon_idle(ctx):
+            ctx.sweep_due = False
+            evict(ctx, force=True)
         await ctx.wait_change(1.0 if need else 2.0)
+
+
+def daemon_idle(ctx: Context) -> bool:
+    """A daemon with nothing to do: no plan under way, nothing running or downloading, every task
+    finished, and (with ``report.after_night``) no night waiting for its report, which reads the masters."""
+    if ctx.burst or ctx.planning or ctx.running_jobs or ctx.downloading or ctx.stopping.is_set():
+        return False
+    if ledger_jobs.unfinished_count(ctx.ledger):
+        return False
+    return not (ctx.config.report.after_night and report_queries.finished_nights_without_report(ctx.ledger))
 
 
 def nothing_moves(ctx: Context) -> bool:

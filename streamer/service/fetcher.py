@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from streamer import clock
 from streamer.archive.client import ArchiveClient, FailureCount, PermanentError, TransientError
 from streamer.archive.transfer import (
     HEADER_RESERVATION,
@@ -319,7 +320,7 @@ class Fetcher:
         state = row["state"]
         if state not in DOWNLOADABLE_STATES:
             return FetchOutcome(file_id, relpath, state)
-        if state in downloads.RETRY_STATES and (row["retry_at"] is None or row["retry_at"] > time.time()):
+        if state in downloads.RETRY_STATES and (row["retry_at"] is None or row["retry_at"] > clock.now()):
             return FetchOutcome(file_id, relpath, state, error=row["last_error"], http_status=row["http_status"])
         if state == "deleted":
             downloads.want_again(self.ledger, file_id)

@@ -16,17 +16,16 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import time
 from collections.abc import Sequence
 
+from streamer import clock
 from streamer.archive.client import BURST_MAX_OUTAGE_S, BURST_MAX_WAIT_PER_OPERATION_S
 from streamer.ledger import jobs as ledger_jobs
-from streamer.rules.nights import follow_nights
+from streamer.rules.nights import follow_nights, night_ends_at
 from streamer.rules.replan import (
     INGESTION_WINDOW_S,
     PlanRecord,
     next_look_s,
-    night_ends_at,
     partial_look_at,
     plan_due,
     replan_delay,
@@ -48,18 +47,23 @@ async def planner(ctx: Context, nights: Sequence[dt.date], ccds: Sequence[int]) 
         ctx.client.bound_waiting(per_operation_s=BURST_MAX_WAIT_PER_OPERATION_S, per_outage_s=BURST_MAX_OUTAGE_S)
     seen: set[dt.date] = set()
     while not ctx.stopping.is_set():
-        for night in nights_due(ctx, nights):
-            if ctx.stopping.is_set():
-                return
-            if plan_due(plan_record(ctx, night, ccds), now=time.time(), burst=ctx.burst, seen_this_run=night in seen):
-                await plan_one_night(ctx, night, ccds)
-                ctx.poke()
-            seen.add(night)
+        ctx.planning = True
+        try:
+            for night in nights_due(ctx, nights):
+                if ctx.stopping.is_set():
+                    return
+                if plan_due(plan_record(ctx, night, ccds), now=clock.now(), burst=ctx.burst, seen_this_run=night in seen):
+                    await plan_one_night(ctx, night, ccds)
+                    ctx.sweep_due = True
+                    ctx.poke()
+                seen.add(night)
+        finally:
+            ctx.planning = False
         ctx.planning_done.set()
         ctx.poke()
         if ctx.burst:
             return
-        wait = next_look_s([plan_record(ctx, n, ccds) for n in nights_due(ctx, nights)], now=time.time())
+        wait = next_look_s([plan_record(ctx, n, ccds) for n in nights_due(ctx, nights)], now=clock.now())
         if ctx.config.follow.enabled:
             wait = min(wait if wait is not None else float("inf"), ctx.config.follow.poll_minutes * 60)
         if wait is None:
@@ -119,7 +123,7 @@ async def plan_one_night(ctx: Context, night: dt.date, ccds: Sequence[int]) -> N
 def record_plan_with_jobs(ctx: Context, night: dt.date, ccds: Sequence[int]) -> None:
     """A plan with jobs: while it may be partial (within the ingestion window), schedule the daemon's next look."""
     earlier = json.loads(ctx.ledger.get_meta(plan_key(night, ccds, "empty_plan")) or "{}")
-    now = time.time()
+    now = clock.now()
     looks = int(earlier.get("looks", 0)) + 1
     replan_at = partial_look_at(looks, now=now, night_end=night_ends_at(night))
     record = {"plans": 0, "replan_at": replan_at, "looks": looks, "last_plan_at": now}
@@ -134,7 +138,7 @@ def record_empty_plan(ctx: Context, night: dt.date, ccds: Sequence[int]) -> None
     earlier = ctx.ledger.get_meta(plan_key(night, ccds, "empty_plan"))
     plans = (0 if earlier is None else int(json.loads(earlier)["plans"])) + 1
     delay = replan_delay(plans)
-    now = time.time()
+    now = clock.now()
     replan_at = None if delay is None else now + delay
     ctx.ledger.set_meta(
         plan_key(night, ccds, "empty_plan"), json.dumps({"plans": plans, "replan_at": replan_at, "last_plan_at": now})
@@ -159,7 +163,7 @@ def nights_due(ctx: Context, nights: Sequence[dt.date]) -> list[dt.date]:
     if ctx.burst or not ctx.config.follow.enabled:
         return sorted(set(nights))
     start = ctx.ledger.get_meta("follow_start")
-    now = dt.datetime.now(dt.UTC)
+    now = clock.utcnow()
     first = None if start is None else dt.date.fromisoformat(start)
     due = follow_nights(now, delay_hours=ctx.config.follow.delay_hours, first=first)
     if start is None and due:

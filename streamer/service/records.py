@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
+from streamer import clock
 from streamer.errors import StreamerError
 from streamer.execution import jobs as job_kinds
 from streamer.execution.base import BrokenProcessPool, TaskDropped, WorkerLost
@@ -54,6 +54,7 @@ async def recorder(ctx: Context, results: asyncio.Queue[Submitted]) -> None:
 def record(ctx: Context, item: Submitted) -> None:
     """The ledger's side of a finished future: done, or the failure policy's action."""
     ctx.running_jobs.pop(item.job["id"], None)
+    ctx.sweep_due = True
     ctx.poke()
     if item.future.cancelled():
         return
@@ -111,7 +112,7 @@ def record_job_failure(
     )  # fmt: skip
     message = f"{type(error).__name__}: {error}"
     if isinstance(action, Requeue):
-        ledger_jobs.requeue_job(ctx.ledger, job, reason, not_before=time.time() + action.delay_s)
+        ledger_jobs.requeue_job(ctx.ledger, job, reason, not_before=clock.now() + action.delay_s)
         losses = job["worker_losses"] + 1
         log.warning("%s: %s, %d in a row; run again in %.0f s", job["key"], reason, losses, action.delay_s)
         return
@@ -127,7 +128,7 @@ def record_job_failure(
         message = f"{action.reason}; last error: {message}" if action.reason else message
         ledger_jobs.park_job(ctx.ledger, job, message, worker_lost=kind == "worker_lost")
     elif isinstance(action, Retry):
-        ledger_jobs.fail_job(ctx.ledger, job, message, not_before=time.time() + action.delay_s)
+        ledger_jobs.fail_job(ctx.ledger, job, message, not_before=clock.now() + action.delay_s)
     log.warning("%s: %s", job["key"], message)
 
 

@@ -40,19 +40,18 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-
-from streamer import __version__
+from streamer import __version__, clock
 from streamer.config import Config, format_size
 from streamer.ledger import status as queries
 from streamer.ledger.core import Ledger
+from streamer.ledger.disk import BUDGET_META_KEY, PAUSE_META_KEY, pause_line
+
+if TYPE_CHECKING:
+    from rich.console import Console
 from streamer.ledger.downloads import OUTAGE_META_KEY
-from streamer.service.diskspace import BUDGET_META_KEY, PAUSE_META_KEY, pause_line
 
 
 def _iso(t: float | None) -> str | None:
@@ -73,7 +72,7 @@ def _service_running(info: dict[str, Any]) -> bool:
 
 def collect(config: Config, ledger: Ledger) -> dict[str, Any]:
     """Everything status shows, as plain JSON-ready values."""
-    now = time.time()
+    now = clock.now()
     files: dict[str, dict[str, Any]] = defaultdict(dict)
     used = reserved = 0
     for (kind, state), figures in ledger.bytes_by_kind_and_state().items():
@@ -186,6 +185,8 @@ def show(config: Config, *, as_json: bool) -> int:
 
 
 def _print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console  # imported here: not for --json, which monitoring calls often
+    from rich.table import Table
     console = Console(highlight=False, soft_wrap=True)
     service = report["service"]
     state = f"running (pid {service['pid']}, {service['mode']})" if service["running"] else "not running"

@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import datetime as dt
 import io
 import logging
 import os
@@ -51,6 +52,7 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
+from streamer import clock
 from streamer.errors import UsageError
 from streamer.sim.faults import FaultCounter, FaultProfile, choose_fault, load_profile, uniform
 from streamer.sim.index import COLUMNS, ArchiveIndex
@@ -79,6 +81,7 @@ class ServerSettings:
     require_login: bool = False
     username: str = "ztfuser"
     password: str | None = None
+    arrival: bool = False  # a row is searchable once the streamer clock reaches it (see :func:`arrived`)
 
 
 def xml_error_body(message: str) -> bytes:
@@ -218,6 +221,9 @@ class SimArchive:
             chosen = _columns(query.get("COLUMNS"), COLUMNS[table])
             where = compile_where(query["WHERE"], set(COLUMNS[table])) if query.get("WHERE", "").strip() else None
             rows = [row for row in self.index.tables[table] if where is None or where(row)]
+            if self.settings.arrival:
+                now_jd = clock.now() / 86400.0 + UNIX_EPOCH_JD
+                rows = [row for row in rows if arrived(table, row, now_jd)]
         except QueryError as err:
             return 400, "text/xml", xml_error_body(f"invalid query: {err}")
         text = io.StringIO()
@@ -396,6 +402,18 @@ def _columns(requested: str | None, available: tuple[str, ...]) -> list[str]:
 # ---------------------------------------------------------------------- running it
 
 
+UNIX_EPOCH_JD: Final = 2440587.5
+
+
+def arrived(table: str, row: dict[str, Any], now_jd: float) -> bool:
+    """Whether IRSA has a row at ``now_jd``: an exposure (raw, sci) from its ``obsjd``, an IPAC calibration
+    product from the end of its night (midnight UTC after ``nightdate``)."""
+    if table == "cal":
+        night = dt.date.fromisoformat(str(row["nightdate"]))
+        return (night - dt.date(1970, 1, 1)).days + 1 + UNIX_EPOCH_JD <= now_jd
+    return float(row["obsjd"]) <= now_jd
+
+
 @dataclass
 class RunningServer:
     """A server started by :func:`serve`: its URL and its fault counters."""
@@ -410,12 +428,13 @@ class RunningServer:
 
 
 def _settings(
-    root: Path, faults: str | FaultProfile, fault_seed: int, require_login: bool, username: str, password: str | None
+    root: Path, faults: str | FaultProfile, fault_seed: int, require_login: bool, username: str, password: str | None,
+    arrival: bool = False,
 ) -> ServerSettings:
     if not Path(root).is_dir():
         raise UsageError(f"--root {root}: expected an existing directory")
     profile = faults if isinstance(faults, FaultProfile) else load_profile(faults)
-    return ServerSettings(Path(root), profile, fault_seed, require_login, username, password)
+    return ServerSettings(Path(root), profile, fault_seed, require_login, username, password, arrival)
 
 
 @contextlib.asynccontextmanager
@@ -429,9 +448,10 @@ async def serve(
     password: str | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
+    arrival: bool = False,
 ) -> AsyncIterator[RunningServer]:
     """Run the server in this event loop for the duration of the block."""
-    archive = SimArchive(_settings(root, faults, fault_seed, require_login, username, password))
+    archive = SimArchive(_settings(root, faults, fault_seed, require_login, username, password, arrival))
     runner = web.AppRunner(archive.application(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -483,7 +503,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--require-login: set the accepted password in ${args.password_env}")
     if args.port < 0 or args.port > 65535:
         raise UsageError(f"--port {args.port}: expected 0..65535")
-    settings_args = (Path(args.root), args.faults, args.fault_seed, args.require_login, args.username, password)
+    settings_args = (Path(args.root), args.faults, args.fault_seed, args.require_login, args.username, password, args.arrival)
     _settings(*settings_args)  # usage errors before logging starts
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(_serve_until_signal(args.host, args.port, settings_args))
@@ -494,8 +514,11 @@ async def _serve_until_signal(host: str, port: int, settings_args: tuple[Any, ..
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    root, faults, fault_seed, require_login, username, password = settings_args
-    async with serve(root, faults=faults, fault_seed=fault_seed, require_login=require_login, username=username, password=password, host=host, port=port) as server:
+    root, faults, fault_seed, require_login, username, password, arrival = settings_args
+    async with serve(
+        root, faults=faults, fault_seed=fault_seed, require_login=require_login, username=username, password=password,
+        host=host, port=port, arrival=arrival,
+    ) as server:  # fmt: skip
         print(f"serving {server.base_url}", flush=True)
         await stop.wait()
         log.info("stopping; faults injected: %s", server.faults()["by_kind"])

@@ -14,7 +14,6 @@ without reading pixels. The ledger's side (which files, which jobs, the disk his
 
 from __future__ import annotations
 
-import datetime as dt
 import html
 import json
 import math
@@ -28,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow.parquet as pq
 
+from streamer import clock
 from streamer.config import format_size
 from streamer.formats import masters as masterio
 from streamer.photometry import FLAG_EDGE, FLAG_MASKED, FLAG_NONFINITE
@@ -327,7 +327,7 @@ def render_html(report: Report) -> str:
     ]))  # fmt: skip
     for name, rows in report.problems.items():
         parts.append(_table(name.replace("_", " ").capitalize(), rows))
-    parts.append(f"<p>Written {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; numbers in report.json.</p></body></html>")
+    parts.append(f"<p>Written {clock.utcnow():%Y-%m-%d %H:%M} UTC; numbers in report.json.</p></body></html>")
     return "\n".join(parts)
 
 
