@@ -7,6 +7,7 @@ import io
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +20,7 @@ from streamer.errors import UsageError
 from streamer.sim.faults import FaultProfile
 from streamer.sim.generate import NightTruth
 from streamer.sim.index import RAW_COLUMNS, SCI_COLUMNS
-from streamer.sim.server import serve, serve_in_thread
+from streamer.sim.server import arrived, serve, serve_in_thread
 
 SEARCH = "/ibe/search/ztf/products/"
 DATA = "/ibe/data/ztf/products/"
@@ -238,3 +239,28 @@ def test_cli_usage_errors(
     assert cli.main(["sim", "serve", *argv, *arguments]) == 2
     captured = capsys.readouterr()
     assert message in captured.err and len(captured.err.strip().splitlines()) == 1 and captured.out == ""
+
+
+@pytest.mark.asyncio
+async def test_arrival_lists_an_exposure_once_the_clock_reaches_it(
+    night: NightTruth, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    times = sorted({e.obsjd for e in night.exposures})
+    middle_jd = (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2
+    clock_file = tmp_path / "clock"
+    monkeypatch.setenv("STREAMER_CLOCK_FILE", str(clock_file))
+    seen = []
+    async with serve(night.out, arrival=True) as server:
+        for jd in (times[0] - 1.0, middle_jd, times[-1] + 1e-4):
+            clock_file.write_text(repr((jd - 2440587.5) * 86400.0 - time.time()))  # the offset that makes it jd
+            status, _type, text = await _search(server.base_url, "raw", WHERE="ccdid=13", ct="csv")
+            assert status == 200
+            seen.append(sorted(r["filefracday"] for r in _rows(text)))
+    expected = [sorted(e.filefracday for e in night.exposures if e.obsjd <= jd) for jd in (times[0] - 1.0, middle_jd, times[-1] + 1e-4)]
+    assert seen == expected and seen[0] == [] and 0 < len(seen[1]) < len(seen[2]) == len(night.exposures)
+
+
+def test_a_calibration_product_arrives_when_its_night_ends() -> None:
+    end_of_night_jd = 2459117.5  # 2020-09-25 00:00 UTC, the end of the night of 2020-09-24
+    row = {"nightdate": "2020-09-24"}
+    assert not arrived("cal", row, end_of_night_jd - 1e-6) and arrived("cal", row, end_of_night_jd)
