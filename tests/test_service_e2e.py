@@ -290,6 +290,30 @@ def test_missing_flats_use_the_nearest_night(tmp_path: Path, base_url: str) -> N
     assert any("master flat for zg" in m and NIGHT.isoformat() in m for m in fallbacks), fallbacks
 
 
+def test_a_nearest_night_master_evicted_by_an_earlier_backfill_is_made_again(tmp_path: Path) -> None:
+    """The first backfill ends by erasing its masters; the second night, without zg flats, needs the
+    first night's zg master: it is made again (its flats fetched again), not waited for or blocked."""
+    archive = tmp_path / "archive"
+    second = NIGHT + dt.timedelta(days=1)
+    generate_night(archive, NIGHT, ccds=(13,), n_exposures=2, flats_per_led=2, n_biases=8, seed=3, shape="small", filters=("zg",))
+    generate_night(
+        archive, second, ccds=(13,), n_exposures=1, flats_per_led=2, n_biases=8, seed=4, shape="small",
+        filters=("zg",), flat_filters=("zr",),
+    )  # fmt: skip
+    with serve_archive(archive) as url:
+        config = config_for(tmp_path, archive, url, budget=UNLIMITED)
+        first = run_cli(config, *backfill_args(NIGHT, NIGHT))
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert not any((store_of(config) / "masters").rglob("*.fits"))  # swept at the end of the first backfill
+        result = run_cli(config, *backfill_args(second, second))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = status_json(config)
+    assert report["jobs"]["exposure"] == {"done": 3}
+    fallbacks = [f["message"] for f in report["calibration_fallbacks"]]
+    assert any("master flat for zg" in m and NIGHT.isoformat() in m for m in fallbacks), fallbacks
+    assert any(f"ztf_{second:%Y%m%d}" in path for path in catalogues(store_of(config)))
+
+
 def test_no_master_within_gap_blocks_with_a_reason(tmp_path: Path) -> None:
     archive = tmp_path / "archive"
     generate_night(

@@ -18,6 +18,7 @@ from streamer.rules.readiness import Blocked, NeedsMaster, PinnedInput, Readines
 from streamer.rules.reservations import PendingOutput, plan_reservations
 from streamer.service.budget import estimate_product_bytes
 from streamer.service.context import Context
+from streamer.service.graph import build_configured_graph
 from streamer.service.records import Submitted, record_job_failure
 
 log = logging.getLogger("streamer.service")
@@ -95,10 +96,8 @@ def resolve(ctx: Context, job: dict[str, Any], verdict: Readiness) -> Readiness:
     if not isinstance(verdict, NeedsMaster):
         return verdict
     night = dt.date.fromisoformat(job["night"])
-    options = [
-        MasterOption(file_id=o["file_id"], night=dt.date.fromisoformat(o["night"]))
-        for o in ledger_jobs.master_options(ctx.ledger, verdict.producer_kind, job["ccdid"], job["filtercode"])
-    ]
+    rows = ledger_jobs.master_options(ctx.ledger, verdict.producer_kind, job["ccdid"], job["filtercode"])
+    options = [MasterOption(file_id=o["file_id"], night=dt.date.fromisoformat(o["night"])) for o in rows]
     choice = choose_fallback(
         night, verdict.producer_kind, job["filtercode"], options,
         max_gap_days=ctx.config.detrend.max_calibration_gap_days, replaces=verdict.replaces,
@@ -107,6 +106,10 @@ def resolve(ctx: Context, job: dict[str, Any], verdict: Readiness) -> Readiness:
         return Blocked(choice.reason)
     message = f"{job['key']}: using the {choice.description} of {choice.night.isoformat()}"
     ledger_jobs.repin_master(ctx.ledger, job, add=choice.file_id, drop=choice.replaces, message=message)
+    if any(o["file_id"] == choice.file_id and o["file_state"] == "deleted" for o in rows):
+        # made and since evicted: that night's graph, built again, reopens the master and pins its
+        # inputs (now that this job pins it), down the chain; its files are fetched again
+        build_configured_graph(ctx.config, ctx.ledger, choice.night.isoformat(), [job["ccdid"]])
     return Wait()  # looked at again in the next round, with the new pin
 
 

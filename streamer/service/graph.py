@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from streamer.config import ConsumerConfig
+from streamer.config import Config, ConsumerConfig
 from streamer.ledger import planning as queries
 from streamer.ledger.core import Ledger
 from streamer.rules.bias import bias_time_order, biases_to_use
@@ -48,6 +48,15 @@ def _product(
 
 #: Graph passes at most: one, and one per level of masters a reopened job can need (flat, LED flat, bias, focal plane).
 MAX_REOPEN_PASSES = 5
+
+
+def build_configured_graph(config: Config, ledger: Ledger, night: str, ccds: Sequence[int]) -> dict[str, int]:
+    """:func:`build_night_graph` with the options of the configuration (the planner's and dispatch's one call)."""
+    return build_night_graph(
+        ledger, night, ccds,
+        bias_skip_first=config.detrend.bias_skip_first, focalplane=config.detrend.flat_normalisation == "focalplane",
+        consumers=config.consumers, catalogue_layout=config.photometry.layout,
+    )  # fmt: skip
 
 
 def build_night_graph(

@@ -32,7 +32,7 @@ from streamer.rules.replan import (
 )
 from streamer.service.budget import check_budget
 from streamer.service.context import Context, wait_event
-from streamer.service.graph import build_night_graph
+from streamer.service.graph import build_configured_graph
 from streamer.service.plan import PlanError, plan_night
 
 log = logging.getLogger("streamer.service")
@@ -103,12 +103,7 @@ async def plan_one_night(ctx: Context, night: dt.date, ccds: Sequence[int]) -> N
             f"night {night}: the archive did not answer its searches within {BURST_PLAN_TIMEOUT_S:.0f} s "
             "(a backfill waits no longer; run it again later)"
         ) from None
-    counts = build_night_graph(
-        ctx.ledger, night.isoformat(), ccds,
-        bias_skip_first=ctx.config.detrend.bias_skip_first,
-        focalplane=ctx.config.detrend.flat_normalisation == "focalplane", consumers=ctx.config.consumers,
-        catalogue_layout=ctx.config.photometry.layout,
-    )  # fmt: skip
+    counts = build_configured_graph(ctx.config, ctx.ledger, night.isoformat(), ccds)
     ctx.ledger.set_meta(plan_key(night, ccds), json.dumps(counts))
     ctx.ledger.set_meta(plan_key(night, ccds, "consumers"), ctx.config.consumers_hash())
     ctx.ledger.event("plan", f"night {night}: jobs {counts}")
