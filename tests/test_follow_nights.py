@@ -12,6 +12,7 @@ simulator's truth.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import resource
 import signal
@@ -78,8 +79,15 @@ def read_ledger(store: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
         conn.close()
 
 
-def planned_nights(store: Path) -> set[str]:
-    return {str(key).split(":")[1] for (key,) in read_ledger(store, "SELECT key FROM meta WHERE key LIKE 'planned:%'")}
+def planned_nights(store: Path, *, starting: bool = False) -> set[str]:
+    """The nights with a plan in the ledger's meta; ``starting``: none while the daemon is still creating its ledger."""
+    try:
+        rows = read_ledger(store, "SELECT key FROM meta WHERE key LIKE 'planned:%'")
+    except sqlite3.OperationalError:  # no file or no table yet
+        if starting:
+            return set()
+        raise
+    return {str(key).split(":")[1] for (key,) in rows}
 
 
 def files_on_disk(store: Path) -> set[str]:
@@ -146,14 +154,16 @@ def _follow(
     status_s: list[tuple[float, float]] = []
     ledger_sizes: list[int] = []
     catalogues_per_night = 0
-    before = dt.date(2020, 9, 23).isoformat()  # the night due when the follower starts: planned empty
-    assert wait_for(lambda: store.joinpath("ledger.sqlite").exists() and before in planned_nights(store), timeout=60)
+    before = (NIGHTS[0] - dt.timedelta(days=1)).isoformat()  # the night due when the follower starts
+    assert wait_for(lambda: before in planned_nights(store, starting=True), timeout=60)
+    (counts,) = read_ledger(store, "SELECT value FROM meta WHERE key LIKE ?", f"planned:{before}:%")[0]
+    assert sum(json.loads(counts).values()) == 0, "the archive has nothing of the night before the first"
     for i, night in enumerate(NIGHTS):
         clock.set(due_at(night) - 600)
         time.sleep(3.0)  # five looks of the follower (poll_minutes = 0.01)
         assert night.isoformat() not in planned_nights(store), f"{night} planned before it was due"
         clock.set(due_at(night) + 60)
-        watch = NightWatch(config, store, night, _mirrored(truths[: i + 1]))
+        watch = NightWatch(config, store, night)
         assert wait_for(watch.settled, timeout=300, period=0.5), f"night {night} did not finish"
         status_s.append((watch.slowest_status_cpu_s, watch.slowest_status_wall_s))
         on_disk = files_on_disk(store)
@@ -172,12 +182,12 @@ def _follow(
 
 
 class NightWatch:
-    """Whether a night is done: planned, every task done, no raw on disk but the mirrored ones. Each look
+    """Whether a night is done: planned, every task done, and swept by the ledger's account. Each look
     runs ``streamer status --json`` and keeps its slowest answer, in CPU seconds of the status process
     (the machine is shared with the daemon and its workers) and in wall seconds."""
 
-    def __init__(self, config: Path, store: Path, night: dt.date, mirrored: set[str]) -> None:
-        self.config, self.store, self.night, self.mirrored = config, store, night, mirrored
+    def __init__(self, config: Path, store: Path, night: dt.date) -> None:
+        self.config, self.store, self.night = config, store, night
         self.slowest_status_cpu_s = self.slowest_status_wall_s = 0.0
 
     def settled(self) -> bool:
@@ -191,8 +201,12 @@ class NightWatch:
         if self.night.isoformat() not in planned_nights(self.store):
             return False
         states = dict(read_ledger(self.store, "SELECT state, COUNT(*) FROM jobs GROUP BY state"))
-        raws = {p for p in files_on_disk(self.store) if p.startswith("raw/")}
-        return set(states) == {"done"} and raws == self.mirrored
+        # the daemon's sweep is over: no unkept file left on disk or being deleted, by the ledger
+        # (what is on disk is then checked by a walk, against the truth)
+        (unkept,) = read_ledger(
+            self.store, "SELECT COUNT(*) FROM files WHERE state IN ('on_disk', 'deleting') AND kept = 0 AND kind != 'apcat'"
+        )[0]
+        return set(states) == {"done"} and unkept == 0
 
 
 def _mirrored(truths: list[NightTruth]) -> set[str]:
