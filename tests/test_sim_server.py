@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -252,7 +253,8 @@ async def test_arrival_lists_an_exposure_once_the_clock_reaches_it(
     seen = []
     async with serve(night.out, arrival=True) as server:
         for jd in (times[0] - 1.0, middle_jd, times[-1] + 1e-4):
-            clock_file.write_text(repr((jd - 2440587.5) * 86400.0 - time.time()))  # the offset that makes it jd
+            clock_file.with_suffix(".new").write_text(repr((jd - 2440587.5) * 86400.0 - time.time()))  # now = jd
+            os.replace(clock_file.with_suffix(".new"), clock_file)  # a new inode: the clock reads it again
             status, _type, text = await _search(server.base_url, "raw", WHERE="ccdid=13", ct="csv")
             assert status == 200
             seen.append(sorted(r["filefracday"] for r in _rows(text)))

@@ -45,15 +45,15 @@ def pinned_inputs(ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
 
 def master_options(ledger: Ledger, producer_kind: str, ccdid: int, filtercode: str | None) -> list[dict[str, Any]]:
     """Masters of one kind for a CCD (and filter, for flats) whose job has not failed for good, in job order,
-    with the state of the master file (``file_state``: ``deleted`` for one made and since evicted)."""
+    with the state of the master file (``file_state``: ``deleted`` for one made and since evicted) and of its job."""
     if producer_kind == "master_flat":
         return ledger.rows(
-            "SELECT j.id, j.night, f.id AS file_id, f.state AS file_state FROM jobs j JOIN files f ON f.producer_job = j.id "
+            "SELECT j.id, j.night, j.state AS job_state, f.id AS file_id, f.state AS file_state FROM jobs j JOIN files f ON f.producer_job = j.id "
             "WHERE j.kind = ? AND j.ccdid = ? AND j.filtercode = ? AND j.state NOT IN ('blocked', 'parked') ORDER BY j.id",
             (producer_kind, ccdid, filtercode),
         )
     return ledger.rows(
-        "SELECT j.id, j.night, f.id AS file_id, f.state AS file_state FROM jobs j JOIN files f ON f.producer_job = j.id "
+        "SELECT j.id, j.night, j.state AS job_state, f.id AS file_id, f.state AS file_state FROM jobs j JOIN files f ON f.producer_job = j.id "
         "WHERE j.kind = ? AND j.ccdid = ? AND j.state NOT IN ('blocked', 'parked') ORDER BY j.id",
         (producer_kind, ccdid),
     )

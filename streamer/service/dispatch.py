@@ -106,9 +106,10 @@ def resolve(ctx: Context, job: dict[str, Any], verdict: Readiness) -> Readiness:
         return Blocked(choice.reason)
     message = f"{job['key']}: using the {choice.description} of {choice.night.isoformat()}"
     ledger_jobs.repin_master(ctx.ledger, job, add=choice.file_id, drop=choice.replaces, message=message)
-    if any(o["file_id"] == choice.file_id and o["file_state"] == "deleted" for o in rows):
+    if any(o["file_id"] == choice.file_id and o["file_state"] == "deleted" and o["job_state"] == "done" for o in rows):
         # made and since evicted: that night's graph, built again, reopens the master and pins its
-        # inputs (now that this job pins it), down the chain; its files are fetched again
+        # inputs (now that this job pins it), down the chain; its files are fetched again. Once
+        # reopened its job is no longer done, so the other jobs that fall back to it build nothing
         build_configured_graph(ctx.config, ctx.ledger, choice.night.isoformat(), [job["ccdid"]])
     return Wait()  # looked at again in the next round, with the new pin
 

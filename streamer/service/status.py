@@ -48,10 +48,10 @@ from streamer.config import Config, format_size
 from streamer.ledger import status as queries
 from streamer.ledger.core import Ledger
 from streamer.ledger.disk import BUDGET_META_KEY, PAUSE_META_KEY, pause_line
+from streamer.ledger.downloads import OUTAGE_META_KEY
 
 if TYPE_CHECKING:
     from rich.console import Console
-from streamer.ledger.downloads import OUTAGE_META_KEY
 
 
 def _iso(t: float | None) -> str | None:
