@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--pocket", default="off", metavar="MODEL", help='inject the pocket effect: "off" (default) or v0.1')
     generate.add_argument("--starflat", action="store_true",
                           help="a dithered starflat sequence with a per-quadrant response the flats do not see")  # fmt: skip
+    generate.add_argument("--response-levels", action="store_true",
+                          help="CCDs and amplifiers of different sensitivities under a focal-plane illumination")  # fmt: skip
     generate.set_defaults(handler=_sim_generate)
     serve = sim_commands.add_parser("serve", help="serve a directory laid out like IRSA over HTTP")
     serve.add_argument("--root", required=True, metavar="DIR")

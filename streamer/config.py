@@ -641,6 +641,10 @@ def config_from_dict(
     ctx = _Context(source, base_dir or Path.cwd())
     cfg = _build(Config, {k: v for k, v in raw.items()}, "", ctx)
     cfg = dataclasses.replace(cfg, source=source)
+    detrend_table = raw.get("detrend")
+    if cfg.photometry.layout == "in2p3" and not (isinstance(detrend_table, Mapping) and "flat_normalisation" in detrend_table):
+        # IN2P3 production flatfields with the focal-plane flat (fp_flatfield: True, ztfin2p3/scripts/config.yml)
+        cfg = dataclasses.replace(cfg, detrend=dataclasses.replace(cfg.detrend, flat_normalisation="focalplane"))
     _validate(cfg, ctx)
     if create_dirs:
         _prepare_storage(cfg, ctx)

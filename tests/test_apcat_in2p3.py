@@ -83,6 +83,26 @@ def test_columns_order_dtypes_orientation_and_the_nan_rule(tmp_path: Path) -> No
     np.testing.assert_array_equal(read["isolated"], rows.isolated[order])
 
 
+def test_the_focal_plane_variant_divides_fluxes_and_errors_by_the_factor(tmp_path: Path) -> None:
+    rows = quadrant()
+    plain = pq.read_table(write_apcat(tmp_path / "a.parquet", in2p3_quadrant_table(rows, RADII, SHAPE), RADII, {}))
+    scaled = pq.read_table(
+        write_apcat(tmp_path / "b.parquet", in2p3_quadrant_table(rows, RADII, SHAPE, flat_factor=1.03), RADII, {})
+    )
+    order = np.argsort(rows.source_id)
+    for k in range(len(RADII)):
+        expected = (rows.apertures.flux[order][:, k] / 1.03).astype(np.float32)
+        got = scaled[f"f_{k}"].to_numpy(zero_copy_only=False)
+        finite = np.isfinite(plain[f"f_{k}"].to_numpy(zero_copy_only=False))
+        np.testing.assert_array_equal(got[finite], expected[finite])
+        assert np.array_equal(np.isfinite(got), finite)  # the NaN rule is unchanged
+        np.testing.assert_array_equal(
+            scaled[f"f_{k}_e"].to_numpy(), (rows.apertures.flux_err[order][:, k] / 1.03).astype(np.float32)
+        )
+    with pytest.raises(ValueError, match="flat_factor"):
+        in2p3_quadrant_table(rows, RADII, SHAPE, flat_factor=float("nan"))
+
+
 def test_radii_that_are_not_whole_pixels_are_refused() -> None:
     with pytest.raises(ValueError, match="uint8"):
         in2p3_quadrant_table(quadrant(), (2.5, 5.0, 8.0), SHAPE)

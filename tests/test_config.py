@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,18 @@ def test_minimal_config_is_valid_and_creates_storage(minimal_config: Path, tmp_p
     assert cfg.photometry.mask_reject_bits == 6141
     assert cfg.archive.max_connections == 4
     assert cfg.compute.executor == "local"
+
+
+def test_the_in2p3_layout_defaults_to_the_focal_plane_flat(minimal_config_text: str, tmp_path: Path) -> None:
+    """IN2P3 production flatfields with the focal-plane flat (fp_flatfield: True); a stated choice stands."""
+    from streamer.config import config_from_dict
+
+    base = tomllib.loads(minimal_config_text)
+    assert config_from_dict(base).detrend.flat_normalisation == "ccd"
+    in2p3 = {**base, "photometry": {**base.get("photometry", {}), "layout": "in2p3"}}
+    assert config_from_dict(in2p3).detrend.flat_normalisation == "focalplane"
+    stated = {**in2p3, "detrend": {**base.get("detrend", {}), "flat_normalisation": "ccd"}}
+    assert config_from_dict(stated).detrend.flat_normalisation == "ccd"
 
 
 def test_documented_example_loads(tmp_path: Path) -> None:

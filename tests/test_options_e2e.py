@@ -73,7 +73,7 @@ PRODUCT_OPTIONS: dict[str, str] = {
     "detrend.min_bias_frames": f"{HERE}::test_calibration_threshold_blocks_the_night[min_bias_frames]",
     "detrend.min_flats_per_led": f"{HERE}::test_calibration_threshold_blocks_the_night[min_flats_per_led]",
     "detrend.clip_sigma": f"{HERE}::test_detrend_option_changes_the_catalogues[clip_sigma]",
-    "detrend.flat_normalisation": "tests/test_focalplane_e2e.py::test_focalplane_catalogues_differ_from_ccd_ones_by_the_recorded_factor",
+    "detrend.flat_normalisation": "tests/test_focalplane_e2e.py::test_one_run_gives_both_variants_against_the_truth",
     "detrend.led_weights": f"{HERE}::test_detrend_option_changes_the_catalogues[led_weights]",
     "detrend.max_calibration_gap_days": f"{HERE}::test_calibration_gap_zero_blocks_the_night_without_flats",
     "detrend.write_detrended": "tests/test_detrended_e2e.py::test_kept_detrended_images_are_ledger_rows_on_disk",
@@ -473,7 +473,8 @@ def test_calibration_gap_zero_blocks_the_night_without_flats(runs: Runs, referen
 def test_in2p3_layout_is_what_the_in2p3_reader_finds_and_holds_our_fluxes(runs: Runs, reference: Run) -> None:
     """layout = "in2p3": one file per quadrant where the IN2P3 path rule looks (tests/in2p3_reader.py),
     columns by name in its order and types, x and y in ztfimg's orientation, and the fluxes of the
-    default layout up to float32 rounding, NaN exactly where a rejected pixel overlaps the aperture."""
+    default layout up to float32 rounding, NaN exactly where a rejected pixel overlaps the aperture.
+    (The fluxes divided by the focal-plane factor, checked on four CCDs in tests/test_focalplane_e2e.py.)"""
     run = runs.get("in2p3", photometry='layout = "in2p3"')
     on_disk = check_store(run)  # every file a ledger row of its size, counted in the budget
     assert not any(p.startswith("apcat/") for p in on_disk)
@@ -492,6 +493,9 @@ def test_in2p3_layout_is_what_the_in2p3_reader_finds_and_holds_our_fluxes(runs: 
             assert path.is_file() and rows[relpath]["kind"] == "apcat" and rows[relpath]["state"] == "on_disk", relpath
             table = pq.read_table(path, columns=in2p3_columns(n))
             assert pq.read_schema(path).names == in2p3_columns(n)
+            # the IN2P3 production variant by default: focal-plane flat, here of one CCD (factor 1)
+            record = json.loads(pq.read_schema(path).metadata[b"streamer"])
+            assert record["detrend_config"]["flat_normalisation"] == "focalplane" and record["focalplane_factor"] == 1.0
             read = {c: table[c].to_numpy(zero_copy_only=False) for c in in2p3_columns(n)}
             assert {c: v.dtype for c, v in read.items()} == in2p3_dtypes(n)
             ffd = int(raw.split("_")[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def test_apcat_columns_order_and_metadata(tmp_path: Path) -> None:
     expected_columns = list(products.APCAT_BASE_COLUMNS)
     for k in range(len(RADII)):
         expected_columns += [f"f_{k}", f"f_{k}_e", f"f_{k}_f", f"r_{k}"]
-    expected_columns += list(products.EXPOSURE_COLUMNS) + list(products.MASK_COLUMNS)
+    expected_columns += list(products.EXPOSURE_COLUMNS) + list(products.MASK_COLUMNS) + ["focalplane_factor"]
     assert back.column_names == expected_columns
     assert back.num_rows == 65
     data = back.to_pydict()
@@ -71,6 +72,9 @@ def test_apcat_columns_order_and_metadata(tmp_path: Path) -> None:
     assert data["f_1"][row] == quads[1].apertures.flux[0, 1]
     assert data["f_1_f"][row] == quads[1].apertures.flags[0, 1]
     assert data["x"][row] == quads[1].x[0] and data["isolated"][row] == bool(quads[1].isolated[0])
+    assert data["focalplane_factor"] == [None] * 65  # no factor made: null, not NaN (rows stay comparable)
+    with_factor = products.apcat_table(dataclasses.replace(EXPOSURE, focalplane_factor=0.97), quads, RADII)
+    assert set(with_factor["focalplane_factor"].to_pylist()) == {0.97}
     meta = back.schema.metadata
     assert json.loads(meta[b"radii"]) == list(RADII)
     record = json.loads(meta[b"streamer"])

@@ -7,6 +7,7 @@ Small frames (260 x 256 quadrants) keep the default suite fast; the full-size ru
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
@@ -283,11 +285,21 @@ def test_missing_flats_use_the_nearest_night(tmp_path: Path, base_url: str) -> N
     )  # fmt: skip
     with serve_archive(archive) as url:
         config = config_for(tmp_path, archive, url, budget=UNLIMITED)
+        _focal_plane(config)
         result = run_cli(config, *backfill_args(NIGHT, second))
     assert result.returncode == 0, result.stdout + result.stderr
     report = status_json(config)
     fallbacks = [f["message"] for f in report["calibration_fallbacks"]]
-    assert any("master flat for zg" in m and NIGHT.isoformat() in m for m in fallbacks), fallbacks
+    assert any("master flat for zg" in m and NIGHT.isoformat() in m and "its focal-plane factor" in m for m in fallbacks), fallbacks
+    # the second night made no zg factors: its zg exposures take the first night's, with its flat
+    zg_second = [t for p, t in catalogues(store_of(config)).items() if f"ztf_{second:%Y%m%d}" in p and "_zg_" in p]
+    assert zg_second and all(row["focalplane_factor"] == 1.0 for table in zg_second for row in table)  # one CCD: 1
+
+
+def _focal_plane(config: Path) -> None:
+    text = config.read_text()
+    assert "\n[detrend]\n" in text
+    config.write_text(text.replace("\n[detrend]\n", '\n[detrend]\nflat_normalisation = "focalplane"\n', 1))
 
 
 def test_a_nearest_night_master_evicted_by_an_earlier_backfill_is_made_again(tmp_path: Path) -> None:
@@ -302,6 +314,7 @@ def test_a_nearest_night_master_evicted_by_an_earlier_backfill_is_made_again(tmp
     )  # fmt: skip
     with serve_archive(archive) as url:
         config = config_for(tmp_path, archive, url, budget=UNLIMITED)
+        _focal_plane(config)
         first = run_cli(config, *backfill_args(NIGHT, NIGHT))
         assert first.returncode == 0, first.stdout + first.stderr
         assert not any((store_of(config) / "masters").rglob("*.fits"))  # swept at the end of the first backfill
@@ -311,7 +324,14 @@ def test_a_nearest_night_master_evicted_by_an_earlier_backfill_is_made_again(tmp
     assert report["jobs"]["exposure"] == {"done": 3}
     fallbacks = [f["message"] for f in report["calibration_fallbacks"]]
     assert any("master flat for zg" in m and NIGHT.isoformat() in m for m in fallbacks), fallbacks
-    assert any(f"ztf_{second:%Y%m%d}" in path for path in catalogues(store_of(config)))
+    # the first night's focal-plane factors were swept too and are not made again: flagged, not guessed
+    assert any("without a focal-plane factor" in m for m in fallbacks), fallbacks
+    second_night = list((store_of(config) / "apcat").rglob(f"ztf_{second:%Y%m%d}*.parquet"))
+    assert second_night
+    for path in second_night:
+        assert set(pq.read_table(path)["focalplane_factor"].to_pylist()) == {None}
+        record = json.loads(pq.read_schema(path).metadata[b"streamer"])
+        assert record["focalplane_factor"] is None and "no focal-plane factor for CCD 13" in record["focalplane_factor_note"]
 
 
 def test_no_master_within_gap_blocks_with_a_reason(tmp_path: Path) -> None:

@@ -143,7 +143,7 @@ def _exposure(ctx: JobContext) -> Call:
         "master_flat": flat["relpath"] if flat else "",
         "master_flat_night": flat["producer_night"] if flat else "",
     }
-    factor = read_focalplane_factor(ctx.path(focal), job["ccdid"]) if focal else 1.0
+    factor = read_focalplane_factor(ctx.path(focal), job["ccdid"]) if focal else float("nan")
     return Call(
         process_exposure,
         {"raw_path": ctx.path(raw), "master_bias_path": ctx.path(bias) if bias else None,

@@ -4,7 +4,7 @@ One apcat per raw CCD file, one detrended image per quadrant (their paths are in
 :mod:`streamer.storage.paths`). The apcat holds one row per catalogue source
 measured on a quadrant, ordered by (qid, source_id); its columns are ``APCAT_BASE_COLUMNS``,
 then ``f_k, f_k_e, f_k_f, r_k`` for each radius index k (0-based, in the order of the
-configured radii), then ``EXPOSURE_COLUMNS`` and ``MASK_COLUMNS``:
+configured radii), then ``EXPOSURE_COLUMNS``, ``MASK_COLUMNS`` and ``focalplane_factor``:
 
 - ``x, y``: 0-based pixel position on the quadrant's IPAC grid (the raw HDU grid);
 - ``f_k``, ``f_k_e``: background-subtracted sum and its error in ADU (detrended, no
@@ -14,7 +14,14 @@ configured radii), then ``EXPOSURE_COLUMNS`` and ``MASK_COLUMNS``:
   aperture overlaps (non-zero exactly when ``f_<last>_f`` has ``FLAG_MASKED``);
 - ``ipac_mask``: False when the quadrant's IPAC mask was missing and only our own mask was used;
 - ``wcs_from_qid``: the quadrant whose IPAC header gave the WCS (differs from ``qid`` when
-  the quadrant's own header was missing).
+  the quadrant's own header was missing);
+- ``focalplane_factor``: the CCD's focal-plane flat factor for the night and filter of the master
+  flat used (one value per file). ``f_k`` and ``f_k_e`` are CCD-flatfielded; the
+  focal-plane-flatfielded flux and error are ``f_k / focalplane_factor`` and
+  ``f_k_e / focalplane_factor`` (the image divided by ``master_flat * factor``: every step after the
+  flat is linear in the image, the background included). Null (NaN in pandas) where no factor
+  was made (``flat_normalisation = "ccd"``) or where the CCD had none (see the ``focalplane_factor_note``
+  of the provenance).
 
 Provenance (masters and their nights, configuration hash, package versions, radii) is in
 the parquet key-value metadata under ``b"streamer"`` (JSON) and the radii also under
@@ -46,7 +53,11 @@ one parquet per quadrant (:func:`in2p3_quadrant_table`, path
   exactly where our ``FLAG_MASKED`` is set (a rejected pixel overlaps the aperture, exact overlap as
   IN2P3's ``subpix=0``); ``f_k_e`` stays finite, as sep's error from the error map does;
 - flags: sep's own flags only (no mask was given to sep there), i.e. the low byte of ours;
-- no exposure columns: the file name carries filefracday, field, filter, CCD and quadrant.
+- no exposure columns: the file name carries filefracday, field, filter, CCD and quadrant;
+- fluxes: focal-plane-flatfielded (``fp_flatfield: True`` in ztfin2p3/scripts/config.yml, the
+  production setting) with ``flat_normalisation = "focalplane"``, CCD-flatfielded with ``"ccd"``; the
+  factor is in the provenance (``focalplane_factor``). A quadrant whose CCD has no factor is not
+  written in the focal-plane variant: it is recorded as lost.
 """
 
 from __future__ import annotations
@@ -86,6 +97,7 @@ class ExposureInfo:
     filtercode: str
     ccdid: int
     obsjd: float
+    focalplane_factor: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,7 @@ def apcat_schema(n_radii: int) -> pa.Schema:
         pa.field("mask_bits", pa.int32()),
         pa.field("ipac_mask", pa.bool_()),
         pa.field("wcs_from_qid", pa.int8()),
+        pa.field("focalplane_factor", pa.float64()),
     ]
     return pa.schema(fields)
 
@@ -182,6 +195,7 @@ def apcat_table(exposure: ExposureInfo, quadrants: Sequence[QuadrantRows], radii
             "obsjd": exposure.obsjd,
             "ipac_mask": quadrant.ipac_mask,
             "wcs_from_qid": quadrant.wcs_from_qid,
+            "focalplane_factor": exposure.focalplane_factor,
         }
         for name, value in constant.items():
             columns[name] = np.full(n, value)
@@ -189,7 +203,10 @@ def apcat_table(exposure: ExposureInfo, quadrants: Sequence[QuadrantRows], radii
         for name in schema.names:
             parts[name].append(np.asarray(columns[name])[order])
     arrays = [
-        pa.array(np.concatenate(parts[f.name]) if parts[f.name] else np.zeros(0, dtype=object), type=f.type)
+        pa.array(
+            np.concatenate(parts[f.name]) if parts[f.name] else np.zeros(0, dtype=object),
+            type=f.type, from_pandas=f.name == "focalplane_factor",  # NaN -> null: no factor
+        )
         for f in schema
     ]
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -211,8 +228,13 @@ def in2p3_schema(n_radii: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-def in2p3_quadrant_table(quadrant: QuadrantRows, radii: Sequence[float], shape: tuple[int, int]) -> pa.Table:
-    """One quadrant's rows in the IN2P3 layout, ordered by source_id; ``shape`` = (rows, columns) of the quadrant."""
+def in2p3_quadrant_table(
+    quadrant: QuadrantRows, radii: Sequence[float], shape: tuple[int, int], flat_factor: float = 1.0
+) -> pa.Table:
+    """One quadrant's rows in the IN2P3 layout, ordered by source_id; ``shape`` = (rows, columns) of the
+    quadrant; fluxes and errors divided by ``flat_factor`` (the focal-plane factor for that variant)."""
+    if not flat_factor > 0:
+        raise ValueError(f"flat_factor {flat_factor}: expected > 0")
     n_radii = len(radii)
     ap = quadrant.apertures
     if ap.flux.shape != (len(quadrant), n_radii):
@@ -232,8 +254,8 @@ def in2p3_quadrant_table(quadrant: QuadrantRows, radii: Sequence[float], shape: 
         "isolated": quadrant.isolated,
     }
     for k, radius in enumerate(radii):
-        values[f"f_{k}"] = np.where(masked[:, k], np.nan, ap.flux[:, k])
-        values[f"f_{k}_e"] = ap.flux_err[:, k]
+        values[f"f_{k}"] = np.where(masked[:, k], np.nan, ap.flux[:, k] / flat_factor)
+        values[f"f_{k}_e"] = ap.flux_err[:, k] / flat_factor
         values[f"f_{k}_f"] = ap.flags[:, k] & 0xFF
         values[f"r_{k}"] = np.full(len(quadrant), int(radius))
     schema = in2p3_schema(n_radii)

@@ -158,6 +158,30 @@ def repin_master(ledger: Ledger, job: dict[str, Any], *, add: int, drop: int | N
         ledger.event("calibration", message, job_id=job["id"], conn=conn)
 
 
+def focalplane_product(ledger: Ledger, night: str, filtercode: str) -> dict[str, Any] | None:
+    """The focal-plane factors file of (night, filter) with its state and its job's, or None when none is planned."""
+    from streamer.ledger.planning import focalplane_key
+
+    rows = ledger.rows(
+        "SELECT f.id AS file_id, f.state AS file_state, j.state AS job_state FROM jobs j "
+        "JOIN files f ON f.producer_job = j.id WHERE j.key = ?",
+        (focalplane_key(night, filtercode),),
+    )
+    return rows[0] if rows else None
+
+
+def repin_focalplane(ledger: Ledger, job: dict[str, Any], file_id: int | None) -> None:
+    """Pin this focal-plane factors file to an exposure instead of the one it pins (None: pin none)."""
+    with ledger.transaction() as conn:
+        conn.execute(
+            "DELETE FROM pins WHERE job_id = ? AND file_id IN (SELECT f.id FROM files f JOIN jobs j "
+            "ON j.id = f.producer_job WHERE j.kind = 'focalplane')",
+            (job["id"],),
+        )
+        if file_id is not None:
+            conn.execute("INSERT OR IGNORE INTO pins (file_id, job_id) VALUES (?, ?)", (file_id, job["id"]))
+
+
 def _end_job(ledger: Ledger, conn: sqlite3.Connection, job: dict[str, Any], state: str, reason: str) -> None:
     ledger.set_job_state(conn, job["id"], state, error=reason, finished=clock.now())
     conn.execute("DELETE FROM pins WHERE job_id = ?", (job["id"],))

@@ -105,6 +105,8 @@ def resolve(ctx: Context, job: dict[str, Any], verdict: Readiness) -> Readiness:
     if isinstance(choice, CalibrationUnavailable):
         return Blocked(choice.reason)
     message = f"{job['key']}: using the {choice.description} of {choice.night.isoformat()}"
+    if verdict.producer_kind == "master_flat" and ctx.config.detrend.flat_normalisation == "focalplane":
+        message += repin_focalplane(ctx, job, choice.night.isoformat())
     ledger_jobs.repin_master(ctx.ledger, job, add=choice.file_id, drop=choice.replaces, message=message)
     if any(o["file_id"] == choice.file_id and o["file_state"] == "deleted" and o["job_state"] == "done" for o in rows):
         # made and since evicted: that night's graph, built again, reopens the master and pins its
@@ -112,6 +114,21 @@ def resolve(ctx: Context, job: dict[str, Any], verdict: Readiness) -> Readiness:
         # reopened its job is no longer done, so the other jobs that fall back to it build nothing
         build_configured_graph(ctx.config, ctx.ledger, choice.night.isoformat(), [job["ccdid"]])
     return Wait()  # looked at again in the next round, with the new pin
+
+
+def repin_focalplane(ctx: Context, job: dict[str, Any], night: str) -> str:
+    """Pin the focal-plane factors of the night whose master flat an exposure falls back to; what to add to the event.
+
+    Its own night's factors do not hold its CCD (no flat of it that night). Factors made and since
+    evicted are not made again (that night's flats of every CCD would be needed): the exposure then
+    has no factor, and its catalogue says so.
+    """
+    factors = ledger_jobs.focalplane_product(ctx.ledger, night, job["filtercode"])
+    if factors is None or (factors["file_state"] == "deleted" and factors["job_state"] == "done"):
+        ledger_jobs.repin_focalplane(ctx.ledger, job, None)
+        return f", without a focal-plane factor (none of {night} is on disk)"
+    ledger_jobs.repin_focalplane(ctx.ledger, job, int(factors["file_id"]))
+    return " and its focal-plane factor"
 
 
 def block(ctx: Context, job: dict[str, Any], reason: str) -> None:

@@ -1,9 +1,10 @@
 """``streamer starflat --start D --end D``: the relative response of each quadrant from the catalogues of a
 range of nights (``streamer.work.starflat``), per filter: a CSV table, a PNG map and a summary.
 
-The catalogues are those of the configured ``[detrend] flat_normalisation`` (the variant is named in
-every output), so the CCD- and focal-plane-flatfielded variants are compared by running the command on
-the storage of each.
+Both flat normalisations come from the same catalogues: "ccd" (the fluxes as measured) always, and
+"focalplane" (divided by each catalogue's ``focalplane_factor``) where the catalogues carry factors,
+i.e. where they were made with ``[detrend] flat_normalisation = "focalplane"``. The variant is named in
+every output.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import datetime as dt
 import io
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from streamer.config import Config
@@ -38,25 +41,37 @@ def run(config: Config, start: dt.date, end: dt.date, filtercode: str | None, ou
     filters = sorted({r["filtercode"] for r in rows if filtercode in (None, r["filtercode"])})
     if not filters:
         raise StarflatError(f"no catalogue on disk for {start}..{end}" + (f" in {filtercode}" if filtercode else ""))
-    variant = config.detrend.flat_normalisation
     out.mkdir(parents=True, exist_ok=True)
     for band in filters:
         tables = [pq.read_table(config.storage.root / r["relpath"]) for r in rows if r["filtercode"] == band]
-        try:
-            solution = starflat.solve(starflat.collect(tables, radius_px=radius_px))
-        except ValueError as err:
-            raise StarflatError(f"{band}: {err}") from None
-        stem = f"starflat_{variant}_{band}"
-        _write_table(out / f"{stem}.csv", variant, band, solution)
-        values = {q.rcid: q.response for q in solution.quadrants}
-        draw_rcid_map(values, f"{start}..{end} {band} ({variant} flat): relative response", "response", out / f"{stem}.png")
-        spread = max(values.values()) - min(values.values())
-        print(f"{band} ({variant}): {len(values)} quadrants from {solution.stars} stars, {solution.measurements} "
-              f"measurements on {solution.exposures} exposures; response {min(values.values()):.4f}..{max(values.values()):.4f} "
-              f"(spread {spread:.4f}); residual scatter {solution.residual_scatter_mag:.4f} mag; "
-              f"chi2/dof {solution.chi2_per_dof:.2f}; {solution.rejected} clipped")  # fmt: skip
+        for variant in variants_of(tables):
+            _solve_one(tables, variant, band, f"{start}..{end}", out, radius_px)
     print(f"written: {out}")
     return 0
+
+
+def variants_of(tables: list[pa.Table]) -> list[str]:
+    """"ccd", and "focalplane" when some catalogue has a focal-plane factor."""
+    has_factors = any(
+        "focalplane_factor" in t.column_names and pc.any(pc.is_finite(t["focalplane_factor"])).as_py() for t in tables
+    )
+    return ["ccd", "focalplane"] if has_factors else ["ccd"]
+
+
+def _solve_one(tables: list[pa.Table], variant: str, band: str, span: str, out: Path, radius_px: float) -> None:
+    try:
+        solution = starflat.solve(starflat.collect(tables, radius_px=radius_px, variant=variant))
+    except ValueError as err:
+        raise StarflatError(f"{band} ({variant} flat): {err}") from None
+    stem = f"starflat_{variant}_{band}"
+    _write_table(out / f"{stem}.csv", variant, band, solution)
+    values = {q.rcid: q.response for q in solution.quadrants}
+    draw_rcid_map(values, f"{span} {band} ({variant} flat): relative response", "response", out / f"{stem}.png")
+    spread = max(values.values()) - min(values.values())
+    print(f"{band} ({variant}): {len(values)} quadrants from {solution.stars} stars, {solution.measurements} "
+          f"measurements on {solution.exposures} exposures; response {min(values.values()):.4f}..{max(values.values()):.4f} "
+          f"(spread {spread:.4f}); residual scatter {solution.residual_scatter_mag:.4f} mag; "
+          f"chi2/dof {solution.chi2_per_dof:.2f}; {solution.rejected} clipped")  # fmt: skip
 
 
 def _write_table(path: Path, variant: str, band: str, solution: starflat.StarflatSolution) -> None:

@@ -127,6 +127,7 @@ from streamer.sim.geometry import (
     PIXEL_SCALE_ARCSEC,
     Shape,
     ccd_unit_coordinates,
+    quadrant_origin,
     quadrant_wcs_keywords,
     shape_named,
     wcs_from_keywords,
@@ -147,6 +148,9 @@ DEFAULT_FIELDS: Final = (655, 656)
 DEFAULT_FILTERS: Final = ("zg", "zr", "zi")
 STARS_PER_QUADRANT: Final = {"full": 4500, "small": 120}
 STARFLAT_RESPONSE_RMS: Final = 0.01
+CCD_LEVEL_RMS: Final = 0.02  # with response levels: a CCD's sensitivity, 1 +- 2 % (clipped at 5 %)
+AMPLIFIER_LEVEL_RMS: Final = 0.01  # and each amplifier's within it, 1 +- 1 % (clipped at 3 %)
+FOCAL_PLANE_VIGNETTING: Final = 0.03  # illumination 1 - 0.03 (r / r_corner)^2 over the focal plane
 STARFLAT_DITHERS: Final = ((0.0, 0.0), (0.5, 0.0), (-0.5, 0.0), (0.0, 0.5), (0.0, -0.5), (0.5, 0.5), (-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5))
 """Offsets of a starflat sequence's pointings, in quadrant widths (RA, Dec), repeated in this order."""
 NID_ORIGIN: Final = dt.date(2016, 12, 27)
@@ -167,6 +171,7 @@ MASK_SOURCE, MASK_NOISY, MASK_SATURATED, MASK_DEAD = 1 << 1, 1 << 4, 1 << 8, 1 <
 EFFECTS: Final = (
     "plan", "catalogue", "amplifier", "columns", "bias_structure", "flat_shape", "flat_pixels",
     "illumination", "led_level", "drift", "poisson", "read_noise", "led_pixels", "starflat_response",
+    "ccd_level", "amplifier_level",
 )
 
 
@@ -190,6 +195,39 @@ class Instrument:
     shape: Shape
     seed: int
     stars_per_quadrant: int
+    response_levels: bool = False  # per-CCD and per-amplifier levels and the focal-plane illumination
+
+    def ccd_level(self, ccdid: int) -> float:
+        """A CCD's sensitivity (1 without response levels)."""
+        if not self.response_levels:
+            return 1.0
+        rng = stream(self.seed, "ccd_level", ccdid)
+        return round(float(1.0 + np.clip(rng.normal(0.0, CCD_LEVEL_RMS), -0.05, 0.05)), 5)
+
+    def amplifier_level(self, ccdid: int, qid: int) -> float:
+        """An amplifier's sensitivity relative to its CCD's (1 without response levels)."""
+        if not self.response_levels:
+            return 1.0
+        rng = stream(self.seed, "amplifier_level", ccdid, qid)
+        return round(float(1.0 + np.clip(rng.normal(0.0, AMPLIFIER_LEVEL_RMS), -0.03, 0.03)), 5)
+
+    def focal_plane_response(self, ccdid: int, qid: int) -> npt.NDArray[np.float32] | None:
+        """``R``: CCD level x amplifier level x the focal-plane illumination at each pixel of a
+        quadrant, seen alike by the sky and the LEDs; None without response levels (R = 1).
+
+        The illumination is ``1 - FOCAL_PLANE_VIGNETTING (r / r_corner)^2``, r the distance from the
+        centre of the focal plane (sim.geometry's layout, gaps included), r_corner that of its corner.
+        """
+        if not self.response_levels:
+            return None
+        ox, oy = quadrant_origin(self.shape, ccdid, qid)
+        gap = self.shape.ccd_gap
+        half_x, half_y = 2.0 * (2 * self.shape.cols + gap), 2.0 * (2 * self.shape.rows + gap)  # 4 x 4 CCDs
+        x = (np.arange(self.shape.cols, dtype=np.float64) + ox) / half_x
+        y = (np.arange(self.shape.rows, dtype=np.float64) + oy) / half_y
+        r2 = (x * x)[np.newaxis, :] + (y * y)[:, np.newaxis]
+        level = self.ccd_level(ccdid) * self.amplifier_level(ccdid, qid)
+        return (level * (1.0 - FOCAL_PLANE_VIGNETTING * r2 / 2.0)).astype(np.float32)
 
     def starflat_response(self, ccdid: int, qid: int) -> float:
         """A quadrant's response that the LED flats do not see (a starflat residual): 1 +- ~1 %."""
@@ -265,6 +303,9 @@ class Instrument:
         response += np.float32(1.0)
         response *= pixel_responses(self, ccdid, filtercode)[qid - 1]
         response *= self.illumination(ccdid, led, qid)
+        focal_plane = self.focal_plane_response(ccdid, qid)
+        if focal_plane is not None:
+            response *= focal_plane
         return response
 
     def led_median(self, ccdid: int, filtercode: str, led: int) -> float:
@@ -413,6 +454,9 @@ class NightSpec:
     flat_medians: dict[tuple[int, str], dict[int, float]]
     pocket: str = "off"  # "off" or a pocket model of streamer.detrend.pocket.MODELS
     starflat: bool = False  # science multiplied by Instrument.starflat_response
+    #: (ccdid, filtercode): the CCD's level against the focal plane as the sky sees it (absent: 1)
+    sky_levels: dict[tuple[int, str], float] = field(default_factory=dict)
+    ccds: tuple[int, ...] = ()  # the night's CCDs (a starflat's frames show the stars of all of them)
 
 
 @dataclass(frozen=True)
@@ -500,7 +544,7 @@ def amplifier_header(amp: Amplifier, extname: str) -> fits.Header:
     return header
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=16)
 def _catalogue(instrument: Instrument, field_id: int, ccdid: int) -> sky.Catalogue:
     return instrument.catalogue(field_id, ccdid)
 
@@ -518,7 +562,10 @@ def _science_quadrant(
     shape = spec.instrument.shape
     assert exposure.sky_adu is not None and exposure.magzp is not None and exposure.seeing_fwhm_arcsec is not None
     wcs_keys = quadrant_wcs_keywords(shape, ccdid, qid, exposure.ra0, exposure.dec0)
-    catalogue = _catalogue(spec.instrument, exposure.field, ccdid)
+    # a starflat dithers stars across CCD edges: each CCD then shows the stars of all the night's CCDs
+    rendered = spec.ccds if spec.starflat and ccdid in spec.ccds else (ccdid,)
+    parts = [_catalogue(spec.instrument, exposure.field, c) for c in rendered]
+    catalogue = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     ra, dec = sky.positions_at(catalogue, exposure.obsjd)
     x, y = wcs_from_keywords(wcs_keys).wcs_world2pix(ra, dec, 0)
     margin = sky.STAMP_HALF_WIDTH + 1
@@ -607,6 +654,8 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
             model, wcs_keys, truth, sources = _science_quadrant(spec, exposure, ccdid, qid, amp.gain)
             medians = tuple(sorted(spec.flat_medians[(ccdid, exposure.filtercode)].items()))
             signal = model * _truth_flats(instrument, ccdid, exposure.filtercode, medians)[qid - 1]
+            if (ccdid, exposure.filtercode) in spec.sky_levels:
+                signal *= np.float32(spec.sky_levels[(ccdid, exposure.filtercode)])
             if spec.starflat:
                 signal *= np.float32(instrument.starflat_response(ccdid, qid))
             star_truth.append(truth)
@@ -740,6 +789,7 @@ def generate_night(
     stars_per_quadrant: int | None = None,
     pocket: str = "off",
     starflat: bool = False,
+    response_levels: bool = False,
 ) -> NightTruth:
     """Write the night ``night`` of CCDs ``ccds`` under ``out`` (IRSA layout, refcat and truth).
 
@@ -747,21 +797,32 @@ def generate_night(
     tonight (leave one out for a night without its flats); ``pocket``: "off" or a pocket model ("v0.1")
     whose parameters are injected (step 2b); ``starflat``: a dithered sequence (``STARFLAT_DITHERS``, in
     quadrant widths) whose science frames carry a per-quadrant response the flats do not see
-    (``Instrument.starflat_response``, recorded in the truth as ``starflat``). Raise UsageError on bad arguments.
+    (``Instrument.starflat_response``, recorded in the truth as ``starflat``); ``response_levels``: CCDs
+    and amplifiers of different sensitivities under a focal-plane illumination
+    (``Instrument.focal_plane_response``, seen by the LEDs and the sky alike; each science frame is
+    multiplied by its CCD's level as in :func:`sky_levels_of`, recorded in the truth as ``response``).
+    The same for every night of an archive. Raise UsageError on bad arguments.
     """
     _check_arguments(ccds, n_exposures, flats_per_led, n_biases, jobs, fields, filters, flat_filters)
     if pocket != "off" and pocket not in pocket_model.MODELS:
         raise UsageError(f"pocket {pocket!r}: expected \"off\" or one of {', '.join(pocket_model.MODELS)}")
     frame = shape_named(shape)
-    instrument = Instrument(frame, instrument_seed, stars_per_quadrant or STARS_PER_QUADRANT[frame.name])
+    instrument = Instrument(
+        frame, instrument_seed, stars_per_quadrant or STARS_PER_QUADRANT[frame.name], response_levels=response_levels
+    )
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
     params = read_params(out)
-    if params and (params.get("shape", {}).get("name") != frame.name or params.get("instrument_seed") != instrument_seed):
+    if params and (
+        params.get("shape", {}).get("name") != frame.name
+        or params.get("instrument_seed") != instrument_seed
+        or bool(params.get("response_levels", False)) != response_levels
+    ):
         raise UsageError(
-            f"{out}: holds nights of shape {params.get('shape', {}).get('name')!r} and instrument seed "
-            f"{params.get('instrument_seed')}: expected the same shape and instrument seed for every night"
+            f"{out}: holds nights of shape {params.get('shape', {}).get('name')!r}, instrument seed "
+            f"{params.get('instrument_seed')} and response levels {bool(params.get('response_levels', False))}: "
+            "expected the same shape, instrument seed and response levels for every night"
         )
     (out / "truth").mkdir(parents=True, exist_ok=True)
     exposures = plan_night(
@@ -781,8 +842,9 @@ def generate_night(
             "median": median_truth,
         }
     list(_map(jobs, _bias_truth_job, [(instrument, out, c) for c in ccds]))
+    sky_levels = sky_levels_of(flat_medians) if response_levels else {}
 
-    spec = NightSpec(out, night, seed, instrument, flat_medians, pocket, starflat)
+    spec = NightSpec(out, night, seed, instrument, flat_medians, pocket, starflat, sky_levels, tuple(ccds))
     order = {"bias": 0, "flat": 1, "object": 2}
     work = sorted(((spec, e, c) for e in exposures for c in ccds), key=lambda j: (j[2], order[j[1].imgtype], j[1].filtercode, j[1].index))
     results: list[FileResult] = list(_map(jobs, _write_ccd_file_job, work, fork=pocket == "off"))
@@ -797,6 +859,8 @@ def generate_night(
     params = _night_params(params, instrument, night, seed, ccds, exposures, flats_params)
     if pocket != "off":
         params["nights"][night.isoformat()]["pocket"] = _pocket_truth(pocket, night, ccds)
+    if response_levels:
+        params["nights"][night.isoformat()]["response"] = _response_truth(instrument, ccds, sky_levels)
     if starflat:
         params["nights"][night.isoformat()]["starflat"] = {
             "dithers_quadrants": [list(d) for d in STARFLAT_DITHERS],
@@ -807,6 +871,38 @@ def generate_night(
     return NightTruth(
         out, night, exposures, relpaths, params, stars, [r.seconds for r in results], [r.cpu_seconds for r in results]
     )
+
+
+def sky_levels_of(flat_medians: dict[tuple[int, str], dict[int, float]]) -> dict[tuple[int, str], float]:
+    """Each CCD's level against the focal plane, as the sky sees it: the mean over the filter's LEDs
+    of the CCD's LED median over the mean of that LED's medians over the night's CCDs.
+
+    A science frame is multiplied by its CCD's flat ``T`` (median about 1 on each CCD) and by this
+    level, so that its CCD-flatfielded stars come out at ``level x true flux`` and its
+    focal-plane-flatfielded ones at one focal-plane constant times the true flux. (The mean here,
+    not the median the pipeline takes, is the simulator's own choice: only ratios between CCDs
+    are compared.)
+    """
+    by_filter: dict[str, dict[int, dict[int, float]]] = {}
+    for (ccdid, filtercode), medians in flat_medians.items():
+        by_filter.setdefault(filtercode, {})[ccdid] = medians
+    levels: dict[tuple[int, str], float] = {}
+    for filtercode, by_ccd in by_filter.items():
+        leds = LEDS[filtercode]
+        plane = {led: float(np.mean([m[led] for m in by_ccd.values()])) for led in leds}
+        for ccdid, medians in by_ccd.items():
+            levels[(ccdid, filtercode)] = float(np.mean([medians[led] / plane[led] for led in leds]))
+    return levels
+
+
+def _response_truth(instrument: Instrument, ccds: Sequence[int], sky_levels: dict[tuple[int, str], float]) -> dict[str, Any]:
+    filters = sorted({f for _, f in sky_levels})
+    return {
+        "ccd_levels": {str(c): instrument.ccd_level(c) for c in ccds},
+        "amplifier_levels": {str(c): {str(q): instrument.amplifier_level(c, q) for q in (1, 2, 3, 4)} for c in ccds},
+        "vignetting": FOCAL_PLANE_VIGNETTING,
+        "sky_levels": {f: {str(c): lv for (c, ff), lv in sorted(sky_levels.items()) if ff == f} for f in filters},
+    }
 
 
 def _check_arguments(
@@ -856,6 +952,7 @@ def _night_params(
     params["shape"] = {"name": shape.name, "rows": shape.rows, "cols": shape.cols, "overscan": shape.overscan}
     params["instrument_seed"] = instrument.seed
     params["stars_per_quadrant"] = instrument.stars_per_quadrant
+    params["response_levels"] = instrument.response_levels
     params["saturation_raw_adu"] = SATURATION_RAW_ADU
     params["trail"] = {"fraction": TRAIL_FRACTION, "scale_columns": TRAIL_SCALE_COLUMNS}
     params["led_levels_adu"] = {str(led): instrument.led_level(led) for leds in LEDS.values() for led in leds}
@@ -911,6 +1008,7 @@ def main(args: argparse.Namespace, ccds: tuple[int, ...]) -> int:
         Path(args.out), args.night, ccds=ccds, n_exposures=args.exposures, flats_per_led=args.flats_per_led,
         n_biases=args.biases, seed=args.seed, shape=args.shape, jobs=args.jobs,
         filters=tuple(f.strip() for f in args.filters.split(",")), pocket=args.pocket, starflat=args.starflat,
+        response_levels=args.response_levels,
     )
     elapsed = time.perf_counter() - start
     cpu = truth.cpu_seconds_per_file

@@ -233,7 +233,7 @@ def process_exposure(
     detrend_config: DetrendConfig,
     photometry_config: PhotometryConfig,
     provenance: Mapping[str, Any],
-    focalplane_factor: float = 1.0,
+    focalplane_factor: float = float("nan"),
 ) -> ExposureResult:
     """Detrend the four quadrants of a raw science CCD file and write its aperture catalogue.
 
@@ -245,6 +245,11 @@ def process_exposure(
     :func:`photometry.quadrant_wcs`); one without an IPAC mask is measured with our own mask. Raises :class:`photometry.NoCcdWcsError` when no quadrant has an IPAC header (the
     file is blocked), :class:`rawio.RawFileError` when the raw file cannot be opened at all.
     ``provenance`` (e.g. the configuration hash) goes into the apcat metadata.
+
+    The pixels are always CCD-flatfielded. ``focalplane_factor`` (NaN: none) is recorded with the
+    catalogue (column and provenance), so that one run gives both variants; with
+    ``flat_normalisation = "focalplane"`` the IN2P3 layout's fluxes and the detrended images are
+    divided by it, and a missing factor is noted (``focalplane_factor_note``).
     """
     raw_path = Path(raw_path)
     crash_point("exposure", raw_path.name)
@@ -274,6 +279,7 @@ def process_exposure(
         catalogue = catalogue_for_ccd(
             catalog_dir, wcs, shape, refcat.julian_epoch(obsjd), photometry_config.isolation_arcsec
         )
+        image_factor = _image_factor(detrend_config, focalplane_factor)
         quadrants: list[QuadrantRows] = []
         lost: list[tuple[int, str]] = []
         no_mask: list[tuple[int, str]] = []
@@ -288,7 +294,7 @@ def process_exposure(
                     master_bias_path=master_bias_path, master_flat_path=master_flat_path,
                     mask_path=mask_paths.get(qid), storage_root=Path(storage_root),
                     detrend_config=detrend_config, photometry_config=photometry_config,
-                    focalplane_factor=focalplane_factor,
+                    image_factor=image_factor,
                 )  # fmt: skip
             except (StreamerError, ValueError, OSError, KeyError) as err:
                 lost.append((qid, f"{type(err).__name__}: {err}"))
@@ -300,12 +306,13 @@ def process_exposure(
                 detrended.append(str(written))
 
     cache_after = master_cache_counts()
-    exposure = ExposureInfo(name.filefracday, expid, name.field, name.filtercode, name.ccdid, obsjd)
+    exposure = ExposureInfo(name.filefracday, expid, name.field, name.filtercode, name.ccdid, obsjd, focalplane_factor)
     record = {
         **provenance,
         "raw": raw_path.name,
         "masters": {"bias": _master_record(master_bias_path), "flat": _master_record(master_flat_path)},
-        "focalplane_factor": focalplane_factor,
+        "focalplane_factor": focalplane_factor if np.isfinite(focalplane_factor) else None,
+        **_focalplane_note(detrend_config, focalplane_factor, name.ccdid),
         "detrend_config": _plain(detrend_config),
         **_pocket_record(detrend_config, name),
         "photometry_config": _plain(photometry_config),
@@ -318,9 +325,14 @@ def process_exposure(
     radii = photometry_config.radii
     apcat_path, in2p3_paths = "", []
     if photometry_config.layout == "in2p3":
+        if image_factor is None:  # the focal-plane variant without a factor: nothing of this CCD is written
+            lost += [(q.qid, record["focalplane_factor_note"]) for q in quadrants]
+            record["quadrants_lost"] = {str(q): reason for q, reason in sorted(lost)}
+            quadrants = []
         for quadrant in quadrants:
             path = Path(storage_root) / in2p3_apcat_relpath(name, quadrant.qid)
-            write_apcat(path, in2p3_quadrant_table(quadrant, radii, shape), radii, {**record, "qid": quadrant.qid})
+            table = in2p3_quadrant_table(quadrant, radii, shape, flat_factor=image_factor or 1.0)
+            write_apcat(path, table, radii, {**record, "qid": quadrant.qid})
             in2p3_paths.append(str(path))
     else:
         apcat_path = str(Path(storage_root) / apcat_relpath(name))
@@ -353,7 +365,7 @@ def _process_quadrant(
     storage_root: Path,
     detrend_config: DetrendConfig,
     photometry_config: PhotometryConfig,
-    focalplane_factor: float,
+    image_factor: float | None,
 ) -> tuple[QuadrantRows, str | None, Path | None]:
     """Detrend and measure one quadrant: (rows, why the IPAC mask was not used or None, detrended path or None)."""
     quadrant = raw.quadrant(qid)
@@ -378,7 +390,6 @@ def _process_quadrant(
         gain=gain,
         read_noise=read_noise,
         saturate=saturate,
-        flat_factor=focalplane_factor,
         row_corrections=pocket.row_corrections,
     )
     del quadrant
@@ -397,8 +408,14 @@ def _process_quadrant(
     if detrend_config.write_detrended:
         header = wcs.header.copy()  # the quadrant's own IPAC header
         header["WCSFROMQ"] = (wcs.from_qid, "quadrant whose IPAC header gave the WCS")
+        image, variance = detrended.image, detrended.variance
+        focal_plane = detrend_config.flat_normalisation == "focalplane" and image_factor is not None
+        header["FLATNORM"] = ("focalplane" if focal_plane else "ccd", "flat normalisation of SCI and VAR")
+        if focal_plane and image_factor is not None:
+            header["FPFACTOR"] = (image_factor, "focal-plane factor: SCI = CCD-flatfielded / FPFACTOR")
+            image, variance = image / np.float32(image_factor), variance / np.float32(image_factor * image_factor)
         written = write_detrended(
-            storage_root / detrended_relpath(name, qid), detrended.image, detrended.variance, mask,
+            storage_root / detrended_relpath(name, qid), image, variance, mask,
             _primary_safe(header), detrend_config.detrended_quantize_step,
         )  # fmt: skip
     rows = measure_quadrant(
@@ -407,6 +424,19 @@ def _process_quadrant(
         ipac_mask=mask_note is None, overwrite_image=True,
     )  # fmt: skip
     return rows, mask_note, written
+
+
+def _image_factor(detrend_config: DetrendConfig, focalplane_factor: float) -> float | None:
+    """What the focal-plane variant divides by: 1.0 for the CCD variant, None when it has no factor."""
+    if detrend_config.flat_normalisation != "focalplane":
+        return 1.0
+    return focalplane_factor if np.isfinite(focalplane_factor) and focalplane_factor > 0 else None
+
+
+def _focalplane_note(detrend_config: DetrendConfig, focalplane_factor: float, ccdid: int) -> dict[str, str]:
+    if detrend_config.flat_normalisation != "focalplane" or _image_factor(detrend_config, focalplane_factor):
+        return {}
+    return {"focalplane_factor_note": f"no focal-plane factor for CCD {ccdid}: its master flat's night made none for it"}
 
 
 def _quadrant_shape(raw: rawio.RawFile, headers: Mapping[int, fits.Header | None]) -> tuple[int, int]:

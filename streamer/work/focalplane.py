@@ -46,6 +46,6 @@ def write_focalplane_factors(
 
 
 def read_focalplane_factor(path: str, ccdid: int) -> float:
-    """The factor of one CCD from a focal-plane JSON (1.0 when the CCD took no part)."""
+    """The factor of one CCD from a focal-plane JSON (NaN when the CCD took no part)."""
     content = json.loads(Path(path).read_text())
-    return float(content["factors"].get(str(ccdid), 1.0))
+    return float(content["factors"].get(str(ccdid), "nan"))

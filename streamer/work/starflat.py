@@ -61,8 +61,20 @@ class StarflatSolution:
     rejected: int
 
 
-def collect(tables: Sequence[Any], *, radius_px: float = 3.0, min_snr: float = MIN_SNR) -> Measurements:
-    """Unflagged measurements with ``f / f_err >= min_snr`` at the aperture nearest ``radius_px``."""
+#: The flat normalisations a catalogue gives: as measured, and divided by its focal-plane factor.
+VARIANTS: Final = ("ccd", "focalplane")
+
+
+def collect(
+    tables: Sequence[Any], *, radius_px: float = 3.0, min_snr: float = MIN_SNR, variant: str = "ccd"
+) -> Measurements:
+    """Unflagged measurements with ``f / f_err >= min_snr`` at the aperture nearest ``radius_px``.
+
+    ``variant``: "ccd" takes the fluxes as they are (CCD-flatfielded), "focalplane" divides them by
+    the catalogue's ``focalplane_factor`` (rows without a factor are left out).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     parts: list[tuple[npt.NDArray[Any], ...]] = []
     for table in tables:
         n_radii = radius_count(table.column_names)
@@ -73,6 +85,9 @@ def collect(tables: Sequence[Any], *, radius_px: float = 3.0, min_snr: float = M
         k = int(np.argmin(np.abs(radii - radius_px)))
         flux = np.asarray(columns[f"f_{k}"], dtype=np.float64)
         error = np.asarray(columns[f"f_{k}_e"], dtype=np.float64)
+        if variant == "focalplane":
+            factor = np.asarray(columns.get("focalplane_factor", [np.nan] * table.num_rows), dtype=np.float64)
+            flux, error = flux / factor, error / factor
         with np.errstate(divide="ignore", invalid="ignore"):
             usable = (np.asarray(columns[f"f_{k}_f"]) == 0) & np.isfinite(flux) & (flux > 0) & (flux >= min_snr * error)
         parts.append((
