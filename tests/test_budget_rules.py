@@ -38,6 +38,13 @@ def test_minimum_from_known_sizes_and_the_largest_job() -> None:
     assert got == 7 * MB + 8 * 25 * MB + 120 * MB + 1 * MB + 2 * 3 * MB + 2 * MB
 
 
+def test_the_focal_plane_factors_hold_the_other_ccds_flats_at_once() -> None:
+    known = {"raw_flat": 10 * MB, "masters": 25 * MB}
+    alone = minimum_budget_bytes(permanent_bytes=0, known_sizes=known, pinned_downloads={}, ledger_bytes=0)
+    four = minimum_budget_bytes(permanent_bytes=0, known_sizes=known, pinned_downloads={}, ledger_bytes=0, flats_read_together=4)
+    assert four - alone == 3 * 25 * MB  # the flats of the 3 other CCDs, read with this CCD's by the factors job
+
+
 def test_a_master_not_yet_made_is_twice_a_raw_flat() -> None:
     known = {"raw_flat": 10 * MB}
     got = minimum_budget_bytes(permanent_bytes=0, known_sizes=known, pinned_downloads={}, ledger_bytes=0)

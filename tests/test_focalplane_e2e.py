@@ -32,6 +32,8 @@ import pytest
 from e2e import NIGHT, backfill_args, config_for, run_cli, status_json, store_of
 from in2p3_reader import apcat_path, in2p3_columns
 from streamer.demo import serve_archive
+from streamer.ledger.budget import most_flats_per_focalplane_job
+from streamer.ledger.core import Ledger
 from streamer.photometry import FLAG_MASKED
 from streamer.sim.generate import generate_night
 
@@ -162,6 +164,8 @@ def test_every_job_is_done_with_one_focalplane_job(run: tuple[Path, dict[str, An
     with sqlite3.connect(f"file:{store / 'ledger.sqlite'}?mode=ro", uri=True) as conn:
         (kind, state) = conn.execute("SELECT kind, state FROM files WHERE relpath = ?", (next(iter(copies)),)).fetchone()
     assert (kind, state) == ("masters", "on_disk")
+    with Ledger.open(store / "ledger.sqlite", readonly=True) as ledger:
+        assert most_flats_per_focalplane_job(ledger) == len(CCDS)  # counted in the minimum budget
 
 
 def test_each_catalogue_records_its_ccds_factor(run: tuple[Path, dict[str, Any]]) -> None:

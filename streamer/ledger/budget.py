@@ -46,6 +46,16 @@ def pinned_downloads_by_job(ledger: Ledger) -> dict[int, dict[str, int]]:
     return dict(out)
 
 
+def most_flats_per_focalplane_job(ledger: Ledger) -> int:
+    """The most master flats one focal-plane factors job takes (those of one night and filter); 1 when none is planned."""
+    row = ledger.rows(
+        "SELECT MAX(n) AS n FROM (SELECT COUNT(*) AS n FROM jobs WHERE kind = 'master_flat' "
+        "AND EXISTS (SELECT 1 FROM jobs f WHERE f.kind = 'focalplane' AND f.night = jobs.night "
+        "AND f.filtercode = jobs.filtercode) GROUP BY night, filtercode)"
+    )
+    return int(row[0]["n"] or 1) if row else 1
+
+
 def largest_product_size(ledger: Ledger, kind: str, relpath_suffix: str = "") -> int | None:
     """The largest actual size of a made file of ``kind`` whose relpath ends with ``relpath_suffix``."""
     escaped = relpath_suffix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

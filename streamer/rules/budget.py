@@ -7,6 +7,8 @@ plus what never leaves:
 - the masters of the night-CCD being processed (bias, the LED flats of one filter, the
   master flats of every filter), which stay until the last frame that needs them is done;
 - the largest single job's downloaded inputs (e.g. one LED's flats) and its output;
+- with the focal-plane normalisation, the master flats of the other CCDs of a night and filter,
+  which its factors job reads together before any exposure of that filter may start;
 - the ledger.
 
 Sizes are by file class (a kind, or ``raw_<imgtype>`` for raw files): known ones come from
@@ -60,11 +62,13 @@ def minimum_budget_bytes(
     known_sizes: Mapping[str, int],
     pinned_downloads: Mapping[int, Mapping[str, int]],
     ledger_bytes: int,
+    flats_read_together: int = 1,
 ) -> int:
     """Bytes below which the service cannot make progress (see the module docstring).
 
     ``known_sizes``: largest size by file class; ``pinned_downloads``: per job, the number of
-    downloaded files of each class it pins; ``ledger_bytes``: the ledger file's size now.
+    downloaded files of each class it pins; ``ledger_bytes``: the ledger file's size now;
+    ``flats_read_together``: the most master flats one focal-plane factors job reads (1 without one).
     """
     raw_flat = known_sizes.get("raw_flat")
     master = known_sizes.get("masters") or (int(raw_flat * MASTER_TO_RAW_FLAT) if raw_flat else TYPICAL_BYTES["master"])
@@ -72,7 +76,11 @@ def minimum_budget_bytes(
     per_job = [sum(n * class_size(c, known_sizes) for c, n in classes.items()) for classes in pinned_downloads.values()]
     largest_job_inputs = max(per_job, default=TYPICAL_FLATS_PER_LED * class_size("raw_flat", known_sizes))
     apcat = known_sizes.get("apcat") or max(class_size("raw_object", known_sizes) // 20, 64 * 1024)
-    return permanent_bytes + masters_per_ccd * master + largest_job_inputs + apcat + 2 * ledger_bytes + LEDGER_ALLOWANCE
+    other_ccds_flats = max(flats_read_together - 1, 0) * master
+    return (
+        permanent_bytes + masters_per_ccd * master + other_ccds_flats + largest_job_inputs + apcat
+        + 2 * ledger_bytes + LEDGER_ALLOWANCE
+    )  # fmt: skip
 
 
 def product_estimate_bytes(kind: str, *, largest_of_its_sort: int | None, largest_raw_flat: int | None) -> int:

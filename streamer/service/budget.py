@@ -25,6 +25,7 @@ def minimum_budget(config: Config, ledger: Ledger) -> int:
         known_sizes=sizes.largest_size_by_class(ledger),
         pinned_downloads=sizes.pinned_downloads_by_job(ledger),
         ledger_bytes=ledger_bytes,
+        flats_read_together=sizes.most_flats_per_focalplane_job(ledger),
     )
 
 
