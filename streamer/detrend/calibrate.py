@@ -275,8 +275,9 @@ def detrend_science(
     before the flat (what the raw ceiling becomes through overscan and nonlinearity), less a
     margin of ``SATURATE_MARGIN`` (the bias drift and structure move the ceiling by a few ADU);
     ``raw_ceiling`` the raw ADU at and above which a pixel is saturated (the ADC's ceiling) or
-    None; ``flat_factor`` the focal-plane factor (1 for ``flat_normalisation = "ccd"``): the image
-    is divided by ``master_flat.data * flat_factor``. Pixels whose flat is not positive become NaN.
+    None; ``flat_factor`` a scale of the flat: the image is divided by ``master_flat.data *
+    flat_factor`` (the service keeps 1 and records the focal-plane factor with the catalogue
+    instead, see ``streamer.formats.apcat``). Pixels whose flat is not positive become NaN.
 
     The pixel steps run compiled (:mod:`.fused`): one pass over the pixels without row corrections;
     with them, bands of ``block_rows`` rows (steps 2-3, the corrections, then 5-8 on each band) so that
