@@ -34,8 +34,9 @@ def test_demo_full_size(tmp_path: Path) -> None:
 def test_two_ccd_night_tight_budget_identical_to_unlimited(tmp_path: Path) -> None:
     archive = tmp_path / "archive"
     generate_night(
-        archive, NIGHT, ccds=(13, 14), n_exposures=16, flats_per_led=3, n_biases=20, seed=11, shape="full", jobs=2
-    )
+        archive, NIGHT, ccds=(13, 14), n_exposures=16, flats_per_led=3, n_biases=16, seed=11, shape="full", jobs=2,
+        filters=("zg", "zr"), flat_filters=("zg", "zr"),
+    )  # fmt: skip
     raw_volume = sum(p.stat().st_size for p in (archive / "raw").rglob("*.fits.fz"))
     with serve_archive(archive) as url:
         unlimited = config_for(tmp_path, archive, url, budget=10 * raw_volume, name="unlimited.toml")
