@@ -14,6 +14,7 @@ from typing import Any
 from streamer import clock
 from streamer.crashpoints import crash_point
 from streamer.ledger.core import Ledger
+from streamer.ledger.planning import focalplane_key
 
 UNFINISHED = ("waiting", "ready", "failed")
 
@@ -160,8 +161,6 @@ def repin_master(ledger: Ledger, job: dict[str, Any], *, add: int, drop: int | N
 
 def focalplane_product(ledger: Ledger, night: str, filtercode: str) -> dict[str, Any] | None:
     """The focal-plane factors file of (night, filter) with its state and its job's, or None when none is planned."""
-    from streamer.ledger.planning import focalplane_key
-
     rows = ledger.rows(
         "SELECT f.id AS file_id, f.state AS file_state, j.state AS job_state FROM jobs j "
         "JOIN files f ON f.producer_job = j.id WHERE j.key = ?",

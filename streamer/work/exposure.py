@@ -279,7 +279,7 @@ def process_exposure(
         catalogue = catalogue_for_ccd(
             catalog_dir, wcs, shape, refcat.julian_epoch(obsjd), photometry_config.isolation_arcsec
         )
-        image_factor = _image_factor(detrend_config, focalplane_factor)
+        divisor = _focal_plane_divisor(detrend_config, focalplane_factor)
         quadrants: list[QuadrantRows] = []
         lost: list[tuple[int, str]] = []
         no_mask: list[tuple[int, str]] = []
@@ -294,7 +294,7 @@ def process_exposure(
                     master_bias_path=master_bias_path, master_flat_path=master_flat_path,
                     mask_path=mask_paths.get(qid), storage_root=Path(storage_root),
                     detrend_config=detrend_config, photometry_config=photometry_config,
-                    image_factor=image_factor,
+                    focal_plane_divisor=divisor,
                 )  # fmt: skip
             except (StreamerError, ValueError, OSError, KeyError) as err:
                 lost.append((qid, f"{type(err).__name__}: {err}"))
@@ -312,7 +312,7 @@ def process_exposure(
         "raw": raw_path.name,
         "masters": {"bias": _master_record(master_bias_path), "flat": _master_record(master_flat_path)},
         "focalplane_factor": focalplane_factor if np.isfinite(focalplane_factor) else None,
-        **_focalplane_note(detrend_config, focalplane_factor, name.ccdid),
+        **_focalplane_note(detrend_config, divisor, name.ccdid),
         "detrend_config": _plain(detrend_config),
         **_pocket_record(detrend_config, name),
         "photometry_config": _plain(photometry_config),
@@ -325,13 +325,13 @@ def process_exposure(
     radii = photometry_config.radii
     apcat_path, in2p3_paths = "", []
     if photometry_config.layout == "in2p3":
-        if image_factor is None:  # the focal-plane variant without a factor: nothing of this CCD is written
+        if "focalplane_factor_note" in record:  # the focal-plane variant without a factor: nothing of this CCD is written
             lost += [(q.qid, record["focalplane_factor_note"]) for q in quadrants]
             record["quadrants_lost"] = {str(q): reason for q, reason in sorted(lost)}
             quadrants = []
         for quadrant in quadrants:
             path = Path(storage_root) / in2p3_apcat_relpath(name, quadrant.qid)
-            table = in2p3_quadrant_table(quadrant, radii, shape, flat_factor=image_factor or 1.0)
+            table = in2p3_quadrant_table(quadrant, radii, shape, flat_factor=divisor or 1.0)
             write_apcat(path, table, radii, {**record, "qid": quadrant.qid})
             in2p3_paths.append(str(path))
     else:
@@ -365,7 +365,7 @@ def _process_quadrant(
     storage_root: Path,
     detrend_config: DetrendConfig,
     photometry_config: PhotometryConfig,
-    image_factor: float | None,
+    focal_plane_divisor: float | None,
 ) -> tuple[QuadrantRows, str | None, Path | None]:
     """Detrend and measure one quadrant: (rows, why the IPAC mask was not used or None, detrended path or None)."""
     quadrant = raw.quadrant(qid)
@@ -409,11 +409,11 @@ def _process_quadrant(
         header = wcs.header.copy()  # the quadrant's own IPAC header
         header["WCSFROMQ"] = (wcs.from_qid, "quadrant whose IPAC header gave the WCS")
         image, variance = detrended.image, detrended.variance
-        focal_plane = detrend_config.flat_normalisation == "focalplane" and image_factor is not None
-        header["FLATNORM"] = ("focalplane" if focal_plane else "ccd", "flat normalisation of SCI and VAR")
-        if focal_plane and image_factor is not None:
-            header["FPFACTOR"] = (image_factor, "focal-plane factor: SCI = CCD-flatfielded / FPFACTOR")
-            image, variance = image / np.float32(image_factor), variance / np.float32(image_factor * image_factor)
+        header["FLATNORM"] = ("ccd" if focal_plane_divisor is None else "focalplane", "flat normalisation of SCI and VAR")
+        if focal_plane_divisor is not None:
+            header["FPFACTOR"] = (focal_plane_divisor, "focal-plane factor: SCI = CCD-flatfielded / FPFACTOR")
+            image = image / np.float32(focal_plane_divisor)
+            variance = variance / np.float32(focal_plane_divisor**2)
         written = write_detrended(
             storage_root / detrended_relpath(name, qid), image, variance, mask,
             _primary_safe(header), detrend_config.detrended_quantize_step,
@@ -426,15 +426,17 @@ def _process_quadrant(
     return rows, mask_note, written
 
 
-def _image_factor(detrend_config: DetrendConfig, focalplane_factor: float) -> float | None:
-    """What the focal-plane variant divides by: 1.0 for the CCD variant, None when it has no factor."""
-    if detrend_config.flat_normalisation != "focalplane":
-        return 1.0
-    return focalplane_factor if np.isfinite(focalplane_factor) and focalplane_factor > 0 else None
+def _focal_plane_divisor(detrend_config: DetrendConfig, focalplane_factor: float) -> float | None:
+    """What the written images and IN2P3 fluxes are divided by: the factor with ``"focalplane"``,
+    None with ``"ccd"`` or when there is no factor (they stay CCD-flatfielded)."""
+    if detrend_config.flat_normalisation == "focalplane" and np.isfinite(focalplane_factor) and focalplane_factor > 0:
+        return focalplane_factor
+    return None
 
 
-def _focalplane_note(detrend_config: DetrendConfig, focalplane_factor: float, ccdid: int) -> dict[str, str]:
-    if detrend_config.flat_normalisation != "focalplane" or _image_factor(detrend_config, focalplane_factor):
+def _focalplane_note(detrend_config: DetrendConfig, divisor: float | None, ccdid: int) -> dict[str, str]:
+    """Why the focal-plane variant has no factor, when it is asked for and has none."""
+    if detrend_config.flat_normalisation != "focalplane" or divisor is not None:
         return {}
     return {"focalplane_factor_note": f"no focal-plane factor for CCD {ccdid}: its master flat's night made none for it"}
 
