@@ -13,7 +13,10 @@ themselves (no service), with ``[detrend] pocket = "off"`` and ``"v0.1"`` on the
   twin (same photon and read noise: the pocket alone);
 - the raw overscan level (readout columns 0-4 and 5-24, the ones the overscan model uses) of the
   pocket night less the twin's, in rows with a bright star (true > 10^4 ADU) read within the last
-  16 data columns of its row, and in the other rows.
+  16 data columns of its row, and in the other rows;
+- the overscan level the pipeline fits (``calibrate.fit_overscan``: its per-row medians and its
+  model), pocket night less twin, with the pocket left uncorrected and with the correction (which
+  refits the level from the corrected overscan), in the same two sets of rows.
 
 and draws both in a PNG (matplotlib, the ``bench`` extra).
 """
@@ -32,7 +35,10 @@ import pyarrow.parquet as pq
 from astropy.io import fits
 
 from streamer.config import DetrendConfig, PhotometryConfig
+from streamer.detrend import nonlinearity
+from streamer.detrend.calibrate import fit_overscan, pocket_step
 from streamer.detrend.readout import to_readout
+from streamer.formats.raw import open_raw
 from streamer.sim.generate import NightTruth, generate_night
 from streamer.work.exposure import process_exposure
 from streamer.work.masters import build_master_bias, build_master_flat
@@ -88,6 +94,49 @@ def _rows(paths: list[Path], truth: NightTruth) -> dict[tuple[int, int, int], di
     return rows
 
 
+def _bright_rows(stars: list[dict[str, Any]], filefracday: int, qid: int, rows: int, columns: int) -> np.ndarray:
+    """Stored rows holding a star brighter than ``BRIGHT_ADU`` within the last ``LAST_COLUMNS`` data columns read."""
+    bright = np.zeros(rows, dtype=bool)
+    for star in stars:
+        if star["filefracday"] == filefracday and star["qid"] == qid and star["flux"] > BRIGHT_ADU:
+            column = star["x"] if qid in (1, 4) else columns - 1 - star["x"]
+            if column >= columns - LAST_COLUMNS:
+                y = int(round(star["y"]))
+                bright[max(0, y - 2) : y + 3] = True
+    return bright
+
+
+def _fitted_levels(pocket: NightTruth, twin: NightTruth) -> dict[str, list[float]]:
+    """The overscan level fitted by the pipeline, pocket night less twin (ADU): per-row medians and
+    model, correction "off" and "v0.1", in bright rows (see :func:`_bright_rows`) and the others."""
+    detrend = DetrendConfig()
+    found: dict[str, list[float]] = defaultdict(list)
+    stars = pocket.stars.to_pylist()
+    for exposure in (e for e in pocket.exposures if e.imgtype == "object"):
+        relpath = exposure.raw_name(CCD).relpath
+        with open_raw(pocket.out / relpath) as raw, open_raw(twin.out / relpath) as clean:
+            for qid in (1, 2, 3, 4):
+                coefficients = nonlinearity.coefficients(NIGHT, CCD, qid)
+                corrections = pocket_step(DetrendConfig(pocket="v0.1"), CCD, qid, NIGHT).row_corrections
+                truth = fit_overscan(clean.overscan(qid), qid, config=detrend, nonlinearity_coefficients=coefficients)
+                fits_of = {
+                    "off": fit_overscan(raw.overscan(qid), qid, config=detrend, nonlinearity_coefficients=coefficients),
+                    "v0.1": fit_overscan(
+                        raw.overscan(qid), qid, config=detrend, nonlinearity_coefficients=coefficients,
+                        data=raw.data(qid), row_corrections=corrections,
+                    ),
+                }  # fmt: skip
+                rows, columns = raw.data_shape(qid)
+                bright = to_readout(_bright_rows(stars, exposure.filefracday, qid, rows, columns)[:, np.newaxis], qid)[:, 0]
+                for name, model in fits_of.items():
+                    median = model.row_median_readout - truth.row_median_readout
+                    level = model.level_stored - truth.level_stored
+                    found[f"{name} medians bright"] += list(median[bright])
+                    found[f"{name} medians other"] += list(median[~bright])
+                    found[f"{name} model"] += list(level)
+    return found
+
+
 def _overscan(pocket: NightTruth, twin: NightTruth) -> tuple[list[float], list[float], list[float], list[float]]:
     """Pocket night less twin, raw overscan: (cols 0-4 bright rows, 0-4 others, 5-24 bright, 5-24 others), ADU."""
     near_first: list[float] = []
@@ -102,13 +151,7 @@ def _overscan(pocket: NightTruth, twin: NightTruth) -> tuple[list[float], list[f
                 rows, columns = a[qid].data.shape
                 difference = a[qid + 4].data.astype(np.float64) - b[qid + 4].data  # stored rows, stored columns
                 readout_columns = to_readout(difference, qid)[::-1 if qid in (3, 4) else 1]  # stored rows, readout columns
-                bright = np.zeros(rows, dtype=bool)
-                for star in stars:
-                    if star["filefracday"] == exposure.filefracday and star["qid"] == qid and star["flux"] > BRIGHT_ADU:
-                        column = star["x"] if qid in (1, 4) else columns - 1 - star["x"]
-                        if column >= columns - LAST_COLUMNS:
-                            y = int(round(star["y"]))
-                            bright[max(0, y - 2) : y + 3] = True
+                bright = _bright_rows(stars, exposure.filefracday, qid, rows, columns)
                 first, model = readout_columns[:, :5].mean(axis=1), readout_columns[:, 5:25].mean(axis=1)
                 near_first += list(first[bright])
                 other_first += list(first[~bright])
@@ -154,6 +197,13 @@ def main() -> None:
         f"last {LAST_COLUMNS} columns {np.median(near_first):.1f} ({len(near_first)} rows), other rows {np.median(other_first):.1f}; "
         f"columns 5-24 (the overscan model's): {np.median(near_model):.2f} and {np.median(other_model):.2f}"
     )
+    fitted = _fitted_levels(pocket, twin)
+    for name in ("off", "v0.1"):
+        print(
+            f"fitted overscan level, pocket night less twin (ADU, mean), correction {name}: per-row medians in rows with a "
+            f"bright star read last {np.mean(fitted[f'{name} medians bright']):.3f} ({len(fitted[f'{name} medians bright'])} rows), "
+            f"other rows {np.mean(fitted[f'{name} medians other']):.3f}; the model {np.mean(fitted[f'{name} model']):.3f}"
+        )
 
     import matplotlib
 

@@ -8,7 +8,7 @@ import pytest
 from streamer.config import DetrendConfig
 from streamer.detrend import masks
 from streamer.detrend import nonlinearity as nl
-from streamer.detrend.calibrate import MasterQuadrant, correct_raw, detrend_science
+from streamer.detrend.calibrate import TRAIL_COLUMNS, MasterQuadrant, correct_raw, detrend_science
 from streamer.detrend.readout import from_readout, to_readout
 
 ROWS, COLUMNS = 200, 160
@@ -91,17 +91,42 @@ def test_row_corrections_see_whole_rows_in_readout_order() -> None:
     def add_ramp(rows: np.ndarray) -> np.ndarray:
         seen.append(rows.copy())
         ramp = np.arange(rows.shape[1], dtype=np.float32)
+        ramp[-30:] = 0.0  # the overscan left as it is: the level stands
         return rows + ramp  # a new array
 
     config = DetrendConfig(overscan_degree=2, nonlinearity="off")
     plain = correct_raw(data, overscan, qid, config=config, nonlinearity_coefficients=None)
     corrected = correct_raw(data, overscan, qid, config=config, nonlinearity_coefficients=None, row_corrections=[add_ramp])
-    assert seen[0].shape == (ROWS, COLUMNS + 30)
+    # first the overscan refit (the last data columns read and the overscan), then whole rows
+    tail = min(TRAIL_COLUMNS, COLUMNS)
+    assert [rows.shape for rows in seen] == [(ROWS, tail + 30), (ROWS, COLUMNS + 30)]
+    np.testing.assert_allclose(seen[0], seen[1][:, COLUMNS - tail :], atol=1e-3)  # the refit moves the level by float error
     # the overscan columns come last and are overscan-subtracted (about 0)
-    assert abs(float(np.median(seen[0][:, COLUMNS:]))) < 0.5
-    np.testing.assert_allclose(to_readout(seen[0][:, :COLUMNS], qid), plain.image, atol=1e-3)
+    assert abs(float(np.median(seen[1][:, COLUMNS:]))) < 0.5
+    np.testing.assert_allclose(to_readout(seen[1][:, :COLUMNS], qid), plain.image, atol=1e-3)
+    np.testing.assert_allclose(corrected.overscan.level_stored, plain.overscan.level_stored, atol=1e-9)
     ramp_stored = from_readout(np.tile(np.arange(COLUMNS, dtype=np.float32), (ROWS, 1)), qid)
     np.testing.assert_allclose(corrected.image - plain.image, ramp_stored, atol=1e-3)
+
+
+def test_the_level_is_refitted_from_the_overscan_the_corrections_leave() -> None:
+    """A correction that finds 7 ADU of charge in the overscan (as the pocket finds its trail) lowers the
+    level by 7 ADU and so raises the image by 7; the per-row difference is recorded as the trail."""
+    qid = 2
+    data, overscan, _ = make_raw(qid, 500.0, seed=9)
+
+    def drain_overscan(rows: np.ndarray) -> np.ndarray:
+        out = rows.copy()
+        out[:, -30:] -= 7.0
+        return out
+
+    config = DetrendConfig(overscan_degree=2, nonlinearity="off")
+    plain = correct_raw(data, overscan, qid, config=config, nonlinearity_coefficients=None)
+    corrected = correct_raw(data, overscan, qid, config=config, nonlinearity_coefficients=None, row_corrections=[drain_overscan])
+    np.testing.assert_allclose(corrected.overscan.level_stored, plain.overscan.level_stored - 7.0, atol=1e-3)
+    np.testing.assert_allclose(corrected.image - plain.image, 7.0, atol=1e-3)
+    assert plain.overscan.trail_readout is None
+    np.testing.assert_allclose(corrected.overscan.trail_readout, 7.0, atol=1e-3)
 
 
 def test_row_correction_must_return_a_new_array() -> None:

@@ -66,7 +66,9 @@ def test_forward_then_correction_returns_the_true_rows() -> None:
     corrected = pocket.correct(observed, CCD6_Q1)
     residual = (corrected - true)[:, :DATA_COLUMNS]
     assert np.sqrt(np.mean(residual**2)) < 0.01
-    assert np.all(corrected[:, DATA_COLUMNS:] == 0.0)
+    # the overscan (true charge 0) carries the trail observed and comes back at its true level
+    assert np.median(observed[:, DATA_COLUMNS : DATA_COLUMNS + 5]) > 10.0
+    assert np.abs(corrected[:, DATA_COLUMNS:]).max() < 0.01
 
 
 def test_charge_is_conserved_by_the_forward_model() -> None:

@@ -4,7 +4,8 @@ Every function takes arrays on the stored (raw HDU = IPAC sciimg) grid and retur
 on that grid; orientation is handled by :mod:`.readout` only. Units are stated at each step.
 
     1. overscan model (ADU) from the overscan columns [start, end) in readout order; with
-       ``nonlinearity = "before_overscan"`` the overscan is linearised first
+       ``nonlinearity = "before_overscan"`` the overscan is linearised first; with row corrections,
+       refitted from the overscan they correct (the pocket's trail is not bias)
     2. data - model, per row (ADU above the bias pedestal)
     3. nonlinearity ``x / (A x^2 + B x + 1)`` (linear ADU), before step 2 if so configured,
        skipped if "off"
@@ -34,13 +35,14 @@ import numpy.typing as npt
 
 from streamer.config import DetrendConfig
 from streamer.detrend import fused, pocket
-from streamer.detrend.overscan import OverscanModel, model_overscan
+from streamer.detrend.overscan import OverscanModel, model_overscan, refit_with_corrected_overscan
 from streamer.detrend.readout import from_readout, to_readout
 
 RowCorrection = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 """A correction on whole rows in readout order: (rows, data columns + 30 overscan columns) float32
-ADU, overscan-subtracted and linearised, in; a new array of the same shape out. Rows are
-independent (a caller may pass any subset of rows, in any order)."""
+ADU, overscan-subtracted and linearised, in; a new array of the same shape out, its overscan
+columns corrected too. Rows are independent (a caller may pass any subset of rows, in any order),
+and :func:`corrected_overscan` passes only the last columns of each row before its overscan."""
 
 NONLINEARITY_ORDERS = ("after_overscan", "before_overscan", "off")
 SATURATE_MARGIN = 1e-3  # relative: pixels within 0.1 % of SATURATE count as saturated
@@ -150,19 +152,63 @@ def fit_overscan(
     *,
     config: DetrendConfig,
     nonlinearity_coefficients: tuple[float, float] | None,
+    data: npt.NDArray[np.number] | None = None,
+    row_corrections: Sequence[RowCorrection] = (),
 ) -> OverscanModel:
-    """Step 1: the overscan model (ADU per stored row) of a stored overscan array (rows, 30)."""
+    """Step 1: the overscan model (ADU per stored row) of a stored overscan array (rows, 30).
+
+    With ``row_corrections`` and the quadrant's raw ``data``, the model is refitted from the
+    overscan as the corrections leave it (:func:`corrected_overscan`): the pocket's trail in the
+    overscan columns is then not taken for bias.
+    """
     check_nonlinearity(config.nonlinearity, nonlinearity_coefficients)
+    fitted = overscan
     if config.nonlinearity == "before_overscan":
         assert nonlinearity_coefficients is not None
-        overscan = linearise(overscan, *nonlinearity_coefficients)
-    return model_overscan(
-        overscan,
-        qid,
-        columns=config.overscan_columns,
-        degree=config.overscan_degree,
-        outlier_nmad=config.overscan_outlier_nmad,
-    )
+        fitted = linearise(overscan, *nonlinearity_coefficients)
+    columns, degree, outlier_nmad = config.overscan_columns, config.overscan_degree, config.overscan_outlier_nmad
+    model = model_overscan(fitted, qid, columns=columns, degree=degree, outlier_nmad=outlier_nmad)
+    if not row_corrections or data is None:
+        return model
+    corrected = corrected_overscan(
+        data, overscan, model.level_stored, qid,
+        nonlinearity=config.nonlinearity, nonlinearity_coefficients=nonlinearity_coefficients, row_corrections=row_corrections,
+    )  # fmt: skip
+    return refit_with_corrected_overscan(model, corrected, qid, columns=columns, degree=degree, outlier_nmad=outlier_nmad)
+
+
+TRAIL_COLUMNS = 256  # data columns read last before the overscan that :func:`corrected_overscan` corrects
+
+
+def corrected_overscan(
+    data: npt.NDArray[np.number],
+    overscan: npt.NDArray[np.number],
+    level_stored: npt.NDArray[np.floating],
+    qid: int,
+    *,
+    nonlinearity: str,
+    nonlinearity_coefficients: tuple[float, float] | None,
+    row_corrections: Sequence[RowCorrection],
+) -> npt.NDArray[np.float32]:
+    """The overscan (rows, 30, readout order) after steps 2-4 with ``level_stored`` subtracted.
+
+    The corrections run on the last ``TRAIL_COLUMNS`` data columns read and the overscan of each
+    row, not the whole row: the pocket forgets within a few tens of pixels what it held before
+    (from an empty pocket at the first of 256 columns, the trail in the overscan equals the whole
+    row's to 1e-4 ADU at skies of 5-400 ADU with bright stars near the row's end).
+    """
+    tail = min(TRAIL_COLUMNS, data.shape[1])
+    level = np.ascontiguousarray(to_readout(np.asarray(level_stored, dtype=np.float32)[:, np.newaxis], qid)[:, 0])
+    data_tail = np.ascontiguousarray(to_readout(data, qid)[:, -tail:])
+    overscan_readout = np.ascontiguousarray(to_readout(overscan, qid))
+    above = np.empty(data_tail.shape, dtype=np.float32)
+    above_overscan = np.empty(overscan_readout.shape, dtype=np.float32)
+    fused.above_pedestal(data_tail, level, nonlinearity, nonlinearity_coefficients, above)
+    fused.above_pedestal(overscan_readout, level, nonlinearity, nonlinearity_coefficients, above_overscan)
+    rows = np.concatenate([above, above_overscan], axis=1)
+    for correction in row_corrections:
+        rows = np.asarray(correction(rows), dtype=np.float32)
+    return rows[:, tail:]
 
 
 def correct_rows(
@@ -238,7 +284,9 @@ def correct_raw(
     """Steps 1-4 on a whole raw quadrant (stored grid, any numeric dtype; not modified)."""
     if data.ndim != 2 or overscan.ndim != 2 or data.shape[0] != overscan.shape[0]:
         raise ValueError(f"data {data.shape} and overscan {overscan.shape}: expected 2-D arrays with the same rows")
-    model = fit_overscan(overscan, qid, config=config, nonlinearity_coefficients=nonlinearity_coefficients)
+    model = fit_overscan(
+        overscan, qid, config=config, nonlinearity_coefficients=nonlinearity_coefficients, data=data, row_corrections=row_corrections
+    )
     image = correct_rows(
         data,
         overscan,
@@ -292,7 +340,9 @@ def detrend_science(
         for part in master:
             if part.shape != data.shape:
                 raise ValueError(f"{name} of shape {part.shape}: expected the quadrant's {data.shape}")
-    model = fit_overscan(overscan, qid, config=config, nonlinearity_coefficients=nonlinearity_coefficients)
+    model = fit_overscan(
+        overscan, qid, config=config, nonlinearity_coefficients=nonlinearity_coefficients, data=data, row_corrections=row_corrections
+    )
     rows, columns = data.shape
     image = np.empty((rows, columns), dtype=np.float32)
     variance = np.empty((rows, columns), dtype=np.float32)

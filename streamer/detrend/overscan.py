@@ -4,6 +4,10 @@ Steps (all in readout order, ADU): per row, the median of the overscan columns [
 the configured window; rows further than ``outlier_nmad`` x NMAD from the model are ignored
 (iteratively); a polynomial of the configured degree in the readout row index models the level;
 the model (not the noisy per-row medians) is what is subtracted from each row.
+
+With a row correction that moves charge into the overscan (the pocket's trail), the medians are
+those of the corrected overscan (:func:`refit_with_corrected_overscan`), so that the level is the
+bias, not the bias plus the trail.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class OverscanModel:
     outlier_rows_readout: npt.NDArray[np.bool_]  # rows left out of the fit, readout row order
     coefficients: tuple[float, ...]  # Legendre coefficients over readout rows mapped to [-1, 1]
     residual_nmad: float  # robust scatter of the per-row medians about the model, ADU
+    trail_readout: npt.NDArray[np.float64] | None = None  # per row, raw median less corrected median (ADU); None uncorrected
 
 
 def row_medians(overscan_readout: npt.NDArray[np.number], columns: tuple[int, int]) -> npt.NDArray[np.float64]:
@@ -108,4 +113,32 @@ def model_overscan(
         outlier_rows_readout=outlier,
         coefficients=coefficients,
         residual_nmad=scatter,
+    )
+
+
+def refit_with_corrected_overscan(
+    model: OverscanModel,
+    corrected_readout: npt.NDArray[np.floating],
+    qid: int,
+    *,
+    columns: tuple[int, int],
+    degree: int,
+    outlier_nmad: float,
+) -> OverscanModel:
+    """The model refitted from the overscan after the row corrections.
+
+    ``corrected_readout`` (rows, 30, readout order) is the overscan with ``model``'s level subtracted
+    and then corrected: what is left in it is the error of that level. The new per-row medians are
+    the old level plus the corrected medians; the fit is the same (degree, outlier rejection).
+    """
+    level_readout = to_readout(model.level_stored[:, np.newaxis], qid)[:, 0]
+    medians = level_readout + row_medians(corrected_readout, columns)
+    level, outlier, coefficients, scatter = fit_row_levels(medians, degree=degree, outlier_nmad=outlier_nmad)
+    return OverscanModel(
+        level_stored=np.ascontiguousarray(from_readout(level[:, np.newaxis], qid)[:, 0]),
+        row_median_readout=medians,
+        outlier_rows_readout=outlier,
+        coefficients=coefficients,
+        residual_nmad=scatter,
+        trail_readout=model.row_median_readout - medians,
     )

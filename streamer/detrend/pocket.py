@@ -27,8 +27,11 @@ pocket: its root (on the branch ``z >= 1``) is found once, by Newton to converge
 pocket fills and ``z**beta`` over 8193 values of ``w**(1/4)`` (linear interpolation); 16 rows advance
 together so that their independent pockets overlap in the CPU. Against the exact forward model,
 rows with bright stars over a faint sky come back within 2e-4 ADU rms (the tables' accuracy).
-The overscan columns carry no charge: those of the corrected row are set to their true level (0
-after overscan subtraction); since the model is causal they play no part in the data columns.
+The overscan columns go through the same inversion: they hold no charge, so there the deficit is
+below the threshold and the corrected value is the observed one less the release, the trail taken
+out. What remains in them is the error of the overscan level that was subtracted (plus noise), from
+which :func:`streamer.detrend.calibrate.fit_overscan` refits the level; since the model is causal they
+play no part in the data columns.
 
 Low signal: the register holds no negative charge, and the read noise that makes values negative
 is added after it, so the capture sees ``n+ = max(n, 0)``, and the pixel values themselves are
@@ -65,8 +68,6 @@ from typing import Any
 import numba
 import numpy as np
 import numpy.typing as npt
-
-from streamer.detrend.readout import OVERSCAN_COLUMNS
 
 DEFAULT_THRESHOLD = 8.0  # ADU of deficit (observed - release) at or below which nothing is taken as captured
 MODELS = ("v0.1",)
@@ -235,21 +236,13 @@ def _invert_column_reference(observed: FloatArray, pocket: FloatArray, t: Tables
     return np.asarray(np.where(deficit > threshold, n, deficit), dtype=np.float64)
 
 
-def correct_reference(
-    rows: npt.ArrayLike,
-    p: Parameters,
-    *,
-    threshold: float = DEFAULT_THRESHOLD,
-    overscan_columns: int = OVERSCAN_COLUMNS,
-    overscan_level: float = 0.0,
-) -> FloatArray:
+def correct_reference(rows: npt.ArrayLike, p: Parameters, *, threshold: float = DEFAULT_THRESHOLD) -> FloatArray:
     """The true rows (float64) estimated from observed rows: :func:`correct` in numpy, column by column."""
     observed = np.atleast_2d(np.asarray(rows, dtype=np.float64))
-    data_columns = observed.shape[1] - overscan_columns
     t = tables(p)
-    estimate = np.full_like(observed, overscan_level)
+    estimate = np.empty_like(observed)
     pocket = np.zeros(observed.shape[0])
-    for j in range(data_columns):
+    for j in range(observed.shape[1]):
         n = _invert_column_reference(observed[:, j], pocket, t, threshold)
         estimate[:, j] = n
         pocket = pocket - (observed[:, j] - n)
@@ -284,8 +277,6 @@ def _correct_rows(
     per_fill: float,
     per_root: float,
     threshold: float,
-    data_columns: int,
-    overscan_level: float,
     out: FloatArray,
 ) -> None:
     rows = observed.shape[0]
@@ -297,7 +288,7 @@ def _correct_rows(
         q = np.zeros(BLOCK_ROWS)
         o = np.zeros(BLOCK_ROWS)
         n = np.zeros(BLOCK_ROWS)
-        for j in range(data_columns):
+        for j in range(observed.shape[1]):
             for b in range(count):
                 o[b] = observed[first + b, j]
             for b in range(BLOCK_ROWS):
@@ -315,9 +306,6 @@ def _correct_rows(
                 q[b] = q[b] - o[b] + m
             for b in range(count):
                 out[first + b, j] = n[b]
-        for b in range(count):
-            for j in range(data_columns, observed.shape[1]):
-                out[first + b, j] = overscan_level
 
 
 # parallel over rows (prange); cache=True keeps the compiled code beside the module for the next process
@@ -340,23 +328,15 @@ def forward(rows: npt.ArrayLike, p: Parameters) -> npt.NDArray[np.float32]:
     return out
 
 
-def correct(
-    rows: npt.ArrayLike,
-    p: Parameters,
-    *,
-    threshold: float = DEFAULT_THRESHOLD,
-    overscan_columns: int = OVERSCAN_COLUMNS,
-    overscan_level: float = 0.0,
-) -> npt.NDArray[np.float32]:
-    """The true rows (float32, a new array) of observed rows in readout order, data then overscan columns:
-    the compiled correction. The overscan columns of the result are ``overscan_level``."""
+def correct(rows: npt.ArrayLike, p: Parameters, *, threshold: float = DEFAULT_THRESHOLD) -> npt.NDArray[np.float32]:
+    """The true rows (float32, a new array) of observed rows in readout order, data then overscan
+    columns: the compiled correction. The overscan columns come back with the trail taken out."""
     observed = _rows_2d(rows)
-    if not 0 <= overscan_columns <= observed.shape[1] or not threshold >= 0:
-        raise ValueError(f"overscan_columns {overscan_columns}, threshold {threshold}: out of range")
+    if not threshold >= 0:
+        raise ValueError(f"threshold {threshold}: expected >= 0")
     out = np.empty_like(observed)
-    data_columns = observed.shape[1] - overscan_columns
     t = tables(p)
-    _correct_kernel(observed, t.release, t.unit, t.inverse_unit, t.capture, t.per_fill, t.per_root, threshold, data_columns, overscan_level, out)
+    _correct_kernel(observed, t.release, t.unit, t.inverse_unit, t.capture, t.per_fill, t.per_root, threshold, out)
     return out
 
 

@@ -94,7 +94,9 @@ def detrend_science(
     block_rows: int = 128,
 ) -> DetrendedQuadrant:
     """The whole chain on one raw science quadrant (see :func:`.calibrate.detrend_science`)."""
-    model = fit_overscan(overscan, qid, config=config, nonlinearity_coefficients=nonlinearity_coefficients)
+    model = fit_overscan(
+        overscan, qid, config=config, nonlinearity_coefficients=nonlinearity_coefficients, data=data, row_corrections=row_corrections
+    )
     rows, columns = data.shape
     image = np.empty((rows, columns), dtype=np.float32)
     variance = np.empty((rows, columns), dtype=np.float32)

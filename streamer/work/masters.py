@@ -204,6 +204,8 @@ def _combine_quadrant(
             rejected.append((name, f"quadrant {qid} of shape {frame_shape}, overscan {overscan.shape}: expected {shape}"))
             continue
         try:
+            # without the data: the frames are decoded in row bands later, and a refit for the pocket's
+            # trail would decode each twice; biases carry no trail, an LED flat's few ADU are 1e-4 of it
             model = fit_overscan(overscan, qid, config=detrend, nonlinearity_coefficients=coefficients)
         except ValueError as err:
             rejected.append((name, f"quadrant {qid}: overscan unusable: {err}"))
