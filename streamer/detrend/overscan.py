@@ -103,16 +103,27 @@ def model_overscan(
 
     ``overscan`` is on the stored grid (as read from HDU qid + 4); it is not modified.
     """
-    overscan_readout = to_readout(overscan, qid)
-    medians = row_medians(overscan_readout, columns)
-    model, outlier, coefficients, scatter = fit_row_levels(medians, degree=degree, outlier_nmad=outlier_nmad)
-    level_stored = np.ascontiguousarray(from_readout(model[:, np.newaxis], qid)[:, 0])
+    medians = row_medians(to_readout(overscan, qid), columns)
+    return _fitted(medians, qid, degree=degree, outlier_nmad=outlier_nmad)
+
+
+def _fitted(
+    medians: npt.NDArray[np.float64],
+    qid: int,
+    *,
+    degree: int,
+    outlier_nmad: float,
+    trail_readout: npt.NDArray[np.float64] | None = None,
+) -> OverscanModel:
+    """The model of per-row medians (readout order): :func:`fit_row_levels`, its level on the stored grid."""
+    level, outlier, coefficients, scatter = fit_row_levels(medians, degree=degree, outlier_nmad=outlier_nmad)
     return OverscanModel(
-        level_stored=level_stored,
+        level_stored=np.ascontiguousarray(from_readout(level[:, np.newaxis], qid)[:, 0]),
         row_median_readout=medians,
         outlier_rows_readout=outlier,
         coefficients=coefficients,
         residual_nmad=scatter,
+        trail_readout=trail_readout,
     )
 
 
@@ -133,12 +144,4 @@ def refit_with_corrected_overscan(
     """
     level_readout = to_readout(model.level_stored[:, np.newaxis], qid)[:, 0]
     medians = level_readout + row_medians(corrected_readout, columns)
-    level, outlier, coefficients, scatter = fit_row_levels(medians, degree=degree, outlier_nmad=outlier_nmad)
-    return OverscanModel(
-        level_stored=np.ascontiguousarray(from_readout(level[:, np.newaxis], qid)[:, 0]),
-        row_median_readout=medians,
-        outlier_rows_readout=outlier,
-        coefficients=coefficients,
-        residual_nmad=scatter,
-        trail_readout=model.row_median_readout - medians,
-    )
+    return _fitted(medians, qid, degree=degree, outlier_nmad=outlier_nmad, trail_readout=model.row_median_readout - medians)
