@@ -44,7 +44,7 @@ UNLIMITED = 50 * 10**9
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("archive")
-    generate_night(out, NIGHT, ccds=(13,), n_exposures=8, flats_per_led=2, n_biases=8, seed=11, shape="small", jobs=2)
+    generate_night(out, NIGHT, ccds=(13,), n_exposures=16, flats_per_led=2, n_biases=8, seed=11, shape="small", jobs=2)
     return out
 
 
@@ -61,7 +61,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, archive: Path, base_
     result = run_cli(config, *backfill_args())
     assert result.returncode == 0, result.stdout + result.stderr
     rows = catalogues(store_of(config))
-    assert len(rows) == 8
+    assert len(rows) == 16
     return rows, int(status_json(config)["minimum_budget_bytes"])
 
 
@@ -90,20 +90,21 @@ def _kill_group(process: subprocess.Popen[str]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def _progress(ledger: Path) -> int:
-    """Jobs done plus files on disk, read from the ledger (0 while it cannot be read)."""
+def _progress(ledger: Path) -> float:
+    """The ledger's latest moment of progress: a file reaching the disk or evicted from it, or a job done
+    (0 while the ledger cannot be read). Unlike a count of files on disk, eviction cannot make it fall."""
     try:
         with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as conn:
-            jobs = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0]
-            files = conn.execute("SELECT COUNT(*) FROM files WHERE state = 'on_disk'").fetchone()[0]
-            return int(jobs) + int(files)
+            files = conn.execute("SELECT MAX(updated) FROM files WHERE state IN ('on_disk', 'deleted')").fetchone()[0]
+            jobs = conn.execute("SELECT MAX(finished) FROM jobs WHERE state = 'done'").fetchone()[0]
+            return max(float(files or 0.0), float(jobs or 0.0))
     except sqlite3.Error:
-        return 0
+        return 0.0
 
 
 def _kill_after_progress(config: Path, ledger: Path, round_: int, *, delay: float) -> int:
-    """Start a backfill, SIGKILL its group ``delay`` s after the ledger shows new progress (a job done or a
-    file on disk); 1 if the kill, not a normal exit before it, ended the backfill."""
+    """Start a backfill, SIGKILL its group ``delay`` s after the ledger shows new progress; 1 if the kill,
+    not a normal exit before it, ended the backfill."""
     before = _progress(ledger)
     process = _start(config)
     try:
