@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import sep
 from astropy.io import fits
 
 from streamer.config import DetrendConfig, PhotometryConfig
@@ -39,7 +41,9 @@ from streamer.detrend import nonlinearity
 from streamer.detrend.calibrate import fit_overscan, pocket_step
 from streamer.detrend.readout import to_readout
 from streamer.formats.raw import open_raw
+from streamer.sim import sky
 from streamer.sim.generate import NightTruth, generate_night
+from streamer.sim.geometry import PIXEL_SCALE_ARCSEC
 from streamer.work.exposure import process_exposure
 from streamer.work.masters import build_master_bias, build_master_flat
 
@@ -49,6 +53,8 @@ FILTER = "zg"
 BRIGHT_ADU = 1e4
 LAST_COLUMNS = 16
 MIN_SNR = 20.0
+TREND_SNR = 100.0
+TREND_MIN_STARS = 20
 BINS = np.arange(-11.0, -6.5, 0.5)  # instrumental magnitude; fainter stars pass the S/N cut only when something else adds to them
 
 
@@ -83,15 +89,72 @@ def _catalogues(night: NightTruth, work: Path, detrend: DetrendConfig) -> list[P
     return paths
 
 
+def _aperture_fraction(x: float, y: float, sigma: float, radius: float) -> float:
+    """The share of a unit star that an exact-overlap circle of ``radius`` at its centre holds: the simulator's
+    own pixel-integrated Gaussian, rendered without noise, summed by sep (not the service's kernel)."""
+    half = sky.STAMP_HALF_WIDTH + 4
+    stamp = np.zeros((2 * half + 1, 2 * half + 1), dtype=np.float32)
+    fx, fy = x - math.floor(x) + half, y - math.floor(y) + half
+    sky.render_stars(stamp, np.array([fx]), np.array([fy]), np.array([1.0]), sigma)
+    total, _error, _flag = sep.sum_circle(stamp.astype(np.float64), [fx], [fy], radius, subpix=0)
+    return float(total[0])
+
+
 def _rows(paths: list[Path], truth: NightTruth) -> dict[tuple[int, int, int], dict[str, Any]]:
-    true_flux = {(int(r["filefracday"]), r["qid"], r["source_id"]): r["flux"] for r in truth.stars.to_pylist()}
+    """Isolated unflagged stars with S/N > ``MIN_SNR`` at the first radius, with their truth: ``true`` (total
+    flux), ``expected`` (what the aperture holds of it without noise) and ``column`` (its readout column)."""
+    stars = {(int(r["filefracday"]), r["qid"], r["source_id"]): r for r in truth.stars.to_pylist()}
+    to_sigma = 1.0 / PIXEL_SCALE_ARCSEC / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    sigma = {int(e.filefracday): float(e.seeing_fwhm_arcsec or 0.0) * to_sigma for e in truth.exposures if e.imgtype == "object"}
+    columns = int(truth.params["shape"]["cols"])
     rows = {}
     for path in paths:
         for row in pq.read_table(path).to_pylist():
             key = (row["filefracday"], row["qid"], row["source_id"])
             if row["isolated"] and row["f_0_f"] == 0 and row["f_0"] > MIN_SNR * row["f_0_e"]:
-                rows[key] = row | {"true": true_flux[key]}
+                star = stars[key]
+                fraction = _aperture_fraction(star["x"], star["y"], sigma[key[0]], float(row["r_0"]))
+                column = star["x"] if key[1] in (1, 4) else columns - 1 - star["x"]
+                rows[key] = row | {"true": star["flux"], "expected": star["flux"] * fraction, "column": column}
     return rows
+
+
+def _trend(runs: dict[str, dict[tuple[int, int, int], dict[str, Any]]], reference: dict[tuple[int, int, int], dict[str, Any]]) -> dict[str, Any]:
+    """Median flux / aperture truth of the stars with S/N > ``TREND_SNR`` (truth over the twin's error) in every run, by
+    magnitude bin and by third of the row (readout order), with the error of each median."""
+    # chosen by the S/N of the aperture truth, not of the measured flux, which would favour stars whose noise came out high
+    keys = [k for k, r in reference.items() if r["expected"] > TREND_SNR * r["f_0_e"] and all(k in run for run in runs.values())]
+
+    def median(run: dict[tuple[int, int, int], dict[str, Any]], chosen: list[tuple[int, int, int]]) -> tuple[float, float]:
+        ratio = np.array([run[k]["f_0"] / run[k]["expected"] for k in chosen])
+        return float(np.median(ratio)), float(1.2533 * np.std(ratio) / math.sqrt(len(ratio)))
+
+    by_magnitude = []
+    for low, high in zip(BINS[:-1], BINS[1:], strict=True):
+        chosen = [k for k in keys if low <= -2.5 * np.log10(reference[k]["true"]) < high]
+        if len(chosen) >= TREND_MIN_STARS:
+            by_magnitude.append(((low + high) / 2, len(chosen), {name: median(run, chosen) for name, run in runs.items()}))
+    columns = max(reference[k]["column"] for k in keys) + 1 if keys else 1
+    by_column = []
+    for third in range(3):
+        chosen = [k for k in keys if third * columns / 3 <= reference[k]["column"] < (third + 1) * columns / 3]
+        if chosen:
+            by_column.append((third, len(chosen), {name: median(run, chosen) for name, run in runs.items()}))
+    return {"stars": len(keys), "by_magnitude": by_magnitude, "by_column": by_column}
+
+
+def _print_trend(trend: dict[str, Any], names: list[str]) -> None:
+    print(f"\nflux / aperture truth at r = 3 px, true S/N > {TREND_SNR:g} ({trend['stars']} stars; bins of >= {TREND_MIN_STARS}):")
+    print("magnitude bin centre | " + " | ".join(names) + " | stars")
+    for centre, count, medians in trend["by_magnitude"]:
+        print(f"{centre:.2f} | " + " | ".join(f"{medians[n][0]:.4f} +- {medians[n][1]:.4f}" for n in names) + f" | {count}")
+    if len(trend["by_magnitude"]) >= 2:
+        first, last = trend["by_magnitude"][0][2], trend["by_magnitude"][-1][2]
+        print("trend, brightest bin less faintest: " + ", ".join(
+            f"{n} {100 * (first[n][0] - last[n][0]):+.2f} % +- {100 * math.hypot(first[n][1], last[n][1]):.2f}" for n in names))
+    print("third of the row (readout order) | " + " | ".join(names) + " | stars")
+    for third, count, medians in trend["by_column"]:
+        print(f"{('first', 'middle', 'last')[third]} | " + " | ".join(f"{medians[n][0]:.4f} +- {medians[n][1]:.4f}" for n in names) + f" | {count}")
 
 
 def _bright_rows(stars: list[dict[str, Any]], filefracday: int, qid: int, rows: int, columns: int) -> np.ndarray:
@@ -179,18 +242,15 @@ def main() -> None:
     print(f"work directory {out}; stars kept (S/N > {MIN_SNR:g} at r = 3 px, isolated, unflagged): "
           + ", ".join(f"{k}: {len(v)}" for k, v in runs.items()))
     print("magnitude bin | " + " | ".join(runs) + " | off / twin | v0.1 / twin | stars")
-    curves: dict[str, list[float]] = {k: [] for k in runs}
-    centres = []
     for low, high in zip(BINS[:-1], BINS[1:], strict=True):
         keys = [k for k, r in reference.items() if low <= -2.5 * np.log10(r["true"]) < high and all(k in run for run in runs.values())]
         if len(keys) < 3:
             continue
-        centres.append((low + high) / 2)
         medians = [float(np.median([run[k]["f_0"] / run[k]["true"] for k in keys])) for run in runs.values()]
-        for name, value in zip(runs, medians, strict=True):
-            curves[name].append(value)
         twin_ratio = [float(np.median([runs[n][k]["f_0"] / reference[k]["f_0"] for k in keys])) for n in ("pocket night, off", "pocket night, v0.1")]
         print(f"[{low:.1f}, {high:.1f}) | " + " | ".join(f"{m:.4f}" for m in medians) + f" | {twin_ratio[0]:.4f} | {twin_ratio[1]:.4f} | {len(keys)}")
+    trend = _trend(runs, reference)
+    _print_trend(trend, list(runs))
     near_first, other_first, near_model, other_model = _overscan(pocket, twin)
     print(
         f"raw overscan, pocket night less twin (ADU, median): readout columns 0-4: rows with a bright star read in the "
@@ -211,10 +271,13 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, values in curves.items():
-        left.plot(centres, values, marker="o", label=name)
+    for name in runs:
+        centres_100 = [c for c, _n, _m in trend["by_magnitude"]]
+        values = [m[name][0] for _c, _n, m in trend["by_magnitude"]]
+        errors = [m[name][1] for _c, _n, m in trend["by_magnitude"]]
+        left.errorbar(centres_100, values, yerr=errors, marker="o", capsize=2, label=name)
     left.set_xlabel("instrumental magnitude, -2.5 log10(true ADU)")
-    left.set_ylabel("median flux / true at r = 3 px")
+    left.set_ylabel(f"median flux / aperture truth at r = 3 px, S/N > {TREND_SNR:g}")
     left.legend()
     left.set_title(f"CCD {CCD}, {FILTER}, {args.exposures} exposures")
     right.hist([other_first, near_first], bins=30, label=["other rows", f"bright star in the last {LAST_COLUMNS} columns"], density=True, histtype="step")
