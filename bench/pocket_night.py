@@ -157,7 +157,7 @@ def _print_trend(trend: dict[str, Any], names: list[str]) -> None:
         print(f"{('first', 'middle', 'last')[third]} | " + " | ".join(f"{medians[n][0]:.4f} +- {medians[n][1]:.4f}" for n in names) + f" | {count}")
 
 
-def _bright_rows(stars: list[dict[str, Any]], filefracday: int, qid: int, rows: int, columns: int) -> np.ndarray:
+def _bright_rows(stars: list[dict[str, Any]], filefracday: str, qid: int, rows: int, columns: int) -> np.ndarray:
     """Stored rows holding a star brighter than ``BRIGHT_ADU`` within the last ``LAST_COLUMNS`` data columns read."""
     bright = np.zeros(rows, dtype=bool)
     for star in stars:
