@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--shape", choices=("full", "small"), default="full")
     generate.add_argument("--jobs", type=int, default=1, metavar="N", help="files written in parallel (default 1)")
     generate.add_argument("--filters", default="zg,zr,zi", metavar="LIST", help="science filters in rotation (default zg,zr,zi)")
+    generate.add_argument("--flat-filters", default="zg,zr,zi", metavar="LIST",
+                          help='filters whose LED flats are taken, "" for none (default zg,zr,zi)')  # fmt: skip
     generate.add_argument("--pocket", default="off", metavar="MODEL", help='inject the pocket effect: "off" (default) or v0.1')
     generate.add_argument("--starflat", action="store_true",
                           help="a dithered starflat sequence with a per-quadrant response the flats do not see")  # fmt: skip

@@ -26,6 +26,7 @@ DEMO_NIGHT = dt.date(2020, 9, 24)
 DEMO_BIASES = 8
 DEMO_BIAS_SKIP = 2
 DEMO_FLATS_PER_LED = 2
+DEMO_FILTERS = "zg,zr"  # the science filters, and the only flats taken: a zi flat would be simulated and combined for nothing
 
 
 def _streamer(*args: str) -> list[str]:
@@ -110,6 +111,7 @@ def run(*, workdir: str | None, ccds: Sequence[int], exposures: int, shape: str)
             "sim", "generate", "--out", str(archive), "--night", DEMO_NIGHT.isoformat(),
             "--ccds", ",".join(map(str, ccds)), "--exposures", str(exposures),
             "--flats-per-led", str(DEMO_FLATS_PER_LED), "--biases", str(DEMO_BIASES),
+            "--filters", DEMO_FILTERS, "--flat-filters", DEMO_FILTERS,
             "--seed", "1", "--shape", shape, "--jobs", str(max(1, min(2, os.cpu_count() or 1))),
         ),
         check=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.parametrize(("option", "value", "expected"), [("--pocket", "v9", "pocket"), ("--filters", "zg,zq", "filters")])
+@pytest.mark.parametrize(("option", "value", "expected"), [("--pocket", "v9", "pocket"), ("--filters", "zg,zq", "filters"), ("--flat-filters", "zr,zq", "flat_filters")])
 def test_a_bad_simulator_option_is_one_line(tmp_path: Path, option: str, value: str, expected: str) -> None:
     command = [sys.executable, "-m", "streamer.cli", "sim", "generate", "--out", str(tmp_path / "a"), "--night",
                "2020-09-24", "--shape", "small", "--exposures", "1", option, value]  # fmt: skip
@@ -52,3 +52,20 @@ def test_response_levels_are_written_to_the_truth_and_fixed_for_the_archive(tmp_
     assert abs(sky["1"] / sky["16"] - 1) > 0.01  # the check above could tell
     second = subprocess.run([*base, "--night", "2020-09-25"], capture_output=True, text=True, timeout=300)
     assert second.returncode == 2 and second.stderr.count("\n") == 1 and "response levels" in second.stderr
+
+
+def test_flat_filters_choose_which_led_flats_are_taken(tmp_path: Path) -> None:
+    """--flat-filters zr: the night's flats are the 4 zr LEDs' (7-10, ILUM_LED), none of zg's or zi's; "" takes none."""
+    from astropy.io import fits
+
+    base = [sys.executable, "-m", "streamer.cli", "sim", "generate", "--night", "2020-09-24", "--shape", "small",
+            "--exposures", "1", "--filters", "zr", "--flats-per-led", "1", "--biases", "1"]  # fmt: skip
+    chosen = subprocess.run([*base, "--out", str(tmp_path / "zr"), "--flat-filters", "zr"], capture_output=True, text=True, timeout=300)
+    assert chosen.returncode == 0, chosen.stderr
+    flats = sorted((tmp_path / "zr").rglob("*_f.fits.fz"))
+    leds = sorted(int(fits.getheader(path, 0)["ILUM_LED"]) for path in flats)
+    assert leds == [7, 8, 9, 10]
+    none = subprocess.run([*base, "--out", str(tmp_path / "none"), "--flat-filters", ""], capture_output=True, text=True, timeout=300)
+    assert none.returncode == 0, none.stderr
+    assert not list((tmp_path / "none").rglob("*_f.fits.fz"))
+    assert list((tmp_path / "none").rglob("*_o.fits.fz"))  # the science exposure is still there

@@ -1001,13 +1001,18 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _filter_list(text: str) -> tuple[str, ...]:
+    return tuple(f.strip() for f in text.split(",") if f.strip())
+
+
 def main(args: argparse.Namespace, ccds: tuple[int, ...]) -> int:
     """``streamer sim generate``: write the night and print one summary line."""
     start = time.perf_counter()
     truth = generate_night(
         Path(args.out), args.night, ccds=ccds, n_exposures=args.exposures, flats_per_led=args.flats_per_led,
         n_biases=args.biases, seed=args.seed, shape=args.shape, jobs=args.jobs,
-        filters=tuple(f.strip() for f in args.filters.split(",")), pocket=args.pocket, starflat=args.starflat,
+        filters=_filter_list(args.filters), flat_filters=_filter_list(args.flat_filters),
+        pocket=args.pocket, starflat=args.starflat,
         response_levels=args.response_levels,
     )
     elapsed = time.perf_counter() - start
