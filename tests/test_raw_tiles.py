@@ -3,6 +3,7 @@ astropy for every layout it does not handle, and one-line errors on corrupt tile
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,59 @@ def test_integer_layouts_match_astropy_in_threads_and_row_bands(tmp_path: Path, 
             np.testing.assert_array_equal(decoded, values)
             for start, stop in ((0, 1), (5, 23), (15, 17), (90, 101)):
                 np.testing.assert_array_equal(raw.data_rows(1, start, stop), expected[start:stop])
+
+
+def astropy_file_bytes(primary: fits.Header, images: list[tuple[npt.NDArray[Any], fits.Header]]) -> bytes:
+    """The file astropy's own writer makes of these images, each a RICE_1 ``CompImageHDU`` (the reference)."""
+    compressed = [fits.CompImageHDU(values, header=header, compression_type="RICE_1") for values, header in images]
+    hdus = fits.HDUList([fits.PrimaryHDU(header=primary), *compressed])
+    buffer = io.BytesIO()
+    hdus.writeto(buffer)
+    return buffer.getvalue()
+
+
+def test_the_simulators_raw_files_are_the_bytes_astropy_writes(simulated_raws: list[Path]) -> None:
+    """The simulator writes its raws with :func:`rice_tiles.encode_image_hdu`: byte for byte what astropy
+    writes for the same pixels and keywords."""
+    for path in simulated_raws:
+        with fits.open(path) as hdus:
+            primary = hdus[0].header.copy()
+            images = [(np.array(hdus[i].data), hdus[i].header.copy()) for i in range(1, len(hdus))]
+        assert len(images) == 8
+        assert path.read_bytes() == astropy_file_bytes(primary, images), path.name
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.int32, np.uint32])
+@pytest.mark.parametrize("shape", [(57, 64), (3, 1), (1, 200)])
+def test_encoded_images_read_back_exactly_and_in_astropys_bytes(tmp_path: Path, dtype: type, shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(5)
+    info = np.iinfo(dtype)
+    values = np.clip(rng.normal(1000, 3000, shape), info.min, info.max).astype(dtype)
+    values.flat[:2] = (info.min, info.max)[: values.size]  # the ends of the range, a jump of the whole range
+    if shape[0] > 2:
+        values[1] = values[1, 0]  # a constant row: Rice blocks of code 0
+        values[2] = rng.integers(info.min, info.max, shape[1], endpoint=True, dtype=dtype)  # noise: the raw blocks
+    header = fits.Header([("EXTNAME", "7"), ("GAIN", 5.8, "Gain e-/adu")])
+    ours = rice_tiles.encode_image_hdu(values, header)
+    assert len(ours) % 2880 == 0
+    path = tmp_path / "encoded.fits.fz"
+    path.write_bytes(astropy_file_bytes(fits.Header(), []) + ours)  # behind a data-less primary HDU
+    with fits.open(path) as hdus:
+        assert hdus[1].name == "7" and hdus[1].header["GAIN"] == 5.8
+        assert hdus[1].data.dtype == values.dtype
+        np.testing.assert_array_equal(hdus[1].data, values)
+    layout = rice_tiles.rice_layout(table_header(path, 1))
+    assert layout is not None
+    with open_raw(path) as raw:
+        np.testing.assert_array_equal(raw.data(1), values)
+    theirs = astropy_file_bytes(fits.Header(), [(values, header)])
+    assert ours == theirs[len(theirs) - len(ours) :]
+
+
+def test_encoding_refuses_what_the_layout_does_not_hold() -> None:
+    for values in (np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint8), np.zeros(16, np.int16)):
+        with pytest.raises(ValueError, match="expected a 2-d 16- or 32-bit integer array"):
+            rice_tiles.encode_image_hdu(values, fits.Header())
 
 
 def other_layouts(tmp_path: Path) -> dict[str, tuple[Path, npt.NDArray[Any]]]:

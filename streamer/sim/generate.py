@@ -122,6 +122,7 @@ from astropy.io import fits
 from streamer.detrend import pocket as pocket_model
 from streamer.detrend.nonlinearity import coefficients, correct, epoch_for
 from streamer.errors import UsageError
+from streamer.formats import rice_tiles
 from streamer.sim import sky
 from streamer.sim.geometry import (
     PIXEL_SCALE_ARCSEC,
@@ -308,11 +309,6 @@ class Instrument:
             response *= focal_plane
         return response
 
-    def led_median(self, ccdid: int, filtercode: str, led: int) -> float:
-        """CCD-wide median of ``F_led * I_led`` (all four quadrants)."""
-        products = [self.led_flat(ccdid, filtercode, led, q) for q in (1, 2, 3, 4)]
-        return float(np.median(np.concatenate([p.ravel() for p in products])))
-
     def catalogue(self, field: int, ccdid: int) -> sky.Catalogue:
         return sky.make_catalogue(
             stream(self.seed, "catalogue", field, ccdid), self.shape, field, ccdid, 4 * self.stars_per_quadrant
@@ -328,15 +324,21 @@ def pixel_responses(instrument: Instrument, ccdid: int, filtercode: str) -> tupl
     return responses
 
 
-def truth_flat(instrument: Instrument, ccdid: int, filtercode: str, medians: dict[int, float], qid: int) -> npt.NDArray[np.float32]:
-    """``T`` of one quadrant: ``mean_led(F_led * I_led / median_CCD(F_led * I_led))``."""
+def truth_flats(
+    instrument: Instrument, ccdid: int, filtercode: str, medians: dict[int, float] | None = None
+) -> tuple[dict[int, float], tuple[npt.NDArray[np.float32], ...]]:
+    """``T`` of the four quadrants, ``mean_led(F_led * I_led / median_CCD(F_led * I_led))``, and the
+    CCD-wide medians it divides by (``medians`` when given, else measured), each LED flat made once."""
     leds = LEDS[filtercode]
-    flat = np.zeros((instrument.shape.rows, instrument.shape.cols), dtype=np.float32)
+    flats = tuple(np.zeros((instrument.shape.rows, instrument.shape.cols), dtype=np.float32) for _ in (1, 2, 3, 4))
+    used: dict[int, float] = {}
     for led in leds:
-        led_flat = instrument.led_flat(ccdid, filtercode, led, qid)
-        led_flat /= np.float32(medians[led] * len(leds))
-        flat += led_flat
-    return flat
+        products = [instrument.led_flat(ccdid, filtercode, led, q) for q in (1, 2, 3, 4)]
+        used[led] = medians[led] if medians is not None else float(np.median(np.concatenate([p.ravel() for p in products])))
+        for flat, product in zip(flats, products, strict=True):
+            product /= np.float32(used[led] * len(leds))
+            flat += product
+    return used, flats
 
 
 # --------------------------------------------------------------------------- the night plan
@@ -474,6 +476,20 @@ def _atomic_write(hdus: fits.HDUList, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_write_bytes(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _primary_bytes(header: fits.Header) -> bytes:
+    """A data-less primary HDU that announces extensions, as astropy writes it at the head of a file."""
+    hdu = fits.PrimaryHDU(header=header)
+    hdu.header.set("EXTEND", True, after="NAXIS")
+    return hdu.header.tostring().encode("ascii")
+
+
 def _sexagesimal(value: float, hours: bool) -> str:
     sign = "-" if value < 0 else "+"
     total = abs(value) / 15.0 if hours else abs(value)
@@ -551,7 +567,7 @@ def _catalogue(instrument: Instrument, field_id: int, ccdid: int) -> sky.Catalog
 
 @lru_cache(maxsize=1)
 def _truth_flats(instrument: Instrument, ccdid: int, filtercode: str, medians: tuple[tuple[int, float], ...]) -> tuple[npt.NDArray[np.float32], ...]:
-    return tuple(truth_flat(instrument, ccdid, filtercode, dict(medians), q) for q in (1, 2, 3, 4))
+    return truth_flats(instrument, ccdid, filtercode, dict(medians))[1]
 
 
 def _science_quadrant(
@@ -637,8 +653,8 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
     shape = instrument.shape
     name = exposure.raw_name(ccdid)
     primary = primary_header(exposure, ccdid)
-    quadrants: list[fits.CompImageHDU] = []
-    overscans: list[fits.CompImageHDU] = []
+    quadrants: list[bytes] = []
+    overscans: list[bytes] = []
     relpaths = [name.relpath]
     star_truth: list[dict[str, npt.NDArray[Any]]] = []
     key = (spec.night.toordinal(), exposure.index, ccdid)
@@ -670,8 +686,8 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
             stream(spec.seed, "read_noise", *key, qid),
             pocket=_pocket_parameters(spec.pocket, ccdid, qid, spec.night),
         )
-        quadrants.append(fits.CompImageHDU(raw.data, header=amplifier_header(amp, str(qid)), compression_type="RICE_1"))
-        overscans.append(fits.CompImageHDU(raw.overscan, header=amplifier_header(amp, str(qid + 4)), compression_type="RICE_1"))
+        quadrants.append(rice_tiles.encode_image_hdu(raw.data, amplifier_header(amp, str(qid))))
+        overscans.append(rice_tiles.encode_image_hdu(raw.overscan, amplifier_header(amp, str(qid + 4))))
         if exposure.imgtype == "object":
             saturate = float(correct(SATURATION_RAW_ADU - amp.bias_level, *nonlinearity))
             sci_header, mask_header = _sci_headers(exposure, amp, primary, wcs_keys, saturate)
@@ -684,7 +700,7 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
             _atomic_write(fits.HDUList([fits.PrimaryHDU(model, header=sci_header)]), spec.out / sci_name.relpath)
             _atomic_write(fits.HDUList([fits.PrimaryHDU(mask, header=mask_header)]), spec.out / msk_name.relpath)
             relpaths += [sci_name.relpath, msk_name.relpath]
-    _atomic_write(fits.HDUList([fits.PrimaryHDU(header=primary), *quadrants, *overscans]), spec.out / name.relpath)
+    _atomic_write_bytes(b"".join([_primary_bytes(primary), *quadrants, *overscans]), spec.out / name.relpath)
     stars = {k: np.concatenate([t[k] for t in star_truth]) for k in star_truth[0]} if star_truth else None
     return FileResult(tuple(relpaths), stars, time.perf_counter() - start, time.process_time() - cpu_start)
 
@@ -701,8 +717,7 @@ def _write_ccd_file_job(job: tuple[NightSpec, Exposure, int]) -> FileResult:
 def _flat_truth_job(job: tuple[Instrument, Path, int, str]) -> tuple[int, str, dict[int, float], float]:
     """Compute the LED medians of (CCD, filter), write ``truth/flat_<filt>_cNN.fits``; return the medians."""
     instrument, out, ccdid, filtercode = job
-    medians = {led: instrument.led_median(ccdid, filtercode, led) for led in LEDS[filtercode]}
-    flats = [truth_flat(instrument, ccdid, filtercode, medians, q) for q in (1, 2, 3, 4)]
+    medians, flats = truth_flats(instrument, ccdid, filtercode)
     median_truth = float(np.median(np.concatenate([f.ravel() for f in flats])))
     hdus = fits.HDUList([fits.PrimaryHDU()])
     for qid, flat in enumerate(flats, start=1):
