@@ -93,7 +93,10 @@ def test_the_simulators_raw_files_are_the_bytes_astropy_writes(simulated_raws: l
             primary = hdus[0].header.copy()
             images = [(np.array(hdus[i].data), hdus[i].header.copy()) for i in range(1, len(hdus))]
         assert len(images) == 8
-        assert path.read_bytes() == astropy_file_bytes(primary, images), path.name
+        expected = astropy_file_bytes(primary, images)
+        assert path.read_bytes() == expected, path.name
+        extensions = b"".join(rice_tiles.encode_image_hdu(values, header) for values, header in images)
+        assert expected.endswith(extensions), "headers read from a file (NAXIS, BZERO...) give the same extensions"
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.int32, np.uint32])
@@ -124,8 +127,8 @@ def test_encoded_images_read_back_exactly_and_in_astropys_bytes(tmp_path: Path, 
 
 
 def test_encoding_refuses_what_the_layout_does_not_hold() -> None:
-    for values in (np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint8), np.zeros(16, np.int16)):
-        with pytest.raises(ValueError, match="expected a 2-d 16- or 32-bit integer array"):
+    for values in (np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint8), np.zeros(16, np.int16), np.zeros((0, 4), np.int16)):
+        with pytest.raises(ValueError, match="expected a non-empty 2-d 16- or 32-bit integer array"):
             rice_tiles.encode_image_hdu(values, fits.Header())
 
 

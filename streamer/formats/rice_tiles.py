@@ -246,6 +246,8 @@ _TILE_TABLE_CARDS: tuple[tuple[str, str], ...] = (
     ("GCOUNT", "number of groups"),
     ("TFIELDS", "number of fields in each row"),
 )
+# keywords of the image's header that the extension writes itself (an image read from a file carries them)
+_WRITTEN_HERE = frozenset(key for key, _ in _TILE_TABLE_CARDS) | {"SIMPLE", "EXTEND", "EXTNAME", "BZERO", "BSCALE", "TTYPE1", "TFORM1"}
 
 
 def encode_image_hdu(image: npt.NDArray[np.integer], header: fits.Header, *, blocksize: int = 32) -> bytes:
@@ -255,11 +257,12 @@ def encode_image_hdu(image: npt.NDArray[np.integer], header: fits.Header, *, blo
 
     ``image`` is int16/int32, or uint16/uint32 (stored under the unsigned convention,
     ``BZERO = 2**(bits - 1)``); ``header`` holds the image's own keywords (``EXTNAME`` and the
-    rest), which follow the compression keywords. The bytes are a whole number of FITS blocks.
+    rest), which follow the compression keywords (its structural ones, ``NAXIS`` and the like, are
+    written from the image instead). The bytes are a whole number of FITS blocks.
     About 3x faster than astropy's writer, which pays per tile in Python.
     """
-    if image.ndim != 2 or image.dtype.kind not in "iu" or image.dtype.itemsize not in (2, 4):
-        raise ValueError(f"an image of {image.dtype} with shape {image.shape}: expected a 2-d 16- or 32-bit integer array")
+    if image.ndim != 2 or image.size == 0 or image.dtype.kind not in "iu" or image.dtype.itemsize not in (2, 4):
+        raise ValueError(f"an image of {image.dtype} with shape {image.shape}: expected a non-empty 2-d 16- or 32-bit integer array")
     bits = 8 * image.dtype.itemsize
     stored = np.dtype(f"int{bits}")
     rows, columns = image.shape
@@ -298,7 +301,7 @@ def encode_image_hdu(image: npt.NDArray[np.integer], header: fits.Header, *, blo
         cards["BZERO"] = 1 << (bits - 1)
         cards["BSCALE"] = 1
     for card in header.cards:
-        if card.keyword not in ("EXTNAME", "BZERO", "BSCALE"):
+        if card.keyword not in _WRITTEN_HERE and not card.keyword.startswith("NAXIS"):
             cards.append(card)
     data = b"".join([table.tobytes(), *tiles])
     padding = -len(data) % 2880

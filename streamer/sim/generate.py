@@ -469,17 +469,14 @@ class FileResult:
     cpu_seconds: float
 
 
-def _atomic_write(hdus: fits.HDUList, path: Path) -> None:
+def _atomic_write(hdus: fits.HDUList | bytes, path: Path) -> None:
+    """Write an HDU list, or a file's bytes, to ``path`` through a temporary file beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    hdus.writeto(tmp, overwrite=True)
-    os.replace(tmp, path)
-
-
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    if isinstance(hdus, bytes):
+        tmp.write_bytes(hdus)
+    else:
+        hdus.writeto(tmp, overwrite=True)
     os.replace(tmp, path)
 
 
@@ -700,7 +697,7 @@ def write_ccd_file(spec: NightSpec, exposure: Exposure, ccdid: int) -> FileResul
             _atomic_write(fits.HDUList([fits.PrimaryHDU(model, header=sci_header)]), spec.out / sci_name.relpath)
             _atomic_write(fits.HDUList([fits.PrimaryHDU(mask, header=mask_header)]), spec.out / msk_name.relpath)
             relpaths += [sci_name.relpath, msk_name.relpath]
-    _atomic_write_bytes(b"".join([_primary_bytes(primary), *quadrants, *overscans]), spec.out / name.relpath)
+    _atomic_write(b"".join([_primary_bytes(primary), *quadrants, *overscans]), spec.out / name.relpath)
     stars = {k: np.concatenate([t[k] for t in star_truth]) for k in star_truth[0]} if star_truth else None
     return FileResult(tuple(relpaths), stars, time.perf_counter() - start, time.process_time() - cpu_start)
 
