@@ -56,9 +56,13 @@ def _area_arc_series(x1: float, y1: float, x2: float, y2: float, r: float) -> fl
     s2 = ((x2 - x1) * (x2 - x1) + (y2 - y1) * (y2 - y1)) / (4.0 * r * r)
     if s2 > 0.0625:
         return _area_arc(x1, y1, x2, y2, r)
-    series = _ARC_SERIES[11]
-    for n in range(10, -1, -1):
-        series = series * s2 + _ARC_SERIES[n]
+    c = _ARC_SERIES  # the 12 terms in s2 by Estrin's scheme: pairs, then pairs of pairs (shorter chains than Horner's)
+    s4 = s2 * s2
+    s8 = s4 * s4
+    low = (c[0] + c[1] * s2) + (c[2] + c[3] * s2) * s4
+    middle = (c[4] + c[5] * s2) + (c[6] + c[7] * s2) * s4
+    high = (c[8] + c[9] * s2) + (c[10] + c[11] * s2) * s4
+    series = low + (middle + high * s8) * s8
     return r * r * math.sqrt(s2) * s2 * series
 
 
