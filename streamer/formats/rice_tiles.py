@@ -15,6 +15,9 @@ blank value, and either no scaling or the unsigned convention (``BZERO = 2**(bit
 ``BSCALE = 1``). :func:`rice_layout` returns None for anything else, and the caller reads it
 with astropy. Arrays come out as astropy's ``hdu.data`` would: int16/int32, or uint16/uint32
 under the unsigned convention, native byte order.
+
+:func:`encode_image_hdu` writes that layout (the simulator's raws): the same coder, the same bytes
+as astropy's writer.
 """
 
 from __future__ import annotations
