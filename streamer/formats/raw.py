@@ -91,10 +91,23 @@ class RawFile:
 
     def __init__(self, path: str, hdul: fits.HDUList, fd: int, decode_threads: int = 1) -> None:
         self.path = path
-        self._hdul = hdul
-        self._fd = fd  # for the tile decoder's reads (os.pread), beside astropy's own file object
+        self._hdul = hdul  # compressed images as their binary tables: headers without astropy's conversion
+        self._images: fits.HDUList | None = None  # the same file with astropy's decompression, opened when needed
+        self._fd = fd  # for the tile decoder's reads (os.pread), beside astropy's own file objects
         self._decode_threads = decode_threads
         self._layouts: dict[int, tuple[rice_tiles.RiceLayout, int] | None] = {}
+
+    def close(self) -> None:
+        """Close astropy's file objects (:func:`open_raw` does, and closes the descriptor)."""
+        self._hdul.close()
+        if self._images is not None:
+            self._images.close()
+
+    def _image_hdu(self, index: int) -> Any:
+        """HDU ``index`` as astropy decompresses it, for the layouts the tile decoder leaves to astropy."""
+        if self._images is None:
+            self._images = fits.open(self.path, memmap=False, lazy_load_hdus=True)
+        return self._images[index]
 
     @property
     def primary_header(self) -> fits.Header:
@@ -117,9 +130,8 @@ class RawFile:
         """(layout, data offset) of HDU ``index`` when the tile decoder handles it, else None."""
         if index not in self._layouts:
             try:
+                layout = rice_tiles.rice_layout(hdu.header)  # the binary table's own header
                 info = hdu.fileinfo()  # the HDU's own: HDUList.fileinfo re-serialises every header
-                header_bytes = os.pread(self._fd, info["datLoc"] - info["hdrLoc"], info["hdrLoc"])
-                layout = rice_tiles.rice_layout(fits.Header.fromstring(header_bytes.decode("ascii")))
                 self._layouts[index] = None if layout is None else (layout, int(info["datLoc"]))
             except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
                 self._layouts[index] = None  # astropy reads it, and reports what is wrong
@@ -150,10 +162,11 @@ class RawFile:
                 if decoded is not None:
                     array = decoded
                 elif rows is None:
-                    array = hdu.data
-                    del hdu.data  # astropy would keep the decoded array as long as the file is open
+                    image = self._image_hdu(index)
+                    array = image.data
+                    del image.data  # astropy would keep the decoded array as long as the file is open
                 else:
-                    array = hdu.section[rows, :]
+                    array = self._image_hdu(index).section[rows, :]
         except QuadrantReadError:
             raise
         except Exception as err:  # the C tile decoder raises its own classes (CfitsioException) on corrupt bytes
@@ -193,7 +206,9 @@ class RawFile:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", AstropyWarning)
                 header = self._hdu(qid, qid, "data").header
-            return (int(header["NAXIS2"]), int(header["NAXIS1"]), abs(int(header["BITPIX"])) // 8)
+            axis = "ZNAXIS" if header.get("ZIMAGE") is True else "NAXIS"  # a compressed image's table, or an image
+            bitpix = "ZBITPIX" if axis == "ZNAXIS" else "BITPIX"
+            return (int(header[f"{axis}2"]), int(header[f"{axis}1"]), abs(int(header[bitpix])) // 8)
         except QuadrantReadError:
             raise
         except _READ_ERRORS as err:
@@ -232,7 +247,7 @@ def open_raw(path: str | os.PathLike[str], *, decode_threads: int = 1) -> Iterat
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", AstropyWarning)
-            hdul = fits.open(name, memmap=False, lazy_load_hdus=True)
+            hdul = fits.open(name, memmap=False, lazy_load_hdus=True, disable_image_compression=True)
             _ = hdul[0].header
     except FileNotFoundError:
         raise RawFileError(name, "no such file") from None
@@ -243,11 +258,12 @@ def open_raw(path: str | os.PathLike[str], *, decode_threads: int = 1) -> Iterat
     except OSError as err:
         hdul.close()
         raise RawFileError(name, f"cannot be opened: {err}") from err
+    raw = RawFile(name, hdul, fd, decode_threads)
     try:
-        yield RawFile(name, hdul, fd, decode_threads)
+        yield raw
     finally:
         os.close(fd)
-        hdul.close()
+        raw.close()
 
 
 def read_raw_quadrant(path: str | os.PathLike[str], qid: int) -> RawQuadrant:
