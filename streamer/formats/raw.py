@@ -133,7 +133,7 @@ class RawFile:
                 layout = rice_tiles.rice_layout(hdu.header)  # the binary table's own header
                 info = hdu.fileinfo()  # the HDU's own: HDUList.fileinfo re-serialises every header
                 self._layouts[index] = None if layout is None else (layout, int(info["datLoc"]))
-            except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
+            except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
                 self._layouts[index] = None  # astropy reads it, and reports what is wrong
         return self._layouts[index]
 
