@@ -157,8 +157,10 @@ def _block_comparison() -> tuple[float, float, float]:
 
 
 def _in_fresh_process(function: Any, argument: Any) -> dict[str, Any]:
+    from streamer.execution.local import worker_initializer
+
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1, maxtasksperchild=1) as pool:
+    with context.Pool(1, maxtasksperchild=1, initializer=worker_initializer) as pool:  # set up as the service's workers
         result: dict[str, Any] = pool.apply(function, (argument,))
     return result
 

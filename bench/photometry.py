@@ -2,11 +2,12 @@
 
     python -m bench.photometry [--workdir DIR] [--repeat N]
 
-On one core (thread pools pinned to 1), on a full-size simulated raw CCD file (4 quadrants of
-3080 x 3072, about 5000 catalogue sources per quadrant, 10 radii):
+On one core (thread pools pinned to 1), with the allocator set as in the service's workers
+(``streamer.execution.local.keep_freed_memory``), on a full-size simulated raw CCD file (4
+quadrants of 3080 x 3072, about 5000 catalogue sources per quadrant, 10 radii):
 
-- ours: ``streamer.work.exposure.process_exposure`` (decompress, detrend, masks, background, photometry,
-  isolation, apcat write), per quadrant = per file / 4; "cold" is the first file of a CCD in a
+- ours: ``streamer.work.exposure.process_exposure`` (decompress, detrend, masks, background,
+  photometry, isolation, apcat write), per quadrant = per file / 4; "cold" is the first file of a CCD in a
   worker that has already run a file (masters read from disk, in the page cache), "warm" a further
   file of the same CCD (masters from the worker's cache), "first file of the process" the cold
   file of a fresh process (also loading the compiled kernels and the lazy imports, once per worker);
@@ -56,6 +57,7 @@ from streamer.config import DetrendConfig, PhotometryConfig  # noqa: E402
 from streamer.detrend.calibrate import MasterQuadrant  # noqa: E402
 from streamer.detrend.nonlinearity import coefficients  # noqa: E402
 from streamer.detrend.readout import from_readout, to_readout  # noqa: E402
+from streamer.execution.local import keep_freed_memory  # noqa: E402
 from streamer.formats import masters as masterio  # noqa: E402
 from streamer.formats import refcat  # noqa: E402
 from streamer.formats.raw import open_raw  # noqa: E402
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = CLOCKS[args.clock]
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
+    keep_freed_memory()  # as the service's workers do (streamer.execution.local.worker_initializer)
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-photometry-"))
     workdir.mkdir(parents=True, exist_ok=True)

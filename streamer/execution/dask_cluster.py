@@ -25,7 +25,7 @@ from distributed.scheduler import KilledWorker
 
 from streamer.errors import StreamerError, UsageError
 from streamer.execution.base import ClusterLost, TaskDropped, WorkerLost
-from streamer.execution.local import _THREAD_VARIABLES
+from streamer.execution.local import _THREAD_VARIABLES, keep_freed_memory
 from streamer.rules.affinity import Slot, choose_slot
 
 ONE_THREAD_PLUGIN = "streamer-one-thread-numerics"
@@ -34,7 +34,8 @@ LOST_WORKER_ERRORS = (KilledWorker, FuturesCancelledError, cf.CancelledError)
 
 
 class OneThreadNumerics(WorkerPlugin):
-    """One BLAS and one numba thread in each worker process, as in the local pool: the variables are
+    """One BLAS and one numba thread in each worker process, and freed arrays kept for reuse
+    (:func:`streamer.execution.local.keep_freed_memory`), as in the local pool: the variables are
     read when the libraries load, so this must run before a job imports them (a worker that loaded
     numba before the plugin keeps its thread count)."""
 
@@ -43,6 +44,7 @@ class OneThreadNumerics(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         for variable in _THREAD_VARIABLES:
             os.environ[variable] = "1"
+        keep_freed_memory()
 
 
 class OneLineRecords(logging.Filter):
