@@ -7,7 +7,10 @@ On one thread (NUMBA_NUM_THREADS=1, set here before numba loads), in CPU seconds
 readout order (Poisson sky of 150 ADU, 5 stars of 10^3 to 10^5.5 ADU per row, CCD 6 q1, the
 strongest pocket), put through the compiled forward model, then:
 
-- correct: ``streamer.detrend.pocket.correct`` (tables built once, before the timing, as in a worker);
+- correct: ``streamer.detrend.pocket.correct`` on the whole quadrant at once (tables built once,
+  before the timing, as in a worker), its 38 MB output a new array each time;
+- correct in bands: the same on bands of ``BAND_ROWS`` rows, as the detrend pass calls it
+  (``calibrate.detrend_science``), where each output is small enough for the allocator to reuse;
 - forward: ``streamer.detrend.pocket.forward`` (the simulator's direction, exact powers);
 - floor: one numpy pass over the same float32 array (``observed * 1.0001`` into a new array).
 
@@ -33,6 +36,7 @@ from streamer.detrend import pocket  # noqa: E402
 from streamer.detrend.readout import OVERSCAN_COLUMNS, QUADRANT_SHAPE  # noqa: E402
 
 SKY = 150.0
+BAND_ROWS = 128  # calibrate.detrend_science's block_rows
 
 
 def true_quadrant(rng: np.random.Generator) -> np.ndarray:
@@ -62,15 +66,19 @@ def main() -> None:
     corrected = pocket.correct(observed, p)
     residual = float(np.sqrt(np.mean((corrected - true)[:, : QUADRANT_SHAPE[1]].astype(np.float64) ** 2)))
     correct_s = median_cpu_seconds(lambda: pocket.correct(observed, p), args.repeat)
+    bands_s = median_cpu_seconds(
+        lambda: [pocket.correct(observed[start : start + BAND_ROWS], p) for start in range(0, observed.shape[0], BAND_ROWS)], args.repeat
+    )
     forward_s = median_cpu_seconds(lambda: pocket.forward(true, p), args.repeat)
     floor_s = median_cpu_seconds(lambda: observed * np.float32(1.0001), args.repeat)
 
     print(f"quadrant {observed.shape[0]} x {observed.shape[1]} float32, CCD 6 q1, sky {SKY:.0f} ADU, "
           f"median of {args.repeat}, CPU s, 1 thread")  # fmt: skip
     print(f"correct  {correct_s * 1e3:8.1f} ms   (residual {residual:.2e} ADU rms)")
+    print(f"correct in bands of {BAND_ROWS} rows {bands_s * 1e3:8.1f} ms   (as the detrend pass calls it)")
     print(f"forward  {forward_s * 1e3:8.1f} ms")
     print(f"floor    {floor_s * 1e3:8.1f} ms   (one numpy pass)")
-    print(f"correct / floor = {correct_s / floor_s:.1f}")
+    print(f"correct / floor = {correct_s / floor_s:.1f}, in bands {bands_s / floor_s:.1f}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ themselves (no service), with ``[detrend] pocket = "off"`` and ``"v0.1"`` on the
 - the median flux / true (simulator truth) at r = 3 px of isolated unflagged stars, in bins of
   instrumental magnitude ``-2.5 log10(true ADU)``, for the three runs, and the median ratio to the
   twin (same photon and read noise: the pocket alone);
+- for the stars of true S/N > 100, the median flux / aperture truth by magnitude bin and by third
+  of the row, and the median flux / the twin's flux of the same star by magnitude bin, with the
+  trend of each from the faintest to the brightest bin (the paired ratio cancels the photon and
+  read noise, so it measures what the pocket and its correction do to the trend far more
+  precisely than the ratio to the truth);
 - the raw overscan level (readout columns 0-4 and 5-24, the ones the overscan model uses) of the
   pocket night less the twin's, in rows with a bright star (true > 10^4 ADU) read within the last
   16 data columns of its row, and in the other rows;
@@ -129,18 +134,24 @@ def _trend(runs: dict[str, dict[tuple[int, int, int], dict[str, Any]]], referenc
         ratio = np.array([run[k]["f_0"] / run[k]["expected"] for k in chosen])
         return float(np.median(ratio)), float(1.2533 * np.std(ratio) / math.sqrt(len(ratio)))
 
+    def to_twin(run: dict[tuple[int, int, int], dict[str, Any]], chosen: list[tuple[int, int, int]]) -> tuple[float, float]:
+        ratio = np.array([run[k]["f_0"] / reference[k]["f_0"] for k in chosen])
+        return float(np.median(ratio)), float(1.2533 * np.std(ratio) / math.sqrt(len(ratio)))
+
     by_magnitude = []
+    paired = []
     for low, high in zip(BINS[:-1], BINS[1:], strict=True):
         chosen = [k for k in keys if low <= -2.5 * np.log10(reference[k]["true"]) < high]
         if len(chosen) >= TREND_MIN_STARS:
             by_magnitude.append(((low + high) / 2, len(chosen), {name: median(run, chosen) for name, run in runs.items()}))
+            paired.append(((low + high) / 2, len(chosen), {name: to_twin(run, chosen) for name, run in runs.items() if run is not reference}))
     columns = max(reference[k]["column"] for k in keys) + 1 if keys else 1
     by_column = []
     for third in range(3):
         chosen = [k for k in keys if third * columns / 3 <= reference[k]["column"] < (third + 1) * columns / 3]
         if chosen:
             by_column.append((third, len(chosen), {name: median(run, chosen) for name, run in runs.items()}))
-    return {"stars": len(keys), "by_magnitude": by_magnitude, "by_column": by_column}
+    return {"stars": len(keys), "by_magnitude": by_magnitude, "paired": paired, "by_column": by_column}
 
 
 def _print_trend(trend: dict[str, Any], names: list[str]) -> None:
@@ -152,6 +163,15 @@ def _print_trend(trend: dict[str, Any], names: list[str]) -> None:
         first, last = trend["by_magnitude"][0][2], trend["by_magnitude"][-1][2]
         print("trend, brightest bin less faintest: " + ", ".join(
             f"{n} {100 * (first[n][0] - last[n][0]):+.2f} % +- {100 * math.hypot(first[n][1], last[n][1]):.2f}" for n in names))
+    if len(trend["paired"]) >= 2:
+        # the same stars with the same photon and read noise: what the pocket (and its correction) alone does
+        paired_names = list(trend["paired"][0][2])
+        print("median flux / the twin's flux of the same star | " + " | ".join(paired_names) + " | stars")
+        for centre, count, medians in trend["paired"]:
+            print(f"{centre:.2f} | " + " | ".join(f"{medians[n][0]:.5f} +- {medians[n][1]:.5f}" for n in paired_names) + f" | {count}")
+        first, last = trend["paired"][0][2], trend["paired"][-1][2]
+        print("trend of the ratio to the twin, brightest bin less faintest: " + ", ".join(
+            f"{n} {100 * (first[n][0] - last[n][0]):+.3f} % +- {100 * math.hypot(first[n][1], last[n][1]):.3f}" for n in paired_names))
     print("third of the row (readout order) | " + " | ".join(names) + " | stars")
     for third, count, medians in trend["by_column"]:
         print(f"{('first', 'middle', 'last')[third]} | " + " | ".join(f"{medians[n][0]:.4f} +- {medians[n][1]:.4f}" for n in names) + f" | {count}")

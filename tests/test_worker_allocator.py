@@ -36,7 +36,7 @@ def _mallinfo2() -> _MallInfo2 | None:
     if function is None:
         return None
     function.restype = _MallInfo2
-    return function()  # type: ignore[no-any-return]
+    return function()
 
 
 def _mapped_bytes_of_a_quadrant_array() -> int | None:
