@@ -179,8 +179,9 @@ class Tables:
     """The correction's functions of one amplifier, tabulated for linear interpolation.
 
     Over ``FILL_CELLS + 1`` pocket fills ``q = k / per_fill`` in [0, cmax]: ``release`` r(q) and ``unit``
-    ``lambda(q) = (C(q) / nmax**beta)**(1 / (1 - beta))`` (0 only for a full pocket). Over ``ROOT_CELLS + 1`` values ``s = k / per_root`` in [0, ROOT_TOP]: ``capture`` = ``z**beta``
-    for the root ``z >= 1`` of ``z - z**beta = s**4`` (flat beyond the last node).
+    ``lambda(q) = (C(q) / nmax**beta)**(1 / (1 - beta))`` (0 only for a full pocket). Over
+    ``ROOT_CELLS + 1`` values ``s = k / per_root`` in [0, ROOT_TOP]: ``capture`` = ``z**beta`` for the
+    root ``z >= 1`` of ``z - z**beta = s**4`` (flat beyond the last node).
     """
 
     release: npt.NDArray[np.float64]
