@@ -68,6 +68,7 @@ def main() -> None:
     corrected = pocket.correct(observed, p)
     residual = float(np.sqrt(np.mean((corrected - true)[:, : QUADRANT_SHAPE[1]].astype(np.float64) ** 2)))
     correct_s = median_cpu_seconds(lambda: pocket.correct(observed, p), args.repeat)
+
     def in_bands() -> None:
         for start in range(0, observed.shape[0], BAND_ROWS):
             pocket.correct(observed[start : start + BAND_ROWS], p)  # each band's output dropped, as the pass copies it out

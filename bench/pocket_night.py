@@ -130,13 +130,14 @@ def _trend(runs: dict[str, dict[tuple[int, int, int], dict[str, Any]]], referenc
     # chosen by the S/N of the aperture truth, not of the measured flux, which would favour stars whose noise came out high
     keys = [k for k, r in reference.items() if r["expected"] > TREND_SNR * r["f_0_e"] and all(k in run for run in runs.values())]
 
-    def median(run: dict[tuple[int, int, int], dict[str, Any]], chosen: list[tuple[int, int, int]]) -> tuple[float, float]:
-        ratio = np.array([run[k]["f_0"] / run[k]["expected"] for k in chosen])
+    def median_and_error(ratio: np.ndarray) -> tuple[float, float]:
         return float(np.median(ratio)), float(1.2533 * np.std(ratio) / math.sqrt(len(ratio)))
 
+    def median(run: dict[tuple[int, int, int], dict[str, Any]], chosen: list[tuple[int, int, int]]) -> tuple[float, float]:
+        return median_and_error(np.array([run[k]["f_0"] / run[k]["expected"] for k in chosen]))
+
     def to_twin(run: dict[tuple[int, int, int], dict[str, Any]], chosen: list[tuple[int, int, int]]) -> tuple[float, float]:
-        ratio = np.array([run[k]["f_0"] / reference[k]["f_0"] for k in chosen])
-        return float(np.median(ratio)), float(1.2533 * np.std(ratio) / math.sqrt(len(ratio)))
+        return median_and_error(np.array([run[k]["f_0"] / reference[k]["f_0"] for k in chosen]))
 
     by_magnitude = []
     paired = []
