@@ -21,11 +21,14 @@ The result is the median of the kept values; its variance is ``c(k) * s**2 / k``
 the sample variance (ddof 1) of the k kept values and ``c(k)`` the variance of the median of k
 Gaussian draws in units of sigma**2 / k (1 for k <= 2, 1.35 for k = 3, tending to pi / 2).
 
-Speed: the frames are sorted per pixel by a sorting network of element-wise minimum / maximum over
-whole planes (Batcher's odd-even merge sort, pruned to n), so the kept values of a pixel are always
-a contiguous run [lo, hi) of its sorted values and every step is a vectorised gather. Work on row
-blocks (see :func:`combine_in_row_blocks`): a block of ~128 rows of 3072 float32 pixels per frame
-stays in the CPU cache.
+Speed: compiled (numba), single-threaded, in chunks of :data:`CHUNK` pixels whose values for all
+frames stay in the L1 cache. A first pass computes each pixel's sample variance (hence the floor);
+the second sorts each chunk along the frames with a sorting network of element-wise minimum /
+maximum (Batcher's odd-even merge sort, pruned to n), vectorised across the chunk's pixels, so the
+kept values of a pixel are always a contiguous run [lo, hi) of its sorted values. The first
+clipping pass runs vectorised on every pixel as if it had n values; only the pixels it changes and
+those with missing values go through the scalar per-pixel iteration. Work on row blocks (see
+:func:`combine_in_row_blocks`) to bound memory.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
+import numba
 import numpy as np
 import numpy.typing as npt
 
@@ -85,18 +90,6 @@ def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
-def sort_frames(stack: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
-    """A new float32 copy of ``stack`` (n, ...) sorted along axis 0; non-finite values become +inf, last."""
-    values = np.array(stack, dtype=np.float32, copy=True)
-    values[~np.isfinite(values)] = np.inf
-    low = np.empty(values.shape[1:], dtype=np.float32)
-    for i, j in sorting_network(values.shape[0]):
-        np.minimum(values[i], values[j], out=low)
-        np.maximum(values[i], values[j], out=values[j])
-        values[i] = low
-    return values
-
-
 @dataclass(frozen=True)
 class ClippedMedian:
     """The combination of one block: every array has the shape of one frame (rows, columns)."""
@@ -107,91 +100,183 @@ class ClippedMedian:
     n_used: npt.NDArray[np.int16]  # frames kept after clipping
 
 
-def _gather(sorted_values: npt.NDArray[np.float32], index: npt.NDArray[np.intp]) -> npt.NDArray[np.float64]:
-    """``sorted_values[index[p], p]`` for every pixel p of a (n, m) array, as float64."""
-    m = sorted_values.shape[1]
-    gathered: npt.NDArray[np.float32] = np.take(sorted_values.ravel(), index * m + np.arange(m))
-    return gathered.astype(np.float64)
+CHUNK = 256  # pixels sorted together: n frames x 256 float32 stay in the L1 cache
+
+_jit = numba.njit(nogil=True, cache=True, error_model="numpy")
+# numba wraps negative indices unless it can tell an index is unsigned, and that check stops
+# vectorisation: the loops across a chunk's pixels index with np.uint64.
 
 
-def _run_centre_sigma(
-    sorted_values: npt.NDArray[np.float32], lo: npt.NDArray[np.intp], hi: npt.NDArray[np.intp]
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Median and IQR-sigma of the run [lo, hi) of each pixel's sorted values (a (n, m) array)."""
-    count = hi - lo
-    centre = 0.5 * (_gather(sorted_values, lo + (count - 1) // 2) + _gather(sorted_values, lo + count // 2))
-    quartiles = []
-    for q in (0.25, 0.75):
-        position = q * (count - 1)
-        below = np.floor(position).astype(np.intp)
-        above = np.minimum(below + 1, count - 1)
-        v_below = _gather(sorted_values, lo + below)
-        quartiles.append(v_below + (position - below) * (_gather(sorted_values, lo + above) - v_below))
-    return centre, (quartiles[1] - quartiles[0]) / IQR_TO_SIGMA
+@_jit
+def _plane_variances(values: Any, variance: Any) -> None:
+    """Sample variance (ddof 1, float64) of the n values of each pixel of (n, m) ``values``; NaN
+    where a value is not finite or n < 2."""
+    n, m = values.shape
+    total = np.zeros(CHUNK)
+    squares = np.zeros(CHUNK)
+    for start in range(0, m, CHUNK):
+        width = np.uint64(min(CHUNK, m - start))
+        offset = np.uint64(start)
+        total[:] = 0.0
+        squares[:] = 0.0
+        for i in range(n):
+            row = values[i]
+            for q in range(width):
+                total[q] += row[offset + q]
+        for q in range(width):
+            total[q] /= n
+        for i in range(n):
+            row = values[i]
+            for q in range(width):
+                deviation = row[offset + q] - total[q]
+                squares[q] += deviation * deviation
+        for q in range(width):
+            variance[offset + q] = squares[q] / (n - 1) if n >= 2 else np.nan
 
 
-def _clip_step(
-    sorted_values: npt.NDArray[np.float32],
-    lo: npt.NDArray[np.intp],
-    hi: npt.NDArray[np.intp],
-    centre: npt.NDArray[np.float64],
-    sigma: npt.NDArray[np.float64],
-    clip_sigma: float,
-) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-    """The run kept by one clipping pass (unchanged where sigma is 0 or nothing would remain)."""
-    sigma = np.where(np.isfinite(sigma), sigma, 0.0)
-    low_edge = centre - clip_sigma * sigma
-    high_edge = centre + clip_sigma * sigma
-    new_lo, new_hi = lo.copy(), hi.copy()
-    for i in range(sorted_values.shape[0]):
-        plane = sorted_values[i]
-        inside = (lo <= i) & (i < hi)
-        new_lo += inside & (plane < low_edge)
-        new_hi -= inside & (plane > high_edge)
-    keep_old = (sigma <= 0) | (new_hi <= new_lo)
-    return np.where(keep_old, lo, new_lo), np.where(keep_old, hi, new_hi)
+@_jit
+def _quantile(sorted_values: Any, column: int, lo: int, count: int, q: float) -> float:
+    """numpy's linear quantile q of the run [lo, lo + count) of one column of sorted values."""
+    position = q * (count - 1)
+    below = int(math.floor(position))
+    above = min(below + 1, count - 1)
+    t = position - below
+    a = np.float64(sorted_values[lo + below, column])
+    b = np.float64(sorted_values[lo + above, column])
+    return b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t
 
 
-def _clip_runs(
-    sorted_values: npt.NDArray[np.float32],
-    lo: npt.NDArray[np.intp],
-    hi: npt.NDArray[np.intp],
-    clip_sigma: float,
-    sigma_floor: float,
-    iterations: int,
-) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-    """Iterate the clipping of (n, m) sorted values; only pixels still changing are revisited."""
-    lo, hi = lo.copy(), hi.copy()
-    active = np.arange(lo.size)
+@_jit
+def _run_median(sorted_values: Any, column: int, lo: int, count: int) -> float:
+    a = np.float64(sorted_values[lo + (count - 1) // 2, column])
+    b = np.float64(sorted_values[lo + count // 2, column])
+    return float(0.5 * (a + b))
+
+
+@_jit
+def _clip_run(
+    sorted_values: Any, column: int, lo: int, hi: int, iterations: int, sigma_floor: float, clip_sigma: float
+) -> tuple[int, int]:
+    """The definition's iteration on the run [lo, hi) of one column of sorted values."""
     for _ in range(iterations):
-        if active.size == 0:
+        count = hi - lo
+        centre = _run_median(sorted_values, column, lo, count)
+        spread = _quantile(sorted_values, column, lo, count, 0.75) - _quantile(sorted_values, column, lo, count, 0.25)
+        sigma = max(spread / IQR_TO_SIGMA, sigma_floor)
+        if not sigma > 0.0:
             break
-        values = sorted_values[:, active]
-        centre, sigma = _run_centre_sigma(values, lo[active], hi[active])
-        sigma = np.maximum(sigma, sigma_floor)
-        new_lo, new_hi = _clip_step(values, lo[active], hi[active], centre, sigma, clip_sigma)
-        changed = (new_lo != lo[active]) | (new_hi != hi[active])
-        lo[active], hi[active] = new_lo, new_hi
-        active = active[changed]
+        half_width = clip_sigma * sigma
+        new_lo, new_hi = lo, hi
+        while new_lo < new_hi and centre - sorted_values[new_lo, column] > half_width:
+            new_lo += 1
+        while new_hi > new_lo and sorted_values[new_hi - 1, column] - centre > half_width:
+            new_hi -= 1
+        if new_hi == new_lo or new_hi - new_lo == count:
+            break
+        lo, hi = new_lo, new_hi
     return lo, hi
 
 
-def _run_statistics(
-    sorted_values: npt.NDArray[np.float32], lo: npt.NDArray[np.intp], hi: npt.NDArray[np.intp]
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Median and sample variance (ddof 1; NaN for fewer than 2 values) of the runs [lo, hi)."""
-    count = hi - lo
-    centre = 0.5 * (_gather(sorted_values, lo + (count - 1) // 2) + _gather(sorted_values, lo + count // 2))
-    total = np.zeros(lo.shape, dtype=np.float64)
-    total_sq = np.zeros(lo.shape, dtype=np.float64)
-    for i in range(sorted_values.shape[0]):
-        inside = (lo <= i) & (i < hi)
-        deviation = np.where(inside, sorted_values[i] - centre, 0.0)
-        total += deviation
-        total_sq += deviation * deviation
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sample_variance = (total_sq - total * total / count) / (count - 1)
-    return centre, np.where(count >= 2, np.maximum(sample_variance, 0.0), np.nan)
+@_jit
+def _combine(
+    values: Any,
+    plane_variance: Any,
+    pairs: Any,
+    factors: Any,
+    sigma_floor: float,
+    clip_sigma: float,
+    max_iterations: int,
+    median: Any,
+    variance: Any,
+    sample_variance: Any,
+    n_used: Any,
+) -> None:
+    """Clipped median of each pixel of (n, m) ``values`` into the (m,) outputs."""
+    n, m = values.shape
+    inf = np.float32(np.inf)
+    block = np.empty((n, CHUNK), dtype=np.float32)
+    centre = np.empty(CHUNK)
+    half_width = np.empty(CHUNK)
+    n_low = np.zeros(CHUNK, dtype=np.int64)
+    n_high = np.zeros(CHUNK, dtype=np.int64)
+    lower_position = 0.25 * (n - 1)
+    upper_position = 0.75 * (n - 1)
+    lower_below = int(math.floor(lower_position))
+    upper_below = int(math.floor(upper_position))
+    lower_t = lower_position - lower_below
+    upper_t = upper_position - upper_below
+    factor_n = factors[min(n, factors.size) - 1] / n
+    for start in range(0, m, CHUNK):
+        width = np.uint64(min(CHUNK, m - start))
+        offset = np.uint64(start)
+        for i in range(n):
+            row = values[i]
+            sorted_row = block[i]
+            for q in range(width):
+                value = row[offset + q]
+                sorted_row[q] = value if np.isfinite(value) else inf
+        for k in range(pairs.shape[0]):
+            first = block[pairs[k, 0]]
+            second = block[pairs[k, 1]]
+            for q in range(width):
+                x, y = first[q], second[q]
+                first[q] = x if x < y else y
+                second[q] = y if x < y else x
+        # the first clipping pass, as if every pixel had n finite values (vectorised)
+        middle_low, middle_high = block[(n - 1) // 2], block[n // 2]
+        lower_a, lower_b = block[lower_below], block[min(lower_below + 1, n - 1)]
+        upper_a, upper_b = block[upper_below], block[min(upper_below + 1, n - 1)]
+        for q in range(width):
+            centre[q] = 0.5 * (np.float64(middle_low[q]) + middle_high[q])
+            a, b = np.float64(lower_a[q]), np.float64(lower_b[q])
+            low_quartile = b - (b - a) * (1.0 - lower_t) if lower_t >= 0.5 else a + (b - a) * lower_t
+            a, b = np.float64(upper_a[q]), np.float64(upper_b[q])
+            high_quartile = b - (b - a) * (1.0 - upper_t) if upper_t >= 0.5 else a + (b - a) * upper_t
+            half_width[q] = clip_sigma * max((high_quartile - low_quartile) / IQR_TO_SIGMA, sigma_floor)
+            n_low[q] = 0
+            n_high[q] = 0
+        for i in range(n):
+            sorted_row = block[i]
+            for q in range(width):
+                n_low[q] += centre[q] - sorted_row[q] > half_width[q]
+                n_high[q] += sorted_row[q] - centre[q] > half_width[q]
+        for q in range(width):
+            p = offset + q
+            complete = np.isfinite(plane_variance[p])
+            rejected = n_low[q] + n_high[q]
+            if complete and (rejected == 0 or rejected == n or not half_width[q] > 0.0):
+                median[p] = centre[q]
+                sample_variance[p] = plane_variance[p]
+                variance[p] = plane_variance[p] * factor_n
+                n_used[p] = n
+                continue
+            column = int(q)
+            if complete:
+                lo, hi = _clip_run(block, column, n_low[q], n - n_high[q], max_iterations - 1, sigma_floor, clip_sigma)
+            else:
+                finite = 0
+                while finite < n and block[finite, column] < inf:
+                    finite += 1
+                if finite == 0:
+                    median[p] = np.nan
+                    sample_variance[p] = np.nan
+                    variance[p] = np.nan
+                    n_used[p] = 0
+                    continue
+                lo, hi = _clip_run(block, column, 0, finite, max_iterations, sigma_floor, clip_sigma)
+            count = hi - lo
+            middle = _run_median(block, column, lo, count)
+            squares = 0.0
+            total = 0.0
+            for i in range(lo, hi):
+                deviation = block[i, column] - middle
+                total += deviation
+                squares += deviation * deviation
+            run_variance = max((squares - total * total / count) / (count - 1), 0.0) if count >= 2 else np.nan
+            median[p] = middle
+            sample_variance[p] = run_variance
+            variance[p] = factors[min(count, factors.size) - 1] * run_variance / count
+            n_used[p] = count
 
 
 def chi2_median_ratio(dof: int) -> float:
@@ -199,116 +284,45 @@ def chi2_median_ratio(dof: int) -> float:
     return (1.0 - 2.0 / (9.0 * dof)) ** 3
 
 
-def clipped_median(stack: npt.NDArray[np.floating], *, clip_sigma: float, max_iterations: int = 10) -> ClippedMedian:
-    """Sigma-clipped median of ``stack`` (n_frames, rows, columns) along the frames, as defined above.
-
-    ``stack`` is not modified. Non-finite values count as missing. The first pass runs on whole
-    planes (every pixel with n finite values has the same order-statistic positions); only the
-    pixels it changes, and those with missing values, go through the general per-pixel path.
-    """
+def clipped_median(
+    stack: npt.NDArray[np.floating], *, clip_sigma: float, max_iterations: int = 10, out: ClippedMedian | None = None
+) -> ClippedMedian:
+    """Sigma-clipped median of ``stack`` (n_frames, rows, columns) along the frames, as defined
+    above. ``stack`` is not modified; it is combined as float32. Non-finite values count as missing.
+    ``out``: C-contiguous (rows, columns) arrays to write the result into (returned)."""
     if stack.ndim != 3 or stack.shape[0] < 1:
         raise ValueError(f"stack of shape {stack.shape}: expected (n_frames >= 1, rows, columns)")
     if not clip_sigma > 0:
         raise ValueError(f"clip_sigma = {clip_sigma}: expected > 0")
     if max_iterations < 1:
         raise ValueError(f"max_iterations = {max_iterations}: expected >= 1")
-    with np.errstate(invalid="ignore"):  # +inf stands for missing values: inf - inf is expected
-        return _clipped_median(stack, clip_sigma, max_iterations)
-
-
-def _clipped_median(stack: npt.NDArray[np.floating], clip_sigma: float, max_iterations: int) -> ClippedMedian:
     n, rows, columns = stack.shape
-    pixels = rows * columns
-    values = sort_frames(stack).reshape(n, pixels)
-    if np.isfinite(values[n - 1]).all():  # non-finite values sort last: all pixels complete
-        n_finite = None
-        complete = None
-    else:
-        n_finite = np.zeros(pixels, dtype=np.intp)
-        for i in range(n):
-            n_finite += np.isfinite(values[i])
-        complete = n_finite == n
-
-    # Plane statistics of all n values (two passes, float32 deviations): the sample variance of
-    # every complete pixel, hence the sigma floor.
-    mean = values.sum(axis=0, dtype=np.float32)
-    mean /= np.float32(n)
-    sample_variance = np.zeros(pixels, dtype=np.float32)
-    deviation = np.empty(pixels, dtype=np.float32)
-    for i in range(n):
-        np.subtract(values[i], mean, out=deviation)
-        deviation *= deviation
-        sample_variance += deviation
-    if n >= 2:
-        sample_variance /= np.float32(n - 1)
-        usable = sample_variance if complete is None else sample_variance[complete]
-        usable = usable[:: max(1, usable.size // FLOOR_SAMPLE)]
-        typical = float(np.median(usable)) if usable.size else 0.0
-        sigma_floor = math.sqrt(typical / chi2_median_ratio(n - 1)) if math.isfinite(typical) else 0.0
-    else:
-        sample_variance[:] = np.nan
-        sigma_floor = 0.0
-
-    # First clipping pass, all pixels at once, as if every pixel had n values (float32 planes:
-    # fast, and exact enough for a clipping decision).
-    centre = values[(n - 1) // 2] + values[n // 2]
-    centre *= np.float32(0.5)
-    quartiles = []
-    for q in (0.25, 0.75):
-        position = q * (n - 1)
-        below = int(math.floor(position))
-        above = min(below + 1, n - 1)
-        quartile = values[above] - values[below]
-        quartile *= np.float32(position - below)
-        quartile += values[below]
-        quartiles.append(quartile)
-    half_width = quartiles[1]
-    half_width -= quartiles[0]
-    half_width *= np.float32(1.0 / IQR_TO_SIGMA)
-    np.maximum(half_width, np.float32(sigma_floor), out=half_width)
-    half_width *= np.float32(clip_sigma)
-    clipping = half_width > 0  # sigma 0: keep all
-    low_edge = centre - half_width
-    high_edge = np.add(centre, half_width, out=half_width)
-    n_low = np.zeros(pixels, dtype=np.int8)
-    n_high = np.zeros(pixels, dtype=np.int8)
-    flag = np.empty(pixels, dtype=bool)
-    for i in range(n):
-        n_low += np.less(values[i], low_edge, out=flag)
-        n_high += np.greater(values[i], high_edge, out=flag)
-    changed = (n_low != 0) | (n_high != 0)
-    changed &= clipping
-    changed &= (n_low.astype(np.intp) + n_high) < n  # a pass that would keep nothing keeps all
-    del low_edge, high_edge, quartiles, deviation, mean
-
-    median = centre
-    n_used = np.full(pixels, n, dtype=np.int16)
-    moved = np.flatnonzero(changed if complete is None else changed & complete)
-    subsets = [(moved, n_low[moved].astype(np.intp), n - n_high[moved].astype(np.intp), max_iterations - 1)]
-    if complete is not None and n_finite is not None:
-        partial = np.flatnonzero(~complete)
-        subsets.append((partial, np.zeros(partial.size, dtype=np.intp), n_finite[partial], max_iterations))
-    factor = median_variance_factor(n).item() / n
-    variance = sample_variance * np.float32(factor)
-    for subset, start_lo, start_hi, iterations in subsets:
-        if subset.size == 0:
-            continue
-        sub_values = values[:, subset]
-        has_value = start_hi > start_lo
-        sub_lo, sub_hi = _clip_runs(sub_values, start_lo, np.maximum(start_hi, 1), clip_sigma, sigma_floor, iterations)
-        sub_centre, sub_variance = _run_statistics(sub_values, sub_lo, sub_hi)
-        count = np.where(has_value, sub_hi - sub_lo, 0)
-        median[subset] = np.where(has_value, sub_centre, np.nan)
-        sample_variance[subset] = np.where(has_value, sub_variance, np.nan)
-        variance[subset] = np.where(has_value, median_variance_factor(count) * sub_variance / np.maximum(count, 1), np.nan)
-        n_used[subset] = count
+    values = np.ascontiguousarray(stack, dtype=np.float32).reshape(n, rows * columns)
+    plane_variance = np.empty(rows * columns)
+    with np.errstate(invalid="ignore"):  # inf - inf where a value is missing: such pixels are NaN
+        _plane_variances(values, plane_variance)
+    usable = plane_variance[np.isfinite(plane_variance)]
+    usable = usable[:: max(1, usable.size // FLOOR_SAMPLE)]
+    typical = float(np.median(usable)) if usable.size and n >= 2 else 0.0
+    sigma_floor = math.sqrt(typical / chi2_median_ratio(n - 1)) if n >= 2 else 0.0
     shape = (rows, columns)
-    return ClippedMedian(
-        median=median.reshape(shape),
-        variance=variance.reshape(shape),
-        sample_variance=sample_variance.reshape(shape),
-        n_used=n_used.reshape(shape),
-    )
+    if out is None:
+        out = ClippedMedian(
+            np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.int16)
+        )
+    outputs: tuple[npt.NDArray[Any], ...] = (out.median, out.variance, out.sample_variance, out.n_used)
+    dtypes = (np.float32, np.float32, np.float32, np.int16)
+    if any(a.shape != shape or a.dtype != d or not a.flags.c_contiguous for a, d in zip(outputs, dtypes, strict=True)):
+        raise ValueError(f"out: expected C-contiguous arrays of shape {shape}, float32 (n_used int16)")
+    factors = median_variance_factor(np.arange(1, len(_MEDIAN_VARIANCE_FACTOR) + 2))
+    _combine(values, plane_variance, _network_array(n), factors, sigma_floor, float(clip_sigma), int(max_iterations),
+             *(a.reshape(-1) for a in outputs))
+    return out
+
+
+@cache
+def _network_array(n: int) -> npt.NDArray[np.int64]:
+    return np.array(sorting_network(n), dtype=np.int64).reshape(-1, 2)
 
 
 def combine_in_row_blocks(
@@ -321,18 +335,16 @@ def combine_in_row_blocks(
     """Clipped median of frames too large to stack whole: ``read_rows(start, stop)`` returns the
     (n_frames, stop - start, columns) block of rows [start, stop); memory is one block plus the outputs."""
     rows, columns = shape
-    median = np.empty(shape, dtype=np.float32)
-    variance = np.empty(shape, dtype=np.float32)
-    sample_variance = np.empty(shape, dtype=np.float32)
-    n_used = np.empty(shape, dtype=np.int16)
+    result = ClippedMedian(
+        np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.int16)
+    )
     for start in range(0, rows, block_rows):
         stop = min(start + block_rows, rows)
         block = read_rows(start, stop)
         if block.ndim != 3 or block.shape[1:] != (stop - start, columns):
             raise ValueError(f"rows [{start}, {stop}): block of shape {block.shape}, expected (n, {stop - start}, {columns})")
-        result = clipped_median(block, clip_sigma=clip_sigma)
-        median[start:stop] = result.median
-        variance[start:stop] = result.variance
-        sample_variance[start:stop] = result.sample_variance
-        n_used[start:stop] = result.n_used
-    return ClippedMedian(median, variance, sample_variance, n_used)
+        rows_out = ClippedMedian(
+            result.median[start:stop], result.variance[start:stop], result.sample_variance[start:stop], result.n_used[start:stop]
+        )
+        clipped_median(block, clip_sigma=clip_sigma, out=rows_out)
+    return result
