@@ -167,8 +167,10 @@ def _first_mislength_tile(
                 position += bits_per_value * (stop - index)
             elif fs >= 0:  # (a code of 0: a block of equal values, no more bits)
                 top_bits = np.int64(0)
-                for i in range(offset + max(index, 1), offset + stop):  # the first value's difference is 0
-                    difference = ((np.int64(image[i]) - np.int64(image[i - 1]) + half) & mask) - half  # wraps as the coder's
+                # unsigned indices: numba then drops its negative-index wraparound, and the loop vectorises
+                first, end = np.uint64(offset + max(index, 1)), np.uint64(offset + stop)  # the first value's difference is 0
+                for i in range(first, end):
+                    difference = ((np.int64(image[i]) - np.int64(image[i - np.uint64(1)]) + half) & mask) - half  # wraps as the coder's
                     top_bits += ((difference << 1) ^ (difference >> 63)) >> fs  # mapped: 2d for d >= 0, -2d - 1 below
                 position += int(top_bits) + (stop - index) * (1 + fs)
             index = stop
