@@ -57,6 +57,7 @@ import numpy.typing as npt
 from astropy.io import fits
 
 from streamer.detrend.calibrate import MasterQuadrant
+from streamer.detrend.selection import middle_values
 from streamer.errors import StreamerError
 from streamer.storage.atomic import write_atomically as write_durably
 
@@ -87,9 +88,9 @@ def extension_names(qid: int) -> tuple[str, str, str]:
 
 
 def quantisation_steps(data: npt.NDArray[np.floating], variance: npt.NDArray[np.floating]) -> tuple[float, float]:
-    """(data step, variance step) for :func:`write_master`, from the median finite variance."""
-    finite = variance[np.isfinite(variance) & (variance > 0)]
-    typical = float(np.median(finite)) if finite.size else 0.0
+    """(data step, variance step) for :func:`write_master`, from the median finite positive variance (as float32)."""
+    middle = middle_values([np.asarray(variance, dtype=np.float32)], positive_only=True)
+    typical = 0.0 if middle is None else float((middle[0] + middle[1]) / np.float32(2.0))  # as np.median in float32
     if not typical > 0:
         scale = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0
         typical = (1e-6 * max(scale, 1e-6)) ** 2

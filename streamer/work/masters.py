@@ -31,6 +31,7 @@ from streamer.detrend import masks as maskbits
 from streamer.detrend import nonlinearity
 from streamer.detrend.calibrate import MasterQuadrant, RowCorrection, correct_rows, fit_overscan, pocket_step
 from streamer.detrend.combine import ClippedMedian, combine_in_row_blocks
+from streamer.detrend.selection import middle_values
 from streamer.errors import StreamerError
 from streamer.formats.masters import MasterReadError, read_master, read_master_header, write_master
 from streamer.formats.raw import QuadrantReadError, RawFile, RawFileError, open_raw
@@ -393,15 +394,8 @@ def build_master_bias(
 
 def _ccd_median(arrays: Sequence[npt.NDArray[np.float32]]) -> float:
     """Median of the finite values of several quadrants together (exact)."""
-    values = np.concatenate([a.ravel() if np.isfinite(a).all() else a[np.isfinite(a)] for a in arrays])
-    if values.size == 0:
-        return float("nan")
-    half = values.size // 2
-    if values.size % 2:
-        values.partition(half)
-        return float(values[half])
-    values.partition((half - 1, half))  # in place on our own copy (np.median would copy again)
-    return 0.5 * (float(values[half - 1]) + float(values[half]))
+    middle = middle_values(arrays)
+    return float("nan") if middle is None else 0.5 * (float(middle[0]) + float(middle[1]))
 
 
 def build_led_flat(
