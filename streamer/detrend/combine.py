@@ -103,6 +103,7 @@ class ClippedMedian:
 CHUNK = 256  # pixels sorted together: n frames x 256 float32 stay in the L1 cache
 
 _jit = numba.njit(nogil=True, cache=True, error_model="numpy")
+_inline = numba.njit(nogil=True, cache=True, error_model="numpy", inline="always")
 # numba wraps negative indices unless it can tell an index is unsigned, and that check stops
 # vectorisation: the loops across a chunk's pixels index with np.uint64.
 
@@ -134,16 +135,19 @@ def _plane_variances(values: Any, variance: Any) -> None:
             variance[offset + q] = squares[q] / (n - 1) if n >= 2 else np.nan
 
 
+@_inline
+def _lerp(a: float, b: float, t: float) -> float:
+    """numpy's linear interpolation from a to b (the form it takes for t >= 0.5 rounds differently)."""
+    return b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t
+
+
 @_jit
 def _quantile(sorted_values: Any, column: int, lo: int, count: int, q: float) -> float:
     """numpy's linear quantile q of the run [lo, lo + count) of one column of sorted values."""
     position = q * (count - 1)
     below = int(math.floor(position))
     above = min(below + 1, count - 1)
-    t = position - below
-    a = np.float64(sorted_values[lo + below, column])
-    b = np.float64(sorted_values[lo + above, column])
-    return b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t
+    return _lerp(np.float64(sorted_values[lo + below, column]), np.float64(sorted_values[lo + above, column]), position - below)
 
 
 @_jit
@@ -228,10 +232,8 @@ def _combine(
         upper_a, upper_b = block[upper_below], block[min(upper_below + 1, n - 1)]
         for q in range(width):
             centre[q] = 0.5 * (np.float64(middle_low[q]) + middle_high[q])
-            a, b = np.float64(lower_a[q]), np.float64(lower_b[q])
-            low_quartile = b - (b - a) * (1.0 - lower_t) if lower_t >= 0.5 else a + (b - a) * lower_t
-            a, b = np.float64(upper_a[q]), np.float64(upper_b[q])
-            high_quartile = b - (b - a) * (1.0 - upper_t) if upper_t >= 0.5 else a + (b - a) * upper_t
+            low_quartile = _lerp(np.float64(lower_a[q]), np.float64(lower_b[q]), lower_t)
+            high_quartile = _lerp(np.float64(upper_a[q]), np.float64(upper_b[q]), upper_t)
             half_width[q] = clip_sigma * max((high_quartile - low_quartile) / IQR_TO_SIGMA, sigma_floor)
             n_low[q] = 0
             n_high[q] = 0
