@@ -309,9 +309,7 @@ def clipped_median(
     sigma_floor = math.sqrt(typical / chi2_median_ratio(n - 1)) if n >= 2 else 0.0
     shape = (rows, columns)
     if out is None:
-        out = ClippedMedian(
-            np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.int16)
-        )
+        out = _empty_result(shape)
     outputs: tuple[npt.NDArray[Any], ...] = (out.median, out.variance, out.sample_variance, out.n_used)
     dtypes = (np.float32, np.float32, np.float32, np.int16)
     if any(a.shape != shape or a.dtype != d or not a.flags.c_contiguous for a, d in zip(outputs, dtypes, strict=True)):
@@ -320,6 +318,12 @@ def clipped_median(
     _combine(values, plane_variance, _network_array(n), factors, sigma_floor, float(clip_sigma), int(max_iterations),
              *(a.reshape(-1) for a in outputs))
     return out
+
+
+def _empty_result(shape: tuple[int, int]) -> ClippedMedian:
+    return ClippedMedian(
+        np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.int16)
+    )
 
 
 @cache
@@ -337,9 +341,7 @@ def combine_in_row_blocks(
     """Clipped median of frames too large to stack whole: ``read_rows(start, stop)`` returns the
     (n_frames, stop - start, columns) block of rows [start, stop); memory is one block plus the outputs."""
     rows, columns = shape
-    result = ClippedMedian(
-        np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.int16)
-    )
+    result = _empty_result(shape)
     for start in range(0, rows, block_rows):
         stop = min(start + block_rows, rows)
         block = read_rows(start, stop)
