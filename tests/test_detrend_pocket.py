@@ -115,6 +115,18 @@ def test_compiled_kernels_equal_the_reference() -> None:
     assert corrected.dtype == np.float32 and compiled.dtype == np.float32
 
 
+def test_table_indices_stay_in_the_tables_far_from_the_fitted_parameters() -> None:
+    """No fitted amplifier has a pocket of 1700 ADU with nmax 900 ADU: there the correction
+    runs off its tables. Before the indices were clamped, such a quadrant read outside them
+    (a segmentation fault, or NaN); now every value stays finite."""
+    rng = np.random.default_rng(11)
+    true = rng.normal(150.0, 12.0, (3080, DATA_COLUMNS + OVERSCAN_COLUMNS)).astype(np.float32)
+    for row in range(0, true.shape[0], 3):
+        true[row, rng.integers(0, 3000, 5)] += rng.uniform(1e3, 6e4, 5).astype(np.float32)
+    p = pocket.Parameters(alpha=0.6, cmax=1700.0, beta=0.4, nmax=900.0)
+    assert np.isfinite(pocket.correct(pocket.forward(true, p), p)).all()
+
+
 def test_the_pocket_does_not_carry_across_rows() -> None:
     rng = np.random.default_rng(3)
     second = star_rows(rng, 1, sky=100.0)[0]
