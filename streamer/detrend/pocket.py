@@ -290,7 +290,7 @@ def _correct_rows(
     one = np.uint64(1)
     # Each column in stages over the block's lanes, the table reads (gathers) in loops of their
     # own so that the arithmetic loops vectorise; unsigned indices spare numba's negative-index
-    # wraparound, which keeps a loop scalar. 53 -> 40 ms a quadrant, bit for bit the same.
+    # wraparound, which keeps a loop scalar (BENCHMARKS.md, "Pocket-effect correction").
     for block in numba.prange((rows + BLOCK_ROWS - 1) // BLOCK_ROWS):
         first = np.uint64(block * BLOCK_ROWS)
         count = np.uint64(min(BLOCK_ROWS, rows - block * BLOCK_ROWS))
