@@ -278,6 +278,7 @@ def _correct_rows(
     out: FloatArray,
 ) -> None:
     rows = observed.shape[0]
+    width = np.uint64(observed.shape[1])
     last_fill = release.shape[0] - 2
     last_root = capture.shape[0] - 2
     # float32 throughout (tables included): 16 lanes a vector instead of 8
@@ -288,26 +289,32 @@ def _correct_rows(
     zero = np.float32(0.0)
     lanes = np.uint64(BLOCK_ROWS)
     one = np.uint64(1)
-    # Each column in stages over the block's lanes, the table reads (gathers) in loops of their
-    # own so that the arithmetic loops vectorise; unsigned indices spare numba's negative-index
-    # wraparound, which keeps a loop scalar (BENCHMARKS.md, "Pocket-effect correction").
-    for block in numba.prange((rows + BLOCK_ROWS - 1) // BLOCK_ROWS):
+    last_row = np.uint64(max(rows - 1, 0))
+    pixels_in = observed.reshape(-1)
+    pixels_out = out.reshape(-1)
+    # Each column in stages over the block's lanes: the table reads (scalar loads, which LLVM
+    # prefers to gathers on this kind of CPU) in loops of their own, interpolating as they read, so
+    # that the arithmetic loops vectorise. Every block has all its lanes: those past the last row
+    # repeat it, so that no loop has a variable trip count, and write the same values to it.
+    # Unsigned indices spare numba's negative-index wraparound, which keeps a loop scalar
+    # (BENCHMARKS.md, "Pocket-effect correction").
+    for block in range((rows + BLOCK_ROWS - 1) // BLOCK_ROWS):
         first = np.uint64(block * BLOCK_ROWS)
-        count = np.uint64(min(BLOCK_ROWS, rows - block * BLOCK_ROWS))
+        start = np.zeros(BLOCK_ROWS, dtype=np.uint64)  # the flat index of each lane's row
+        for b in range(lanes):
+            start[b] = min(first + np.uint64(b), last_row) * width
         q = np.zeros(BLOCK_ROWS, dtype=np.float32)  # the pocket of each lane's row
         o = np.zeros(BLOCK_ROWS, dtype=np.float32)  # observed value
-        n = np.zeros(BLOCK_ROWS, dtype=np.float32)  # corrected value
         index = np.zeros(BLOCK_ROWS, dtype=np.uint64)
         weight = np.zeros(BLOCK_ROWS, dtype=np.float32)
-        low = np.zeros(BLOCK_ROWS, dtype=np.float32)
-        high = np.zeros(BLOCK_ROWS, dtype=np.float32)
-        unit_low = np.zeros(BLOCK_ROWS, dtype=np.float32)
-        unit_high = np.zeros(BLOCK_ROWS, dtype=np.float32)
-        deficit = np.zeros(BLOCK_ROWS, dtype=np.float32)
+        released = np.zeros(BLOCK_ROWS, dtype=np.float32)
+        captured = np.zeros(BLOCK_ROWS, dtype=np.float32)  # the capture table at the root
         lam = np.zeros(BLOCK_ROWS, dtype=np.float32)
-        for j in range(observed.shape[1]):
-            for b in range(count):
-                o[b] = observed[first + b, j]
+        deficit = np.zeros(BLOCK_ROWS, dtype=np.float32)
+        for j in range(width):
+            column = np.uint64(j)
+            for b in range(lanes):
+                o[b] = pixels_in[start[b] + column]
             for b in range(lanes):
                 u = q[b] * fill_scale
                 i = max(min(int(u), last_fill), 0)
@@ -315,34 +322,38 @@ def _correct_rows(
                 weight[b] = u - np.float32(i)
             for b in range(lanes):
                 i = index[b]
-                low[b], high[b] = release[i], release[i + one]
-                unit_low[b], unit_high[b] = unit[i], unit[i + one]
+                w = weight[b]
+                r = release[i]
+                s = unit[i]
+                released[b] = r + w * (release[i + one] - r)
+                lam[b] = s + w * (unit[i + one] - s)
             for b in range(lanes):
-                d = o[b] - (low[b] + weight[b] * (high[b] - low[b]))
-                scale = unit_low[b] + weight[b] * (unit_high[b] - unit_low[b])
+                d = o[b] - released[b]
+                scale = lam[b]
                 ratio = d / scale if scale > zero else zero
                 u = min(np.sqrt(np.sqrt(max(ratio, zero))) * root_scale, top)
                 k = max(min(int(u), last_root), 0)
                 index[b] = np.uint64(k)
                 weight[b] = u - np.float32(k)
                 deficit[b] = d
-                lam[b] = scale
             for b in range(lanes):
                 k = index[b]
-                low[b], high[b] = capture[k], capture[k + one]
+                c = capture[k]
+                captured[b] = c + weight[b] * (capture[k + one] - c)
             for b in range(lanes):
                 d = deficit[b]
-                m = d + lam[b] * (low[b] + weight[b] * (high[b] - low[b]))
+                m = d + lam[b] * captured[b]
                 m = m if d > above else d
-                n[b] = m
                 q[b] = q[b] - o[b] + m
-            for b in range(count):
-                out[first + b, j] = n[b]
+                pixels_out[start[b] + column] = m
 
 
-# parallel over rows (prange); cache=True keeps the compiled code beside the module for the next process
+# the forward model parallel over rows (prange); the correction on one thread, as the pool's
+# workers run it: numba's parallel form of the same loops took 43 against 38 ms a quadrant on one
+# thread (BENCHMARKS.md, "Pocket-effect correction"). cache=True keeps the compiled code beside
+# the module for the next process.
 _forward_kernel = numba.njit(nogil=True, parallel=True, cache=True, error_model="numpy")(_forward_rows)
-_correct_kernel = numba.njit(nogil=True, parallel=True, cache=True, error_model="numpy")(_correct_rows)
+_correct_kernel = numba.njit(nogil=True, cache=True, error_model="numpy")(_correct_rows)
 
 
 @cache
