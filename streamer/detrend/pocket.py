@@ -293,8 +293,8 @@ def _correct_rows(
     pixels_in = observed.reshape(-1)
     pixels_out = out.reshape(-1)
     # Each column in stages over the block's lanes: the table reads (scalar loads, which LLVM
-    # prefers to gathers on this kind of CPU) in loops of their own, interpolating as they read, so
-    # that the arithmetic loops vectorise. Every block has all its lanes: those past the last row
+    # prefers to gathers on this kind of CPU) in loops of their own, with the arithmetic that
+    # follows a read and needs no other, so that the loops between them vectorise. Every block has all its lanes: those past the last row
     # repeat it, so that no loop has a variable trip count, and write the same values to it.
     # Unsigned indices spare numba's negative-index wraparound, which keeps a loop scalar
     # (BENCHMARKS.md, "Pocket-effect correction").
@@ -308,9 +308,7 @@ def _correct_rows(
         index = np.zeros(BLOCK_ROWS, dtype=np.uint64)
         weight = np.zeros(BLOCK_ROWS, dtype=np.float32)
         released = np.zeros(BLOCK_ROWS, dtype=np.float32)
-        captured = np.zeros(BLOCK_ROWS, dtype=np.float32)  # the capture table at the root
         lam = np.zeros(BLOCK_ROWS, dtype=np.float32)
-        deficit = np.zeros(BLOCK_ROWS, dtype=np.float32)
         for j in range(width):
             column = np.uint64(j)
             for b in range(lanes):
@@ -335,14 +333,11 @@ def _correct_rows(
                 k = max(min(int(u), last_root), 0)
                 index[b] = np.uint64(k)
                 weight[b] = u - np.float32(k)
-                deficit[b] = d
             for b in range(lanes):
                 k = index[b]
                 c = capture[k]
-                captured[b] = c + weight[b] * (capture[k + one] - c)
-            for b in range(lanes):
-                d = deficit[b]
-                m = d + lam[b] * captured[b]
+                d = o[b] - released[b]
+                m = d + lam[b] * (c + weight[b] * (capture[k + one] - c))
                 m = m if d > above else d
                 q[b] = q[b] - o[b] + m
                 pixels_out[start[b] + column] = m
