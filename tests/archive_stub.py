@@ -22,6 +22,7 @@ class Stub:
     files: dict[str, bytes] = field(default_factory=dict)
     faults: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     honour_range: bool = True
+    chunked: bool = False  # send bodies with chunked transfer encoding (no Content-Length), one chunk per write
     password: str | None = None
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
     bytes_sent: Counter[str] = field(default_factory=Counter)
@@ -73,7 +74,10 @@ class Stub:
         if fault == "garbage":
             body = bytes(len(body))
         response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = len(body)
+        if self.chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(body)
         await response.prepare(request)
         cut = len(body) // 2 if fault in ("truncate", "reset", "stall") else len(body)
         for pos in range(0, cut, 1 << 16):

@@ -119,6 +119,24 @@ async def test_faults_are_retried_and_counted(stub: tuple[Stub, str], tmp_path: 
 
 
 @pytest.mark.asyncio
+async def test_chunked_body_arrives_whole(stub: tuple[Stub, str], tmp_path: Path, payloads: tuple[Path, dict[str, bytes]]) -> None:
+    """A body in HTTP chunks (no Content-Length), larger than one write, is stored byte for byte:
+    the ends of the chunks are not the end of the body."""
+    archive, base = stub
+    archive.chunked = True
+    archive.files[RAW] = _raw_bytes(payloads[0], seed=5, shape=(512, 512))
+    assert len(archive.files[RAW]) > 2 * 2**20
+    config, storage, ledger = _setup(tmp_path, base)
+    file_id = _want(ledger, base, RAW, "raw")
+    async with _client(config, ledger) as client:
+        outcome = await Fetcher(client, ledger, storage).fetch(file_id)
+    assert outcome.state == "on_disk"
+    assert (storage.root / RAW).read_bytes() == archive.files[RAW]
+    assert archive.requests[("GET", RAW)] == 1
+    ledger.close()
+
+
+@pytest.mark.asyncio
 async def test_truncated_transfer_resumes_with_range(stub: tuple[Stub, str], tmp_path: Path) -> None:
     archive, base = stub
     archive.faults[RAW] = ["reset"]
@@ -286,3 +304,27 @@ async def test_file_already_at_its_place_is_verified_not_downloaded(stub: tuple[
     assert archive.requests[("GET", good)] == 0 and archive.requests[("GET", bad)] == 1
     assert (storage.root / bad).read_bytes() == archive.files[RAW]
     ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_the_end_of_an_http_chunk_is_not_the_end_of_the_body() -> None:
+    """aiohttp's ``readchunk`` answers (b"", True) when a chunk's end arrives after its bytes were
+    read; the body goes on after it."""
+    from types import SimpleNamespace
+    from unittest.mock import Mock
+
+    from aiohttp import StreamReader
+
+    from streamer.archive.transfer import _RateGuard, _read_chunks
+
+    content = StreamReader(Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
+    chunks = _read_chunks(SimpleNamespace(content=content), _RateGuard(0, 1.0))  # type: ignore[arg-type]
+    content.begin_http_chunk_receiving()
+    content.feed_data(b"SIMPLE")
+    assert await chunks.__anext__() == b"SIMPLE"
+    content.end_http_chunk_receiving()  # the end of the first chunk, after its bytes were read
+    content.begin_http_chunk_receiving()
+    content.feed_data(b"  = T")
+    content.end_http_chunk_receiving()
+    content.feed_eof()
+    assert [chunk async for chunk in chunks] == [b"  = T"]

@@ -218,20 +218,23 @@ class _RateGuard:
         self.window_start, self.window_bytes = now, 0
 
 
-async def _read_chunks(response: aiohttp.ClientResponse, guard: _RateGuard, size: int) -> AsyncIterator[bytes]:
-    """The body in chunks, raising TransientError when the rate guard trips (also while nothing arrives)."""
+async def _read_chunks(response: aiohttp.ClientResponse, guard: _RateGuard) -> AsyncIterator[bytes]:
+    """The body in the pieces it arrived in (``readchunk``: no joining copy, unlike ``read``),
+    raising TransientError when the rate guard trips (also while nothing arrives)."""
     while True:
         left = guard.time_left()
         try:
             if left is None:
-                chunk = await response.content.read(size)
+                chunk, http_chunk_end = await response.content.readchunk()
             else:
                 async with asyncio.timeout(left + 0.001):
-                    chunk = await response.content.read(size)
+                    chunk, http_chunk_end = await response.content.readchunk()
         except TimeoutError:
             guard.check()
             continue
         if not chunk:
+            if http_chunk_end:  # the end of one chunk of a chunked body, not of the body
+                continue
             return
         guard.add(len(chunk))
         yield chunk
@@ -408,7 +411,7 @@ async def _stream(
         pending = bytearray()
         checked = resume
         seen_overlap = bytearray()
-        async for chunk in _read_chunks(response, guard, WRITE_CHUNK):
+        async for chunk in _read_chunks(response, guard):
             counts.bytes_transferred += len(chunk)
             if len(seen_overlap) < len(expected_overlap):
                 take = len(expected_overlap) - len(seen_overlap)
@@ -427,13 +430,13 @@ async def _stream(
                 _check_fits_start(client, response, bytes(pending[:64]), status)
                 checked = True
             if len(pending) >= WRITE_CHUNK:
-                await asyncio.to_thread(_write_all, handle, bytes(pending))
+                await asyncio.to_thread(_write_all, handle, pending)  # not copied: nothing touches it meanwhile
                 written += len(pending)
                 pending.clear()
         if not checked:
             _check_fits_start(client, response, bytes(pending), status)
         if pending:
-            await asyncio.to_thread(_write_all, handle, bytes(pending))
+            await asyncio.to_thread(_write_all, handle, pending)
             written += len(pending)
         await asyncio.to_thread(_flush_and_sync, handle)
     finally:
@@ -481,7 +484,7 @@ def _read_tail(part: Path, offset: int, overlap: int) -> bytes:
         os.close(fd)
 
 
-def _write_all(handle: Any, data: bytes) -> None:
+def _write_all(handle: Any, data: bytes | bytearray) -> None:
     try:
         handle.write(data)
     except OSError as err:
