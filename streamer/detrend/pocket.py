@@ -294,10 +294,10 @@ def _correct_rows(
     pixels_out = out.reshape(-1)
     # Each column in stages over the block's lanes: the table reads (scalar loads, which LLVM
     # prefers to gathers on this kind of CPU) in loops of their own, with the arithmetic that
-    # follows a read and needs no other, so that the loops between them vectorise. Every block has all its lanes: those past the last row
-    # repeat it, so that no loop has a variable trip count, and write the same values to it.
-    # Unsigned indices spare numba's negative-index wraparound, which keeps a loop scalar
-    # (BENCHMARKS.md, "Pocket-effect correction").
+    # follows a read and needs no other, so that the loops between them vectorise. Every block
+    # has all its lanes: those past the last row repeat it, so that no loop has a variable trip
+    # count, and write the same values to it. Unsigned indices spare numba's negative-index
+    # wraparound, which keeps a loop scalar (BENCHMARKS.md, "Pocket-effect correction").
     for block in range((rows + BLOCK_ROWS - 1) // BLOCK_ROWS):
         first = np.uint64(block * BLOCK_ROWS)
         start = np.zeros(BLOCK_ROWS, dtype=np.uint64)  # the flat index of each lane's row
