@@ -13,7 +13,8 @@ from astropy.io import fits
 from astropy_healpix import HEALPix
 
 from streamer import photometry
-from streamer.formats import refcat
+from streamer.archive.transfer import MASK_TILE_ROWS, compress_mask
+from streamer.formats import refcat, rice_tiles
 from streamer.work import exposure as work
 
 SHAPE = (700, 720)
@@ -162,3 +163,53 @@ def test_header_and_mask_readers_accept_every_stored_form(tmp_path: Path) -> Non
         np.testing.assert_array_equal(work.read_ipac_mask(tmp_path / name, SHAPE), mask)
     with pytest.raises(work.InputFileError, match="shape"):
         work.read_ipac_mask(tmp_path / "m.fits", (10, 10))
+
+
+def sparse_mask(seed: int) -> np.ndarray:
+    """An int16 mask like IPAC's: mostly 0, a few per cent of pixels with bits set."""
+    rng = np.random.default_rng(seed)
+    return np.where(rng.random(SHAPE) < 0.03, rng.integers(1, 2**13, SHAPE), 0).astype(np.int16)
+
+
+@pytest.mark.parametrize("tile_rows", [1, 64, SHAPE[0]])
+def test_compressed_masks_are_decoded_tile_by_tile_as_astropy_reads_them(tmp_path: Path, tile_rows: int) -> None:
+    """Masks stored one row a tile (before) or in tiles of many rows (now; the last one partial) go
+    through the tile decoder, which gives astropy's array and the mask as written."""
+    mask = sparse_mask(2)
+    path = tmp_path / "m.fits.fz"
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(mask, compression_type="RICE_1", tile_shape=(tile_rows, SHAPE[1]))]).writeto(path)
+    decoded = rice_tiles.decode_image_file(path, 1)
+    assert decoded is not None
+    with fits.open(path) as hdus:
+        np.testing.assert_array_equal(decoded, hdus[1].data)
+    np.testing.assert_array_equal(work.read_ipac_mask(path, SHAPE), mask)
+
+
+def test_a_mask_as_the_fetcher_stores_it_reads_back_exactly(tmp_path: Path) -> None:
+    mask = sparse_mask(3)
+    served, stored = tmp_path / "q1_mskimg.fits", tmp_path / "q1_mskimg.fits.fz"
+    fits.PrimaryHDU(mask).writeto(served)
+    compress_mask(served, stored)
+    with fits.open(stored, disable_image_compression=True) as tables:
+        assert (tables[1].header["ZTILE1"], tables[1].header["ZTILE2"]) == (SHAPE[1], MASK_TILE_ROWS)
+    one_row_tiles = tmp_path / "rows.fits.fz"
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(mask, compression_type="RICE_1", tile_shape=(1, SHAPE[1]))]).writeto(one_row_tiles)
+    assert stored.stat().st_size <= one_row_tiles.stat().st_size < served.stat().st_size  # the budget pays no more than before
+    np.testing.assert_array_equal(rice_tiles.decode_image_file(stored, 1), mask)
+    np.testing.assert_array_equal(work.read_ipac_mask(stored, SHAPE), mask)
+
+
+def test_a_corrupt_compressed_mask_gives_a_one_line_error(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    mask = rng.integers(0, 2**13, SHAPE).astype(np.int16)  # dense: every tile has bytes to spoil
+    path = tmp_path / "m.fits.fz"
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(mask, compression_type="RICE_1", tile_shape=(64, SHAPE[1]))]).writeto(path)
+    with fits.open(path, disable_image_compression=True) as tables:
+        start, table_bytes = tables.fileinfo(1)["datLoc"], tables[1].header["NAXIS1"] * tables[1].header["NAXIS2"]
+    data = bytearray(path.read_bytes())
+    count, offset = np.frombuffer(bytes(data[start : start + table_bytes]), ">i4").reshape(-1, 2)[3]
+    data[start + table_bytes + offset + 2 : start + table_bytes + offset + count] = b"\xff" * (count - 2)
+    path.write_bytes(bytes(data))
+    with pytest.raises(work.InputFileError, match="unreadable IPAC mask: tile 3") as err:
+        work.read_ipac_mask(path, SHAPE)
+    assert "\n" not in str(err.value) and str(err.value).count(str(path)) == 1

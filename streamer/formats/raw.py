@@ -130,9 +130,7 @@ class RawFile:
         """(layout, data offset) of HDU ``index`` when the tile decoder handles it, else None."""
         if index not in self._layouts:
             try:
-                layout = rice_tiles.rice_layout(hdu.header)  # the binary table's own header
-                info = hdu.fileinfo()  # the HDU's own: HDUList.fileinfo re-serialises every header
-                self._layouts[index] = None if layout is None else (layout, int(info["datLoc"]))
+                self._layouts[index] = rice_tiles.hdu_layout(hdu)
             except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
                 self._layouts[index] = None  # astropy reads it, and reports what is wrong
         return self._layouts[index]

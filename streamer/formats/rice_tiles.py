@@ -27,6 +27,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import imagecodecs
 import numba
@@ -239,6 +240,36 @@ def decode_rows(fd: int, data_offset: int, layout: RiceLayout, start: int, stop:
     if start == row0 and stop == row0 + image.shape[0]:
         return image
     return image[start - row0 : stop - row0].copy()
+
+
+def hdu_layout(hdu: Any) -> tuple[RiceLayout, int] | None:
+    """(layout, byte offset of its data) of an HDU of a file opened with ``disable_image_compression=True``,
+    when this module decodes it; else None."""
+    layout = rice_layout(hdu.header)  # the binary table's own header
+    return None if layout is None else (layout, int(hdu.fileinfo()["datLoc"]))  # the HDU's own: HDUList.fileinfo re-serialises every header
+
+
+def decode_image_file(path: str | os.PathLike[str], index: int) -> npt.NDArray[np.integer] | None:
+    """The whole image of HDU ``index`` of a file, decoded tile by tile; None when there is no such HDU
+    or this module does not decode it (the layout, or a tile whose length astropy must judge): the
+    caller then reads it with astropy. Raises :class:`TileDecodeError` on corrupt tiles, OSError when
+    the file cannot be read."""
+    name = os.fspath(path)
+    with fits.open(name, memmap=False, lazy_load_hdus=True, disable_image_compression=True) as tables:
+        try:
+            found = hdu_layout(tables[index])
+        except IndexError:
+            return None
+    if found is None:
+        return None
+    layout, data_offset = found
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        return decode_rows(fd, data_offset, layout, 0, layout.rows)
+    except TileLengthMismatch:
+        return None
+    finally:
+        os.close(fd)
 
 
 _TILE_TABLE_CARDS: tuple[tuple[str, str], ...] = (

@@ -28,7 +28,7 @@ from streamer.detrend.calibrate import MasterQuadrant, detrend_science, pocket_s
 from streamer.errors import StreamerError
 from streamer.formats import masters as masterio
 from streamer.formats import raw as rawio
-from streamer.formats import refcat
+from streamer.formats import refcat, rice_tiles
 from streamer.formats.apcat import (
     ExposureInfo,
     QuadrantRows,
@@ -87,17 +87,26 @@ def read_ipac_mask(path: Path | str, shape: tuple[int, int]) -> npt.NDArray[np.i
     """An IPAC mskimg (int16 bits), plain or tile-compressed (``.fits`` or ``.fits.fz``)."""
     path = Path(path)
     try:
+        decoded = rice_tiles.decode_image_file(path, 1)  # as the service stores masks; None: plain, or another layout
+        if decoded is not None:
+            return _checked_mask(path, decoded, shape)
         with fits.open(path) as hdus:
             data = next((hdu.data for hdu in hdus if hdu.is_image and hdu.data is not None), None)
             if data is None:
                 raise InputFileError(f"{path}: no image HDU")
-            if data.shape != shape:
-                raise InputFileError(f"{path}: mask of shape {data.shape}, expected {shape}")
-            if not np.issubdtype(data.dtype, np.integer):
-                raise InputFileError(f"{path}: mask of type {data.dtype}, expected integers")
-            return data.astype(np.int16)  # one pass: native byte order, a new array
+            return _checked_mask(path, data, shape)
+    except InputFileError:
+        raise
     except (OSError, ValueError, TypeError) as err:
         raise InputFileError(f"{path}: unreadable IPAC mask: {err}") from err
+
+
+def _checked_mask(path: Path, data: npt.NDArray[Any], shape: tuple[int, int]) -> npt.NDArray[np.int16]:
+    if data.shape != shape:
+        raise InputFileError(f"{path}: mask of shape {data.shape}, expected {shape}")
+    if not np.issubdtype(data.dtype, np.integer):
+        raise InputFileError(f"{path}: mask of type {data.dtype}, expected integers")
+    return data.astype(np.int16, copy=False)  # native int16 in memory; a file's big-endian map is copied once
 
 
 @dataclass(frozen=True)
