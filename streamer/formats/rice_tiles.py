@@ -258,8 +258,8 @@ def decode_image_file(path: str | os.PathLike[str], index: int) -> npt.NDArray[n
     with fits.open(name, memmap=False, lazy_load_hdus=True, disable_image_compression=True) as tables:
         try:
             found = hdu_layout(tables[index])
-        except IndexError:
-            return None
+        except (IndexError, KeyError, AttributeError, TypeError, ValueError):
+            return None  # no such HDU, or a header astropy reads and judges
     if found is None:
         return None
     layout, data_offset = found
