@@ -7,7 +7,8 @@ On one core (thread pools pinned to 1), with the allocator set as in the service
 quadrants of 3080 x 3072, about 5000 catalogue sources per quadrant, 10 radii):
 
 - ours: ``streamer.work.exposure.process_exposure`` (decompress, detrend, masks, background,
-  photometry, isolation, apcat write), per quadrant = per file / 4; "cold" is the first file of a CCD in a
+  photometry, isolation, apcat write; the IPAC masks as the fetcher stores them, tile-compressed
+  by ``compress_mask``), per quadrant = per file / 4; "cold" is the first file of a CCD in a
   worker that has already run a file (masters read from disk, in the page cache), "warm" a further
   file of the same CCD (masters from the worker's cache), "first file of the process" the cold
   file of a fresh process (also loading the compiled kernels and the lazy imports, once per worker);
@@ -53,6 +54,7 @@ import sep  # noqa: E402
 from astropy.io import fits  # noqa: E402
 
 from streamer import photometry_kernels  # noqa: E402
+from streamer.archive.transfer import compress_mask  # noqa: E402
 from streamer.config import DetrendConfig, PhotometryConfig  # noqa: E402
 from streamer.detrend.calibrate import MasterQuadrant  # noqa: E402
 from streamer.detrend.nonlinearity import coefficients  # noqa: E402
@@ -62,6 +64,7 @@ from streamer.formats import masters as masterio  # noqa: E402
 from streamer.formats import refcat  # noqa: E402
 from streamer.formats.raw import open_raw  # noqa: E402
 from streamer.storage.naming import RawName, parse_filename  # noqa: E402
+from streamer.storage.paths import mask_relpath  # noqa: E402
 from streamer.work import exposure as work  # noqa: E402
 
 NIGHT = dt.date(2020, 9, 24)
@@ -102,14 +105,13 @@ def prepare(workdir: Path) -> dict[str, Any]:
     for raw in raws:
         name = parse_filename(raw.name)
         assert isinstance(name, RawName)
-        files.append(
-            {
-                "raw": raw,
-                "name": name,
-                "headers": {q: workdir / name.sci(q, "sciimg.fits").relpath for q in QIDS},
-                "masks": {q: workdir / name.sci(q, "mskimg.fits").relpath for q in QIDS},
-            }
-        )
+        masks = {q: workdir / name.sci(q, "mskimg.fits").relpath for q in QIDS}
+        stored = {q: workdir / mask_relpath(name.sci(q, "mskimg.fits").relpath) for q in QIDS}
+        for q in QIDS:
+            if not stored[q].exists():
+                compress_mask(masks[q], stored[q])  # as the fetcher stores it
+        files.append({"raw": raw, "name": name, "headers": {q: workdir / name.sci(q, "sciimg.fits").relpath for q in QIDS},
+                      "masks": masks, "stored_masks": stored})  # fmt: skip
     return {"workdir": workdir, "files": files, "bias": workdir / "masters" / "bias.fits", "flat": workdir / "masters" / "flat.fits"}
 
 
@@ -119,7 +121,7 @@ def run_ours(data: dict[str, Any], file: dict[str, Any], root: Path) -> work.Exp
         master_bias_path=data["bias"],
         master_flat_path=data["flat"],
         sciimg_header_paths=file["headers"],
-        mask_paths=file["masks"],
+        mask_paths=file["stored_masks"],
         catalog_dir=data["workdir"] / "refcat",
         storage_root=root,
         detrend_config=DetrendConfig(),
