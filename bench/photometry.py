@@ -105,13 +105,14 @@ def prepare(workdir: Path) -> dict[str, Any]:
     for raw in raws:
         name = parse_filename(raw.name)
         assert isinstance(name, RawName)
-        masks = {q: workdir / name.sci(q, "mskimg.fits").relpath for q in QIDS}
-        stored = {q: workdir / mask_relpath(name.sci(q, "mskimg.fits").relpath) for q in QIDS}
+        relpaths = {q: name.sci(q, "mskimg.fits").relpath for q in QIDS}
+        masks = {q: workdir / relpaths[q] for q in QIDS}
+        stored = {q: workdir / mask_relpath(relpaths[q]) for q in QIDS}
         for q in QIDS:
             if not stored[q].exists():
                 compress_mask(masks[q], stored[q])  # as the fetcher stores it
-        files.append({"raw": raw, "name": name, "headers": {q: workdir / name.sci(q, "sciimg.fits").relpath for q in QIDS},
-                      "masks": masks, "stored_masks": stored})  # fmt: skip
+        headers = {q: workdir / name.sci(q, "sciimg.fits").relpath for q in QIDS}
+        files.append({"raw": raw, "name": name, "headers": headers, "masks": masks, "stored_masks": stored})
     return {"workdir": workdir, "files": files, "bias": workdir / "masters" / "bias.fits", "flat": workdir / "masters" / "flat.fits"}
 
 
