@@ -16,6 +16,7 @@ Flags per source and radius (``Apertures.flags``): the low byte is sep's own fla
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -64,16 +65,27 @@ class Apertures:
 # --- WCS ----------------------------------------------------------------------------------------
 
 
+WCS_KEYWORD: Final = re.compile(
+    r"(NAXIS\d*|WCSAXES|WCSNAME|RADESYS|RADECSYS|EQUINOX|EPOCH|MJD-OBS|DATE-OBS|LONPOLE|LATPOLE"
+    r"|(CTYPE|CRVAL|CRPIX|CDELT|CUNIT|CROTA)\d+|(CD|PC|PV|PS)\d+_\d+|(A|B|AP|BP)_(ORDER|DMAX|\d+_\d+))[A-Z]?"
+)
+"""The keywords of a header that astropy's WCS reads for a celestial image WCS (FITS WCS papers I-II,
+TPV's PV cards, SIP): an IPAC sciimg header has about 50 among its 270 cards, and astropy parses and
+re-serialises the whole header twice (6-15 ms a quadrant, against 1.5 ms for these alone)."""
+
+
 def wcs_from_header(header: fits.Header) -> WCS:
-    """The celestial WCS of an IPAC sciimg header (TPV distortion included).
+    """The celestial WCS of an IPAC sciimg header (TPV distortion included), from its WCS cards
+    (``WCS_KEYWORD``) alone.
 
     Raises ValueError when the header holds no usable celestial WCS.
     """
+    cards = fits.Header([card for card in header.cards if WCS_KEYWORD.fullmatch(card.keyword)])
     try:
         with warnings.catch_warnings():
             # astropy reports its own harmless fixes of legacy keywords (RADECSYS, MJD-OBS ...).
             warnings.simplefilter("ignore", FITSFixedWarning)
-            wcs = WCS(header, naxis=2)
+            wcs = WCS(cards, naxis=2)
     except (ValueError, KeyError, MemoryError) as err:
         raise ValueError(f"no usable WCS in header: {err}") from err
     if not wcs.has_celestial:

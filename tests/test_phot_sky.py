@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.coordinates import SkyCoord
 from astropy.io import fits
+from astropy.wcs import WCS
 from astropy_healpix import HEALPix
 
 from streamer import geometry, photometry
@@ -67,6 +68,37 @@ def test_tpv_distortion_is_honoured() -> None:
     back_x, back_y = photometry.sky_to_pixel(wcs, *wcs.pixel_to_world_values(x, y))
     np.testing.assert_allclose(back_x, x, atol=1e-6)
     np.testing.assert_allclose(back_y, y, atol=1e-6)
+
+
+REAL_HEADER = Path(__file__).parent / "data" / "ztf_20200924431759_000655_zr_c13_o_q3_sciimg.header.txt"
+
+
+def assert_same_wcs(ours: WCS, whole: WCS) -> None:
+    assert ours.wcs.compare(whole.wcs)
+    y, x = np.mgrid[-20.0:3100.0:97.0, -20.0:3092.0:101.0]
+    np.testing.assert_array_equal(ours.all_pix2world(x.ravel(), y.ravel(), 0), whole.all_pix2world(x.ravel(), y.ravel(), 0))
+
+
+def test_the_wcs_from_its_cards_is_astropys_from_the_whole_real_header() -> None:
+    header = fits.Header.fromstring(REAL_HEADER.read_text(), sep="\n")
+    assert len(header) > 250  # the full IPAC header: about 50 of its cards are WCS
+    assert_same_wcs(photometry.wcs_from_header(header), WCS(header, naxis=2))
+
+
+def test_the_wcs_from_its_cards_keeps_sip_and_a_pc_matrix() -> None:
+    header = q3_header()
+    for key in [k for k in header if k.startswith(("PV", "CD"))]:
+        del header[key]
+    header["CTYPE1"], header["CTYPE2"] = "RA---TAN-SIP", "DEC--TAN-SIP"
+    header["PC1_1"], header["PC1_2"], header["PC2_1"], header["PC2_2"] = 0.9998, 0.0175, -0.0175, 0.9998
+    header["CDELT1"], header["CDELT2"] = -2.8e-4, 2.8e-4
+    header["A_ORDER"], header["B_ORDER"] = 2, 2
+    header["A_2_0"], header["A_0_2"], header["B_1_1"] = 3e-6, -2e-6, 4e-6
+    header["LONPOLE"] = 180.0
+    header["GAIN"], header["SEEING"] = 6.2, 2.1  # cards the WCS does not read
+    ours = photometry.wcs_from_header(header)
+    assert ours.sip is not None and ours.sip.a_order == 2
+    assert_same_wcs(ours, WCS(header, naxis=2))
 
 
 def test_a_quadrant_without_its_own_header_gets_no_wcs() -> None:
