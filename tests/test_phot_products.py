@@ -89,6 +89,15 @@ def test_two_writes_of_the_same_data_give_identical_rows(tmp_path: Path) -> None
     assert pq.read_table(first).equals(pq.read_table(second))
 
 
+def test_only_the_repeating_columns_get_dictionary_pages(tmp_path: Path) -> None:
+    path = products.write_apcat(tmp_path / "a.parquet", products.apcat_table(EXPOSURE, [quadrant_rows(2, 300, 7)], RADII), RADII, {})
+    row_group = pq.ParquetFile(path).metadata.row_group(0)
+    encodings = {row_group.column(i).path_in_schema: row_group.column(i).encodings for i in range(row_group.num_columns)}
+    with_dictionary = {name for name, used in encodings.items() if "RLE_DICTIONARY" in used or "PLAIN_DICTIONARY" in used}
+    assert {"qid", "ccdid", "f_0_f", "filtercode"} <= with_dictionary  # (Parquet bit-packs booleans: no dictionary)
+    assert not with_dictionary & {"source_id", "ra", "dec", "x", "y", "f_0", "f_0_e"}
+
+
 def test_empty_apcat_has_the_full_schema(tmp_path: Path) -> None:
     table = products.apcat_table(EXPOSURE, [], RADII)
     assert table.num_rows == 0 and table.schema.equals(products.apcat_schema(len(RADII)))
