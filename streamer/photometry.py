@@ -240,6 +240,7 @@ def measure_apertures(
     background_box: tuple[int, int] = (192, 220),
     edge_margin_px: float = 0.0,
     overwrite_image: bool = False,
+    finite: bool = False,
 ) -> Apertures:
     """Background-subtracted circular-aperture sums with errors and flags.
 
@@ -250,7 +251,9 @@ def measure_apertures(
     sums (to about 1e-13), exact overlap and truncation of ``sep.sum_circle(..., subpix=0)``), with errors from
     ``variance``. Non-finite pixels count as rejected and contribute zero. The inputs are not
     modified, except ``image`` when ``overwrite_image`` is true (a float32 buffer the caller no
-    longer needs: the background is then subtracted in place, saving a copy).
+    longer needs: the background is then subtracted in place, saving a copy). ``finite`` true says
+    that the caller has found every value of ``image`` and ``variance`` finite (the detrend pass
+    counts them): the search for non-finite values is then skipped.
     """
     image = np.asarray(image)
     variance = np.asarray(variance)
@@ -280,7 +283,7 @@ def measure_apertures(
     work = image if reusable else np.array(image, dtype=np.float32, copy=True)
     var = np.asarray(variance, dtype=np.float32)
     # A NaN or infinity anywhere makes the float32 sum non-finite: a 2 ms test before the full one.
-    if not (np.isfinite(work.sum()) and np.isfinite(var.sum())):
+    if not finite and not (np.isfinite(work.sum()) and np.isfinite(var.sum())):
         nonfinite = ~(np.isfinite(work) & np.isfinite(var))
         work[nonfinite] = 0.0
         var = np.where(nonfinite, np.float32(0.0), var)

@@ -85,6 +85,7 @@ def assert_same(fused: DetrendedQuadrant, numpy: DetrendedQuadrant) -> None:
     assert fused.mask.dtype == numpy.mask.dtype == np.uint16
     np.testing.assert_array_equal(fused.mask, numpy.mask)
     np.testing.assert_array_equal(fused.overscan.level_stored, numpy.overscan.level_stored)
+    assert fused.finite == bool(np.isfinite(fused.image).all() and np.isfinite(fused.variance).all())
 
 
 def both(data: np.ndarray, overscan: np.ndarray, qid: int, **kwargs: object) -> tuple[DetrendedQuadrant, DetrendedQuadrant]:
@@ -122,9 +123,25 @@ def test_small_quadrants_every_option(order: str, with_pocket: bool, defects: bo
         row_corrections=pocket_corrections(qid, with_pocket), block_rows=40,
     )  # fmt: skip
     assert_same(fused, numpy)
+    assert fused.finite is not defects
     if defects:
         assert np.isnan(fused.image).any() and (fused.mask & masks.NAN).any()
     assert (fused.mask & masks.SATURATED).any()
+
+
+@pytest.mark.parametrize("with_pocket", [False, True])
+def test_a_variance_alone_not_finite_is_reported(with_pocket: bool) -> None:
+    data, overscan = make_raw(SMALL, 2, seed=5)
+    bias, flat = make_masters(SMALL, seed=6, defects=False)
+    bias.variance[10, 20] = np.inf
+    flat.variance[40, 7] = np.nan
+    fused, numpy = both(
+        data, overscan, 2, config=DetrendConfig(), nonlinearity_coefficients=coefficients(2),
+        master_bias=bias, master_flat=flat, gain=GAIN, read_noise=READ_NOISE_E,
+        row_corrections=pocket_corrections(2, with_pocket), block_rows=40,
+    )  # fmt: skip
+    assert_same(fused, numpy)
+    assert np.isfinite(fused.image).all() and not fused.finite
 
 
 @pytest.mark.parametrize(

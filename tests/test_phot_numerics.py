@@ -138,6 +138,20 @@ def test_nan_pixels_are_flagged_not_propagated() -> None:
     assert np.isnan(image[30, 30]), "the caller's image is not modified"
 
 
+def test_a_caller_that_found_the_values_finite_gets_the_same_result() -> None:
+    rng = np.random.default_rng(8)
+    shape = (200, 220)
+    image = rng.normal(100.0, 5.0, shape).astype(np.float32)
+    mask = np.zeros(shape, np.int16)
+    mask[rng.random(shape) < 1e-3] = 4
+    xs, ys = rng.uniform(5, 215, 30), rng.uniform(5, 195, 30)
+    args = (image, np.full(shape, 25.0, np.float32), mask, 6141, xs, ys, RADII)
+    checked = ph.measure_apertures(*args, background_box=(64, 64))
+    vouched = ph.measure_apertures(*args, background_box=(64, 64), finite=True)
+    for name in ("flux", "flux_err", "flags", "mask_bits"):
+        np.testing.assert_array_equal(getattr(vouched, name), getattr(checked, name))
+
+
 def test_background_is_subtracted_with_sources_masked() -> None:
     rng = np.random.default_rng(3)
     shape = (400, 440)

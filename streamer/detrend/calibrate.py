@@ -73,6 +73,7 @@ class DetrendedQuadrant:
     variance: npt.NDArray[np.float32]  # ADU^2
     mask: npt.NDArray[np.uint16]  # our bits (streamer.detrend.masks)
     overscan: OverscanModel
+    finite: bool = False  # True: the pixel pass found every image and variance value finite
 
 
 @dataclass(frozen=True)
@@ -357,11 +358,12 @@ def detrend_science(
     )
     if not row_corrections:
         level = model.level_stored.astype(np.float32)
-        fused.detrend(
+        suspect = fused.detrend(
             data, level, config.nonlinearity, nonlinearity_coefficients, master_bias, master_flat, constants,
             image, variance, mask,
         )  # fmt: skip
-        return DetrendedQuadrant(image=image, variance=variance, mask=mask, overscan=model)
+        return DetrendedQuadrant(image=image, variance=variance, mask=mask, overscan=model, finite=suspect == 0)
+    suspect = 0
     for start in range(0, rows, block_rows):
         band = slice(start, min(start + block_rows, rows))
         correct_rows(
@@ -369,10 +371,10 @@ def detrend_science(
             nonlinearity=config.nonlinearity, nonlinearity_coefficients=nonlinearity_coefficients,
             row_corrections=row_corrections, out=image[band],
         )  # fmt: skip
-        fused.finish(
+        suspect += fused.finish(
             data[band], image[band],
             (master_bias.data[band], master_bias.variance[band], master_bias.mask[band]),
             (master_flat.data[band], master_flat.variance[band], master_flat.mask[band]),
             constants, variance[band], mask[band],
         )  # fmt: skip
-    return DetrendedQuadrant(image=image, variance=variance, mask=mask, overscan=model)
+    return DetrendedQuadrant(image=image, variance=variance, mask=mask, overscan=model, finite=suspect == 0)

@@ -124,15 +124,19 @@ def _finish_kernel(
     poisson_per_adu: np.float32, read_variance: np.float32, inverse_factor: np.float32, factor_squared: np.float32,
     use_saturation: bool, saturation: np.float32, use_ceiling: bool, ceiling: float,
     variance: Any, mask: Any,
-) -> None:  # fmt: skip
+) -> int:  # fmt: skip
+    suspect = 0
     for i in range(raw.shape[0]):
         for j in range(raw.shape[1]):
-            image[i, j], variance[i, j], mask[i, j] = _finished(
+            x, v, bits = _finished(
                 raw[i, j], image[i, j],
                 bias[i, j], bias_variance[i, j], bias_mask[i, j], flat[i, j], flat_variance[i, j], flat_mask[i, j],
                 poisson_per_adu, read_variance, inverse_factor, factor_squared,
                 use_saturation, saturation, use_ceiling, ceiling,
             )  # fmt: skip
+            image[i, j], variance[i, j], mask[i, j] = x, v, bits
+            suspect += not math.isfinite(x + v)
+    return suspect
 
 
 @_jit
@@ -142,17 +146,21 @@ def _detrend_kernel(
     poisson_per_adu: np.float32, read_variance: np.float32, inverse_factor: np.float32, factor_squared: np.float32,
     use_saturation: bool, saturation: np.float32, use_ceiling: bool, ceiling: float,
     image: Any, variance: Any, mask: Any,
-) -> None:  # fmt: skip
+) -> int:  # fmt: skip
+    suspect = 0
     for i in range(raw.shape[0]):
         row_level = level[i]
         for j in range(raw.shape[1]):
             value = raw[i, j]
-            image[i, j], variance[i, j], mask[i, j] = _finished(
+            x, v, bits = _finished(
                 value, _above_pedestal(value, row_level, mode, a, b),
                 bias[i, j], bias_variance[i, j], bias_mask[i, j], flat[i, j], flat_variance[i, j], flat_mask[i, j],
                 poisson_per_adu, read_variance, inverse_factor, factor_squared,
                 use_saturation, saturation, use_ceiling, ceiling,
             )  # fmt: skip
+            image[i, j], variance[i, j], mask[i, j] = x, v, bits
+            suspect += not math.isfinite(x + v)
+    return suspect
 
 
 # ---------------------------------------------------------------- callers' interface
@@ -248,12 +256,13 @@ def finish(
     constants: PixelConstants,
     variance: npt.NDArray[np.float32],
     mask: npt.NDArray[np.uint16],
-) -> None:
+) -> int:
     """The steps after the row corrections: ``image`` (linear ADU above the pedestal) in place becomes
     the flat-fielded ADU, and ``variance`` (ADU^2) and ``mask`` are filled. ``bias`` and ``flat`` are
-    (data, variance, mask) of the same shape as ``raw``."""
+    (data, variance, mask) of the same shape as ``raw``. Returns how many pixels may have a
+    non-finite image or variance (0: none has; the count errs only upwards, on sums that overflow)."""
     kernel: Any = _finish_kernel
-    kernel(_kernel_input(raw, "raw"), image, *_master(bias, "bias"), *_master(flat, "flat"), *constants, variance, mask)
+    return int(kernel(_kernel_input(raw, "raw"), image, *_master(bias, "bias"), *_master(flat, "flat"), *constants, variance, mask))
 
 
 def detrend(
@@ -267,8 +276,11 @@ def detrend(
     image: npt.NDArray[np.float32],
     variance: npt.NDArray[np.float32],
     mask: npt.NDArray[np.uint16],
-) -> None:
-    """:func:`above_pedestal` and :func:`finish` in one pass (no row corrections between them)."""
+) -> int:
+    """:func:`above_pedestal` and :func:`finish` in one pass (no row corrections between them); returns
+    :func:`finish`'s count of pixels that may be non-finite."""
     mode, a, b = _coefficients(nonlinearity, coefficients)
     kernel: Any = _detrend_kernel
-    kernel(_kernel_input(raw, "raw"), level, mode, a, b, *_master(bias, "bias"), *_master(flat, "flat"), *constants, image, variance, mask)
+    return int(
+        kernel(_kernel_input(raw, "raw"), level, mode, a, b, *_master(bias, "bias"), *_master(flat, "flat"), *constants, image, variance, mask)
+    )

@@ -147,17 +147,19 @@ def measure_quadrant(
     edge_margin_px: float,
     ipac_mask: bool,
     overwrite_image: bool = False,
+    finite: bool = False,
 ) -> QuadrantRows:
     """Photometry of the catalogue sources that fall on one detrended quadrant.
 
-    With ``overwrite_image`` the image buffer is reused for the background-subtracted image.
+    With ``overwrite_image`` the image buffer is reused for the background-subtracted image; with
+    ``finite`` the detrend pass has found image and variance finite (``DetrendedQuadrant.finite``).
     """
     sources = catalogue.sources
     x, y = photometry.sky_to_pixel(wcs.wcs, sources.ra, sources.dec)
     keep = np.flatnonzero(photometry.on_image(x, y, image.shape))
     apertures = photometry.measure_apertures(
         image, variance, mask, reject_bits, x[keep], y[keep], radii,
-        background_box=background_box, edge_margin_px=edge_margin_px, overwrite_image=overwrite_image,
+        background_box=background_box, edge_margin_px=edge_margin_px, overwrite_image=overwrite_image, finite=finite,
     )  # fmt: skip
     return QuadrantRows(
         qid=qid,
@@ -430,7 +432,7 @@ def _process_quadrant(
     rows = measure_quadrant(
         qid, detrended.image, detrended.variance, mask, reject_bits, wcs, catalogue, photometry_config.radii,
         background_box=photometry_config.background_box, edge_margin_px=photometry_config.edge_margin_px,
-        ipac_mask=mask_note is None, overwrite_image=True,
+        ipac_mask=mask_note is None, overwrite_image=True, finite=detrended.finite,
     )  # fmt: skip
     return rows, mask_note, written
 
