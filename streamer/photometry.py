@@ -176,26 +176,6 @@ def isolated(ra: FloatArray, dec: FloatArray, radius_arcsec: float) -> npt.NDArr
 # --- apertures ----------------------------------------------------------------------------------
 
 
-def _mask_bits_in_circle(
-    rejected_bits: npt.NDArray[np.integer], x: FloatArray, y: FloatArray, radius: float
-) -> npt.NDArray[np.int32]:
-    """OR of ``rejected_bits`` over the pixels that a circle of ``radius`` around each position overlaps."""
-    ny, nx = rejected_bits.shape
-    out = np.zeros(len(x), dtype=np.int32)
-    for i, (xc, yc) in enumerate(zip(x, y, strict=True)):
-        i0, i1 = max(int(np.floor(yc - radius - 0.5)), 0), min(int(np.ceil(yc + radius + 0.5)) + 1, ny)
-        j0, j1 = max(int(np.floor(xc - radius - 0.5)), 0), min(int(np.ceil(xc + radius + 0.5)) + 1, nx)
-        if i0 >= i1 or j0 >= j1:
-            continue
-        rows = np.arange(i0, i1, dtype=np.float64)[:, None]
-        cols = np.arange(j0, j1, dtype=np.float64)[None, :]
-        nearest_dy = np.clip(yc, rows - 0.5, rows + 0.5) - yc  # nearest point of each pixel's square
-        nearest_dx = np.clip(xc, cols - 0.5, cols + 0.5) - xc
-        inside = nearest_dx**2 + nearest_dy**2 < radius**2
-        out[i] = int(np.bitwise_or.reduce(rejected_bits[i0:i1, j0:j1][inside], initial=0))
-    return out
-
-
 SEP_BOX_MASKED_LIMIT: Final = 0.5
 """sep.Background drops a box with more than half its pixels masked, and a map whose every box is
 dropped is 0 everywhere: without a check, a crowded quadrant would have no background subtracted."""
@@ -311,7 +291,7 @@ def measure_apertures(
     flags |= np.where(touched, FLAG_MASKED, 0).astype(np.int32)
     hit = np.flatnonzero(touched.any(axis=1))
     if hit.size:
-        mask_bits[hit] = _mask_bits_in_circle(rejected_bits, x[hit], y[hit], r_max)
+        mask_bits[hit] = photometry_kernels.mask_bits_in_circles(rejected_bits, x[hit], y[hit], r_max)
 
     ny, nx = image.shape
     reach = radii_arr[None, :] + edge_margin_px

@@ -281,3 +281,33 @@ def sum_circles(
     back = np.empty_like(order)
     back[order] = np.arange(order.size)  # column j of the sorted result is radius order[j]
     return total[:, back], total_variance[:, back], rejected_area[:, back], truncated[:, back]
+
+
+@numba.njit(cache=True, nogil=True)
+def _mask_bits_in_circles(bits: npt.NDArray[np.integer], x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], radius: float, out: npt.NDArray[np.int32]) -> None:
+    ny, nx = bits.shape
+    limit = radius * radius
+    for s in range(x.size):
+        xc, yc = x[s], y[s]
+        i0, i1 = max(int(math.floor(yc - radius - 0.5)), 0), min(int(math.ceil(yc + radius + 0.5)) + 1, ny)
+        j0, j1 = max(int(math.floor(xc - radius - 0.5)), 0), min(int(math.ceil(xc + radius + 0.5)) + 1, nx)
+        found = np.int32(0)
+        for i in range(i0, i1):
+            dy = min(max(yc, i - 0.5), i + 0.5) - yc  # the nearest point of the pixel's square
+            row = bits[i]
+            for j in range(j0, j1):
+                dx = min(max(xc, j - 0.5), j + 0.5) - xc
+                found |= np.int32(row[j]) if dx * dx + dy * dy < limit else np.int32(0)
+        out[s] = found
+
+
+def mask_bits_in_circles(bits: npt.NDArray[np.integer], x: npt.ArrayLike, y: npt.ArrayLike, radius: float) -> npt.NDArray[np.int32]:
+    """OR of ``bits`` (2-d, integer) over the pixels that a circle of ``radius`` around each position
+    overlaps: those whose unit square has a point closer than ``radius`` to the centre."""
+    x_arr = np.ascontiguousarray(x, dtype=np.float64)
+    y_arr = np.ascontiguousarray(y, dtype=np.float64)
+    if bits.ndim != 2 or not np.issubdtype(bits.dtype, np.integer) or x_arr.ndim != 1 or x_arr.shape != y_arr.shape:
+        raise ValueError(f"bits {bits.shape} {bits.dtype}, x {x_arr.shape}, y {y_arr.shape}: expected 2-d integer bits and two 1-d arrays of one length")
+    out = np.zeros(x_arr.size, dtype=np.int32)
+    _mask_bits_in_circles(np.ascontiguousarray(bits), x_arr, y_arr, float(radius), out)
+    return out

@@ -12,7 +12,7 @@ import pytest
 import sep
 
 from streamer import photometry as ph
-from streamer.photometry_kernels import _area_arc_series, circle_overlap, sum_circles
+from streamer.photometry_kernels import _area_arc_series, circle_overlap, mask_bits_in_circles, sum_circles
 
 RADII_1_15 = np.arange(1.0, 16.0)
 
@@ -224,3 +224,33 @@ def test_bad_arguments_raise_value_error() -> None:
         sum_circles(image, image, image > 0, [np.nan], [1.0], [2.0])
     with pytest.raises(ValueError, match="one 2-d shape"):
         sum_circles(image, image[:5], image > 0, [1.0], [1.0], [2.0])
+
+
+def mask_bits_reference(bits: npt.NDArray[np.integer], x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], radius: float) -> npt.NDArray[np.int32]:
+    """OR of ``bits`` over the pixels whose square has a point closer than ``radius``, in numpy, position by position."""
+    ny, nx = bits.shape
+    out = np.zeros(len(x), dtype=np.int32)
+    for i, (xc, yc) in enumerate(zip(x, y, strict=True)):
+        rows = np.arange(ny, dtype=np.float64)[:, None]
+        cols = np.arange(nx, dtype=np.float64)[None, :]
+        nearest_dy = np.clip(yc, rows - 0.5, rows + 0.5) - yc
+        nearest_dx = np.clip(xc, cols - 0.5, cols + 0.5) - xc
+        inside = nearest_dx**2 + nearest_dy**2 < radius**2
+        out[i] = int(np.bitwise_or.reduce(bits[inside], initial=0))
+    return out
+
+
+@pytest.mark.parametrize("radius", [0.3, 3.0, 7.5, 12.0])
+def test_mask_bits_of_the_largest_aperture_match_the_numpy_reference(radius: float) -> None:
+    rng = np.random.default_rng(int(radius * 10))
+    shape = (60, 70)
+    bits = np.zeros(shape, np.uint16)
+    for bit in range(12):
+        bits[rng.random(shape) < 0.002] |= np.uint16(1 << bit)
+    case = random_case(11, shape, 150)
+    x = np.concatenate([case["x"], [20.5 + radius, 30.0, 5.5]])  # a square's edge exactly at the radius
+    y = np.concatenate([case["y"], [10.0, 30.5 - radius, 5.5 + radius]])
+    bits[10, 20], bits[30, 30], bits[5, 5] = 1 << 13, 1 << 14, 1 << 15
+    got = mask_bits_in_circles(bits, x, y, radius)
+    np.testing.assert_array_equal(got, mask_bits_reference(bits, x, y, radius))
+    assert np.count_nonzero(got) >= 3
