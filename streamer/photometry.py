@@ -256,8 +256,7 @@ def measure_apertures(
     n, k = x.size, radii_arr.size
     r_max = float(radii_arr.max())
 
-    rejected_bits = mask & np.asarray(reject_bits).astype(mask.dtype)
-    rejected = rejected_bits != 0
+    rejected = photometry_kernels.rejected_pixels(mask, reject_bits)
 
     reusable = overwrite_image and image.dtype == np.float32 and image.flags.c_contiguous and image.flags.writeable
     work = image if reusable else np.array(image, dtype=np.float32, copy=True)
@@ -291,7 +290,9 @@ def measure_apertures(
     flags |= np.where(touched, FLAG_MASKED, 0).astype(np.int32)
     hit = np.flatnonzero(touched.any(axis=1))
     if hit.size:
-        mask_bits[hit] = photometry_kernels.mask_bits_in_circles(rejected_bits, x[hit], y[hit], r_max)
+        # the OR of (bits & reject) is (OR of bits) & reject, in the mask's type as numpy casts it
+        under = photometry_kernels.mask_bits_in_circles(mask, x[hit], y[hit], r_max) & np.int32(reject_bits)
+        mask_bits[hit] = under.astype(mask.dtype).astype(np.int32)
 
     ny, nx = image.shape
     reach = radii_arr[None, :] + edge_margin_px

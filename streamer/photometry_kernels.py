@@ -311,3 +311,18 @@ def mask_bits_in_circles(bits: npt.NDArray[np.integer], x: npt.ArrayLike, y: npt
     out = np.zeros(x_arr.size, dtype=np.int32)
     _mask_bits_in_circles(np.ascontiguousarray(bits), x_arr, y_arr, float(radius), out)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _rejected(mask: npt.NDArray[np.integer], bits: np.integer, out: npt.NDArray[np.bool_]) -> None:
+    for k in range(mask.size):
+        out[k] = (mask[k] & bits) != 0
+
+
+def rejected_pixels(mask: npt.NDArray[np.integer], reject_bits: int) -> npt.NDArray[np.bool_]:
+    """``(mask & reject_bits) != 0`` in one pass, ``reject_bits`` cast to the mask's type as numpy would."""
+    bits = mask.dtype.type(np.asarray(reject_bits).astype(mask.dtype))
+    flat = np.ascontiguousarray(mask).reshape(-1)
+    out = np.empty(mask.shape, dtype=np.bool_)
+    _rejected(flat, bits, out.reshape(-1))
+    return out

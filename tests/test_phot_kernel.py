@@ -12,7 +12,7 @@ import pytest
 import sep
 
 from streamer import photometry as ph
-from streamer.photometry_kernels import _area_arc_series, circle_overlap, mask_bits_in_circles, sum_circles
+from streamer.photometry_kernels import _area_arc_series, circle_overlap, mask_bits_in_circles, rejected_pixels, sum_circles
 
 RADII_1_15 = np.arange(1.0, 16.0)
 
@@ -254,3 +254,28 @@ def test_mask_bits_of_the_largest_aperture_match_the_numpy_reference(radius: flo
     got = mask_bits_in_circles(bits, x, y, radius)
     np.testing.assert_array_equal(got, mask_bits_reference(bits, x, y, radius))
     assert np.count_nonzero(got) >= 3
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "int32", "uint8"])
+def test_rejected_pixels_are_numpys_mask_and_bits(dtype: str) -> None:
+    info = np.iinfo(np.dtype(dtype))
+    mask = np.random.default_rng(4).integers(info.min, info.max, (37, 41), endpoint=True).astype(dtype)
+    for bits in (6141, 1 << 15 | 2, 0):
+        expected = (mask & np.asarray(bits).astype(mask.dtype)) != 0
+        np.testing.assert_array_equal(rejected_pixels(mask, bits), expected)
+    assert rejected_pixels(mask, 6141).any() and not rejected_pixels(mask, 0).any()
+
+
+def test_mask_bits_keep_the_rejected_bits_in_the_masks_type() -> None:
+    shape = (40, 40)
+    image, variance = np.zeros(shape, np.float32), np.ones(shape, np.float32)
+    x, y = np.array([20.0, 5.0]), np.array([20.0, 30.0])
+    for dtype in ("uint16", "int16"):
+        mask = np.zeros(shape, dtype)
+        mask[20, 22] = np.array(1 << 15 | 4 | 2, dtype=np.uint16).view(dtype)  # bit 15: negative as int16
+        mask[30, 6] = 2  # a bit that is not rejected
+        reject = 1 << 15 | 4
+        result = ph.measure_apertures(image, variance, mask, reject, x, y, (3.0,))
+        expected = int(np.asarray(mask[20, 22] & np.asarray(reject).astype(dtype)).astype(np.int32))
+        assert result.mask_bits.tolist() == [expected, 0]
+        assert result.flags[0, 0] & ph.FLAG_MASKED and not result.flags[1, 0] & ph.FLAG_MASKED
