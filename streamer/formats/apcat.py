@@ -283,7 +283,7 @@ def write_apcat(path: Path | str, table: pa.Table, radii: Sequence[float], prove
     }
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     repeating = [field.name for field in table.schema if not pa.types.is_floating(field.type) and field.name != "source_id"]
-    # Dictionary pages only where values repeat (flags, ids, booleans): on the float and id columns
+    # Dictionary pages only where values repeat (flags, ids, codes): on the float and id columns
     # Parquet's default tries them, gives up for each, and the file ends 27 % larger and 2.8x slower to write.
     return write_atomically(
         Path(path), lambda handle: pq.write_table(table, handle, compression="zstd", use_dictionary=repeating)
