@@ -192,6 +192,7 @@ def test_isolation_matches_all_pairs_loop(ra_lo: float, ra_hi: float, dec_lo: fl
     ra = rng.uniform(ra_lo, ra_hi, n) % 360
     dec = rng.uniform(dec_lo, dec_hi, n)
     ra[1], dec[1] = ra[0] + 10 / 3600 / math.cos(math.radians(dec[0])), dec[0]  # a pair 10" apart
+    ra[2], dec[2] = ra[3], dec[3]  # two sources at one position
     got = ph.isolated(ra, dec, 20.0)
     expected = np.array(
         [
@@ -200,7 +201,7 @@ def test_isolation_matches_all_pairs_loop(ra_lo: float, ra_hi: float, dec_lo: fl
         ]
     )
     np.testing.assert_array_equal(got, expected)
-    assert not got[0] and not got[1]
+    assert not got[0] and not got[1] and not got[2] and not got[3]
     assert got.any() and not got.all()
 
 
