@@ -291,9 +291,9 @@ def measure_apertures(
     flags |= np.where(touched, FLAG_MASKED, 0).astype(np.int32)
     hit = np.flatnonzero(touched.any(axis=1))
     if hit.size:
-        # the OR of (bits & reject) is (OR of bits) & reject, in the mask's type as numpy casts it
-        under = photometry_kernels.mask_bits_in_circles(mask, x[hit], y[hit], r_max) & np.int32(reject_bits)
-        mask_bits[hit] = under.astype(mask.dtype).astype(np.int32)
+        # the OR of (bits & reject) is (OR of bits) & reject, both in the mask's type as numpy casts them
+        under = photometry_kernels.mask_bits_in_circles(mask, x[hit], y[hit], r_max).astype(mask.dtype)
+        mask_bits[hit] = (under & np.asarray(reject_bits).astype(mask.dtype)).astype(np.int32)
 
     ny, nx = image.shape
     reach = radii_arr[None, :] + edge_margin_px
