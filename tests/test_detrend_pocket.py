@@ -127,6 +127,22 @@ def test_table_indices_stay_in_the_tables_far_from_the_fitted_parameters() -> No
     assert np.isfinite(pocket.correct(pocket.forward(true, p), p)).all()
 
 
+def test_values_far_outside_the_tables_stay_in_their_own_row() -> None:
+    """A row of NaN, infinities and 1e30 ADU (a corrupt frame) drives the table indices as far as
+    they go, in both directions: the kernel stays inside its tables, and the other rows of its
+    block come back as they would alone."""
+    rng = np.random.default_rng(17)
+    rows = star_rows(rng, 5, sky=120.0).astype(np.float32)
+    extreme = rows.copy()
+    extreme[2, ::4] = np.nan
+    extreme[2, 1::4] = np.inf
+    extreme[2, 2::4] = -1e30
+    extreme[2, 3::4] = 1e30
+    corrected = pocket.correct(extreme, CCD6_Q1)
+    alone = pocket.correct(rows[[0, 1, 3, 4]], CCD6_Q1)
+    np.testing.assert_array_equal(corrected[[0, 1, 3, 4]], alone)
+
+
 def test_the_pocket_does_not_carry_across_rows() -> None:
     rng = np.random.default_rng(3)
     second = star_rows(rng, 1, sky=100.0)[0]

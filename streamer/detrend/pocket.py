@@ -287,6 +287,12 @@ def _correct_rows(
     above = np.float32(threshold)
     top = np.float32(last_root + 1.0)
     zero = np.float32(0.0)
+    # table indices in int32: float32 -> int32 conversions vectorise on AVX2 too (float -> int64
+    # needs AVX-512), and the clamp of the fill keeps the conversion in range
+    fill_cap = np.float32(2.0**30)
+    first_cell = np.int32(0)
+    last_fill_cell = np.int32(last_fill)
+    last_root_cell = np.int32(last_root)
     lanes = np.uint64(BLOCK_ROWS)
     one = np.uint64(1)
     last_row = np.uint64(max(rows - 1, 0))
@@ -305,7 +311,7 @@ def _correct_rows(
             start[b] = min(first + np.uint64(b), last_row) * width
         q = np.zeros(BLOCK_ROWS, dtype=np.float32)  # the pocket of each lane's row
         o = np.zeros(BLOCK_ROWS, dtype=np.float32)  # observed value
-        index = np.zeros(BLOCK_ROWS, dtype=np.uint64)
+        index = np.zeros(BLOCK_ROWS, dtype=np.int32)
         weight = np.zeros(BLOCK_ROWS, dtype=np.float32)
         released = np.zeros(BLOCK_ROWS, dtype=np.float32)
         lam = np.zeros(BLOCK_ROWS, dtype=np.float32)
@@ -314,12 +320,12 @@ def _correct_rows(
             for b in range(lanes):
                 o[b] = pixels_in[start[b] + column]
             for b in range(lanes):
-                u = q[b] * fill_scale
-                i = max(min(int(u), last_fill), 0)
-                index[b] = np.uint64(i)
+                u = min(q[b] * fill_scale, fill_cap)
+                i = max(min(np.int32(u), last_fill_cell), first_cell)
+                index[b] = i
                 weight[b] = u - np.float32(i)
             for b in range(lanes):
-                i = index[b]
+                i = np.uint64(index[b])
                 w = weight[b]
                 r = release[i]
                 s = unit[i]
@@ -330,11 +336,11 @@ def _correct_rows(
                 scale = lam[b]
                 ratio = d / scale if scale > zero else zero
                 u = min(np.sqrt(np.sqrt(max(ratio, zero))) * root_scale, top)
-                k = max(min(int(u), last_root), 0)
-                index[b] = np.uint64(k)
+                k = max(min(np.int32(u), last_root_cell), first_cell)
+                index[b] = k
                 weight[b] = u - np.float32(k)
             for b in range(lanes):
-                k = index[b]
+                k = np.uint64(index[b])
                 c = capture[k]
                 d = o[b] - released[b]
                 m = d + lam[b] * (c + weight[b] * (capture[k + one] - c))
