@@ -25,7 +25,8 @@ pocket: its root (on the branch ``z >= 1``) is found once, by Newton to converge
 ``w = v / lambda`` (:func:`tables`), so that a pixel costs table look-ups and no iteration:
 ``n = v + lambda(q) * z(w)**beta``. ``r(q)`` and ``lambda(q)`` are tabulated over 4097 pocket fills and
 ``z**beta`` over 8193 values of ``w**(1/4)`` (linear interpolation). The compiled kernel advances 32
-rows together in float32 (two 16-lane vectors, so that their independent pockets overlap in the
+rows together in float32 (two 16-lane vectors with AVX-512, four 8-lane ones with AVX2; int32 table
+indices, whose conversion AVX2 has too), so that their independent pockets overlap in the
 CPU); the numpy reference computes the same rule in float64. Against the exact forward model, rows
 with bright stars over a faint sky come back within 2e-4 ADU rms (the tables' accuracy).
 The overscan columns go through the same inversion: they hold no charge, so there the deficit is
