@@ -202,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         from streamer.config import DetrendConfig
 
         # the service leaves out the first biases of a night when it plans the master (service.graph)
-        used_biases = sorted(biases, key=os.path.basename)[DetrendConfig().bias_skip_first :]
+        skip = DetrendConfig().bias_skip_first
+        used_biases = sorted(biases, key=os.path.basename)[skip:]
+        if not used_biases:
+            print(f"{args.data}: {len(biases)} biases, and the service leaves out the first {skip}: "
+                  f"expected more than {skip} (--biases, on a new --data)", file=sys.stderr)  # fmt: skip
+            return 2
         idle = _in_fresh_process(_idle, None)
         bias = _in_fresh_process(_bias_job, (used_biases, os.path.join(workdir, "bias.fits")))
         flat = _in_fresh_process(_flat_job, (dict(by_led), os.path.join(workdir, "bias.fits"), args.filter, workdir))

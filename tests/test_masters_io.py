@@ -95,6 +95,44 @@ def test_outliers_beyond_the_integer_range_are_exact(tmp_path: Path) -> None:
     assert variance[80, 90] == np.float32(4000.0 * 0.25)
 
 
+@pytest.mark.parametrize("integer_type, base, top", [(np.uint8, -128, 255), (np.uint16, -30000, 65535)])
+def test_quantised_integers_and_exceptions_equal_a_plain_numpy_reading(integer_type: type, base: int, top: int) -> None:
+    """The compiled quantisation against numpy's formulation of its rule, on a plane whose size is
+    not a multiple of the kernel's chunks, with NaN, infinities and values outside the integers'
+    range on both sides of a chunk boundary, at the first pixel and at the last."""
+    from streamer.formats.masters import QUANTISE_CHUNK, _quantise
+
+    rng = np.random.default_rng(23)
+    plane = rng.normal(0.0, 20.0, 3 * QUANTISE_CHUNK + 77).astype(np.float32)
+    odd = [0, QUANTISE_CHUNK - 1, QUANTISE_CHUNK, 2 * QUANTISE_CHUNK + 5, plane.size - 1]
+    plane[odd] = [np.nan, np.inf, -np.inf, 1e9, -1e9]
+    plane[rng.integers(0, plane.size, 40)] = rng.normal(0.0, 1e5, 40).astype(np.float32)
+    step = 0.37
+    integers = np.empty(plane.size, dtype=integer_type)
+    exceptions = np.empty(plane.size, dtype=np.int64)
+    count = _quantise(plane, step, base, top, integers, exceptions)
+
+    with np.errstate(invalid="ignore"):
+        q = np.rint(plane.astype(np.float64) / step) - base
+        inside = (q >= 0) & (q <= top)
+    np.testing.assert_array_equal(exceptions[:count], np.flatnonzero(~inside))
+    np.testing.assert_array_equal(integers, np.where(inside, q, 0).astype(integer_type))
+    assert set(odd) <= set(exceptions[:count].tolist())
+
+
+def test_the_sample_for_the_integer_range_equals_numpy_s() -> None:
+    """Every 7th pixel's rint(x / step), the non-finite ones left out, as numpy computes it."""
+    from streamer.formats.masters import _finite_sample
+
+    rng = np.random.default_rng(29)
+    plane = rng.normal(1.0, 0.02, 7 * 1000 + 3).astype(np.float32)
+    plane[[0, 7, 14, 700, 7 * 1000]] = [np.nan, np.inf, -np.inf, 3e38, np.nan]
+    step = 0.0013
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = np.rint(plane[::7].astype(np.float64) / step)
+    np.testing.assert_array_equal(_finite_sample(plane, step, 7), expected[np.isfinite(expected)])
+
+
 def test_both_integer_widths_and_both_plane_storages_are_exercised(tmp_path: Path) -> None:
     """The bias-like plane fits 8 bits, the flat-like one needs 16; noise compresses poorly, a pattern well."""
     write_master(tmp_path / "m.fits", {1: make_quadrant(3), 2: make_flat_quadrant(3)}, primary_cards={"MKIND": "bias"})
