@@ -14,7 +14,9 @@ masters: decompressing every quadrant and overscan of the same files, once. It p
 - the ratio combine time / decompression time, from the same run;
 - each build's CPU seconds against those of decoding its input frames once with the service's own
   decoder (RICE tile by tile, imagecodecs, one thread), with the targets (1.5x, 1.5 GB);
-- the science chain's time per quadrant with these masters (when the night has a science frame).
+- the science chain's time per quadrant with these masters (when the night has a science frame);
+- the CPU time of the integer range and of the quantisation of one full-size plane, as `write_master`
+  runs them for each data and variance plane.
 """
 
 from __future__ import annotations
@@ -156,6 +158,35 @@ def _block_comparison() -> tuple[float, float, float]:
     return statistics.median(times["median"]), statistics.median(times["sort"]), statistics.median(times["clipped"])
 
 
+def _plane_job(_: None) -> dict[str, Any]:
+    """Median CPU seconds (of 7) of the integer range and of the quantisation of one full-size
+    flat-like plane (3080 x 3072 float32, NaN and outliers included), as ``write_master`` runs
+    them for each data and variance plane (in a process set up as a worker)."""
+    import statistics
+
+    import numpy as np
+
+    from streamer.formats import masters
+
+    rng = np.random.default_rng(1)
+    plane = rng.normal(1.0, 0.02, (3080, 3072)).astype(np.float32)
+    plane[rng.integers(0, 3080, 300), rng.integers(0, 3072, 300)] = rng.normal(0.0, 1e4, 300)
+    plane[5] = np.nan
+    step, _ = masters.quantisation_steps(plane, np.full_like(plane, 4e-4))
+    type_name, base = masters._integer_range(plane, step)
+    integers = np.empty(plane.size, dtype=masters._INTEGER_TYPES[type_name])
+    found = np.empty(plane.size, dtype=np.int64)
+    top = int(np.iinfo(integers.dtype).max)
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(7):
+        for name, call in (("range", lambda: masters._integer_range(plane, step)),
+                           ("quantise", lambda: masters._quantise(plane.reshape(-1), step, base, top, integers, found))):
+            started = time.process_time()
+            call()
+            times[name].append(time.process_time() - started)
+    return {"range": statistics.median(times["range"]), "quantise": statistics.median(times["quantise"])}
+
+
 def _in_fresh_process(function: Any, argument: Any) -> dict[str, Any]:
     from streamer.execution.local import worker_initializer
 
@@ -248,10 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         split = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in sorted(run["timing"].items()))
         print(f"- {name}, the worker's own split: {split}")
     median_s, sort_s, clipped_s = _block_comparison()
+    planes = _in_fresh_process(_plane_job, None)
     print(
         f"- one block of 10 x 128 x 3072 float32: np.median(axis=0) {1000 * median_s:.0f} ms, np.sort(axis=0) "
         f"{1000 * sort_s:.0f} ms, clipped median with variance {1000 * clipped_s:.0f} ms"
     )
+    print(f"- one plane of 3080 x 3072 float32, as each master plane is written: the integer range {1000 * planes['range']:.1f} ms, "
+          f"the quantisation {1000 * planes['quantise']:.1f} ms (CPU)")  # fmt: skip
     if chain is not None:
         print(f"- science chain (detrend_science: overscan to mask, decoding apart), median per full quadrant: {1000 * chain['seconds']:.0f} ms")
     return 0
