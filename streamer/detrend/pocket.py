@@ -326,12 +326,12 @@ def _correct_rows(
                 index[b] = i
                 weight[b] = u - np.float32(i)
             for b in range(lanes):
-                i = np.uint64(index[b])
+                cell = np.uint64(index[b])
                 w = weight[b]
-                r = release[i]
-                s = unit[i]
-                released[b] = r + w * (release[i + one] - r)
-                lam[b] = s + w * (unit[i + one] - s)
+                r = release[cell]
+                s = unit[cell]
+                released[b] = r + w * (release[cell + one] - r)
+                lam[b] = s + w * (unit[cell + one] - s)
             for b in range(lanes):
                 d = o[b] - released[b]
                 scale = lam[b]
@@ -341,10 +341,10 @@ def _correct_rows(
                 index[b] = k
                 weight[b] = u - np.float32(k)
             for b in range(lanes):
-                k = np.uint64(index[b])
-                c = capture[k]
+                cell = np.uint64(index[b])
+                c = capture[cell]
                 d = o[b] - released[b]
-                m = d + lam[b] * (c + weight[b] * (capture[k + one] - c))
+                m = d + lam[b] * (c + weight[b] * (capture[cell + one] - c))
                 m = m if d > above else d
                 q[b] = q[b] - o[b] + m
                 pixels_out[start[b] + column] = m
