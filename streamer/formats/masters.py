@@ -147,13 +147,20 @@ def _integer_range(plane: npt.NDArray[np.float32], step: float) -> tuple[str, in
 QUANTISE_CHUNK = 4096  # pixels whose exceptions are counted together in the first pass
 
 
+@numba.njit(inline="always", error_model="numpy")
+def _quantised(value: Any, step: float, offset: float, high: float) -> tuple[float, bool]:
+    """``rint(value / step) - offset`` and whether it is an integer of [0, high] (NaN and
+    infinities fail both comparisons)."""
+    q = np.rint(np.float64(value) / step) - offset
+    return q, bool((q >= 0.0) & (q <= high))
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _quantise(plane: Any, step: float, base: int, top: int, integers: Any, exceptions: Any) -> int:
     """``rint(x / step) - base`` of each pixel into ``integers``; the flat index of each pixel whose
     value is not finite or falls outside [0, top] into ``exceptions`` (its integer: 0). Returns
     how many there are. The first pass writes the integers and counts the exceptions of each
-    chunk (a loop that vectorises: NaN and infinities fail both comparisons); the second lists
-    them, in the chunks that have any."""
+    chunk (a loop that vectorises); the second lists them, in the chunks that have any."""
     size = plane.size
     chunks = (size + QUANTISE_CHUNK - 1) // QUANTISE_CHUNK
     outside = np.zeros(chunks, dtype=np.int64)
@@ -162,8 +169,7 @@ def _quantise(plane: Any, step: float, base: int, top: int, integers: Any, excep
     for chunk in range(chunks):
         n = 0
         for k in range(np.uint64(chunk * QUANTISE_CHUNK), np.uint64(min((chunk + 1) * QUANTISE_CHUNK, size))):
-            q = np.rint(np.float64(plane[k]) / step) - offset
-            inside = (q >= 0.0) & (q <= high)
+            q, inside = _quantised(plane[k], step, offset, high)
             integers[k] = q if inside else 0.0
             n += not inside
         outside[chunk] = n
@@ -172,8 +178,7 @@ def _quantise(plane: Any, step: float, base: int, top: int, integers: Any, excep
         if outside[chunk] == 0:
             continue
         for k in range(chunk * QUANTISE_CHUNK, min((chunk + 1) * QUANTISE_CHUNK, size)):
-            q = np.rint(np.float64(plane[k]) / step) - offset
-            if not ((q >= 0.0) & (q <= high)):
+            if not _quantised(plane[k], step, offset, high)[1]:
                 exceptions[count] = k
                 count += 1
     return count
